@@ -1,0 +1,72 @@
+"""Bit-packing of small unsigned codes into bytes: the one layout every format shares.
+
+Layout (per row = the last dimension; rows are independent and each starts on a byte):
+
+| item                   | rule                                                        |
+|------------------------|-------------------------------------------------------------|
+| bit stream             | code i occupies stream bits [i*nbits, (i+1)*nbits)          |
+| bit order in a code    | least significant bit first                                 |
+| byte k of the row      | holds stream bits [8k, 8k+8), stream bit 8k+j is bit j (LSB) |
+| row length in bytes    | ceil(n * nbits / 8); the tail bits of the last byte are 0   |
+
+For nbits = 1 this is numpy's `packbits(..., bitorder="little")`; for nbits in {2, 4, 8}
+codes never straddle bytes (code i sits in byte i*nbits//8 at bit (i*nbits)%8); for 3 they
+may. Sign vectors (+1/-1) are packed as 1 for +1 and 0 for -1.
+
+This module owns the byte layout only. What the codes mean (integer levels, sign codes)
+belongs to the quantizers; how a runtime repacks them belongs to the targets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SUPPORTED_NBITS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def packed_row_nbytes(n: int, nbits: int) -> int:
+    """Bytes one packed row of `n` codes takes."""
+    return (n * nbits + 7) // 8
+
+
+def _check_nbits(nbits: int) -> None:
+    if nbits not in SUPPORTED_NBITS:
+        raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits}")
+
+
+def pack_bits(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Pack unsigned codes (< 2**nbits) along the last dimension into uint8 rows."""
+    _check_nbits(nbits)
+    arr = codes.detach().cpu().numpy()
+    if arr.size and (arr.min() < 0 or arr.max() >= (1 << nbits)):
+        raise ValueError(f"codes must lie in [0, {1 << nbits}) for nbits={nbits}")
+    arr = arr.astype(np.uint8)
+    # Expand each code to its nbits bits, LSB first: shape [..., n, nbits] -> [..., n*nbits].
+    shifts = np.arange(nbits, dtype=np.uint8)
+    bits = ((arr[..., None] >> shifts) & 1).reshape(*arr.shape[:-1], arr.shape[-1] * nbits)
+    return torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, nbits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: uint8 rows -> uint8 codes [..., n]."""
+    _check_nbits(nbits)
+    arr = packed.detach().cpu().numpy().astype(np.uint8)
+    expected = packed_row_nbytes(n, nbits)
+    if arr.shape[-1] != expected:
+        raise ValueError(f"packed rows hold {arr.shape[-1]} bytes, expected {expected} for {n} codes")
+    bits = np.unpackbits(arr, axis=-1, count=n * nbits, bitorder="little")
+    bits = bits.reshape(*arr.shape[:-1], n, nbits)
+    weights = (1 << np.arange(nbits, dtype=np.uint16)).astype(np.uint16)
+    return torch.from_numpy((bits.astype(np.uint16) * weights).sum(-1).astype(np.uint8))
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """Pack a +1/-1 (or boolean, True = +1) tensor along its last dimension, 1 bit each."""
+    return pack_bits((signs > 0).to(torch.uint8), 1)
+
+
+def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `pack_signs`: uint8 rows -> +1/-1 values of `dtype`, shape [..., n]."""
+    bits = unpack_bits(packed, 1, n)
+    return bits.to(dtype) * 2 - 1

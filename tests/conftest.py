@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny random models built in code (no downloads), text, a clean cache.
+
+`make_tiny_model_dir(family, path)` writes a Hugging Face model folder (config.json,
+model.safetensors, tokenizer files) for a tiny randomly initialised model of `family`.
+The tokenizer is a byte-level BPE trained here on a fixed text, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("LIFTEDGE_NO_PROGRESS", "1")
+
+SAMPLE_TEXT = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building. "
+    "Its base is square, measuring 125 metres on each side. During its construction, "
+    "it surpassed the Washington Monument to become the tallest man-made structure in the world. "
+    "Robert Boulter is an English film, television and theatre actor. He had a guest starring role "
+    "on the television series The Bill in 2000. This was followed by a starring role in the play "
+    "Herons written by Simon Stephens, which was performed in 2001 at the Royal Court Theatre. "
+) * 4
+
+TINY_VOCAB = 320
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([SAMPLE_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_config(family: str):
+    """A tiny transformers config of `family` (hidden 64, 2 blocks, vocab TINY_VOCAB)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=0)
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        extra = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     tie_word_embeddings=(family == "qwen3"))
+        if family == "qwen3":
+            extra["head_dim"] = 16
+        return AutoConfig.for_model(family, **common, **extra)
+    if family == "gemma3_text":
+        return AutoConfig.for_model(family, **common, hidden_size=64, intermediate_size=96,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, max_position_embeddings=256, sliding_window=32)
+    if family == "gpt2":
+        return AutoConfig.for_model(family, **common, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    if family == "gpt_neox":
+        return AutoConfig.for_model(family, **common, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    max_position_embeddings=256)
+    raise ValueError(f"no tiny config for {family}")
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gpt2", "gpt_neox")
+
+
+def make_tiny_model_dir(family: str, path: Path, seed: int = 0) -> Path:
+    """Write a tiny random `family` model + tokenizer as a Hugging Face folder at `path`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model.save_pretrained(path)
+    _train_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama folder, shared by the whole session (treat as read-only)."""
+    return make_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def sample_text_file(tmp_path_factory) -> Path:
+    """A plain-text file long enough for a few tiny calibration samples."""
+    path = tmp_path_factory.mktemp("text") / "sample.txt"
+    path.write_text(SAMPLE_TEXT * 8, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty liftedge cache."""
+    monkeypatch.setenv("LIFTEDGE_CACHE", str(tmp_path / "cache"))
