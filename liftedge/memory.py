@@ -1,0 +1,287 @@
+"""The memory model: how many bytes of a device's RAM are left for the quantized weights.
+
+Owns `ModelDims` (the few shape numbers the model needs), `MemoryBudget` (every term of the
+split, shown), `budget_breakdown`, `min_ram_for` (the inverse: RAM needed for given weights)
+and `require_fit`. It does not choose rates (that is `liftedge.plan`) nor measure anything.
+
+    weight budget = app-usable RAM            (profile share x RAM; iOS: with/without entitlement)
+                  - runtime overhead          (ESTIMATE per runtime, incl. the host app's baseline)
+                  - KV cache                  (2 x layers x kv_heads x head_dim x context x kv_bits/8)
+                  - activation arena          (ESTIMATE: peak live tensors of one prefill chunk)
+                  - tokenizer tables          (ESTIMATE: vocab x bytes per entry)
+                  - unquantized tables        (e.g. an embedding kept in fp16; given by the caller)
+
+The estimates are flagged (`*_is_estimate=True`) until they are calibrated against measured
+peak RSS on devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from liftedge.device import DeviceProfile
+from liftedge.errors import BudgetError, LiftedgeError
+from liftedge.sizes import format_size
+
+MIB = 2**20
+
+# Resident bytes of a minimal host app plus the runtime, before any model tensor (ESTIMATES).
+# Android: an app process with a small UI holds ~100-150 MB PSS (ART, graphics buffers);
+# ExecuTorch + XNNPACK add tens of MB of code and workspace. Core ML keeps compiled-model
+# caches and the Espresso/BNNS engine resident, so more. ONNX Runtime's arena allocator
+# over-reserves. To be replaced by measured peak RSS of an empty-model run per runtime.
+RUNTIME_OVERHEAD_NBYTES: dict[str, int] = {
+    "executorch": 200 * MIB,
+    "coreml": 350 * MIB,
+    "onnxruntime": 250 * MIB,
+}
+# Byte-level BPE tokenizers hold the token strings, the merge table and two hash maps:
+# ~48 bytes per vocabulary entry (ESTIMATE, from a 50k-vocab tokenizer.json of ~2.4 MB).
+TOKENIZER_NBYTES_PER_TOKEN = 48
+KV_BITS = (4, 8, 16, 32)
+ACTIVATION_BITS = (16, 32)
+DEFAULT_PREFILL_CHUNK = 128
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The shape numbers of a decoder LM that its memory use depends on.
+
+    `sliding_layers` of the `layers` keep only `sliding_window` positions of KV cache
+    (Gemma 3 local layers, Mistral); the rest keep the whole context.
+    """
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    sliding_window: int | None = None
+    sliding_layers: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LiftedgeError(f"model dimension {key!r} must be a positive integer, got {value!r}")
+        if self.heads % self.kv_heads:
+            raise LiftedgeError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if not 0 <= self.sliding_layers <= self.layers or (self.sliding_layers and not self.sliding_window):
+            raise LiftedgeError("sliding_layers must be in [0, layers] and needs a sliding_window")
+
+    @property
+    def embedding_numel(self) -> int:
+        return self.vocab * self.hidden
+
+    def kv_positions(self, context: int) -> int:
+        """Cached positions summed over layers (a sliding layer caps at its window)."""
+        full = self.layers - self.sliding_layers
+        window = min(context, self.sliding_window) if self.sliding_layers else 0
+        return full * context + self.sliding_layers * window
+
+    def kv_cache_nbytes(self, context: int, kv_bits: int = 16) -> int:
+        """K and V for every layer: 2 x kv_heads x head_dim x positions x kv_bits / 8."""
+        return 2 * self.kv_heads * self.head_dim * self.kv_positions(context) * kv_bits // 8
+
+    @classmethod
+    def from_config(cls, hf_config: Any) -> "ModelDims":
+        """Read a Hugging Face config (object or dict) of a supported family."""
+        model_type = _cfg(hf_config, "model_type")
+        reader = _CONFIG_READERS.get(model_type)
+        if reader is None:
+            raise LiftedgeError(f"no memory model for model_type {model_type!r}; supported: {', '.join(_CONFIG_READERS)}")
+        return cls(**reader(hf_config))
+
+
+def _cfg(config: Any, key: str, default: Any = None) -> Any:
+    value = config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+    return default if value is None else value
+
+
+def _sliding(config: Any) -> dict:
+    window = _cfg(config, "sliding_window")
+    layer_types = _cfg(config, "layer_types")
+    if layer_types is not None:
+        count = sum(kind == "sliding_attention" for kind in layer_types)
+    else:  # Mistral: a set sliding_window applies to every layer
+        count = _cfg(config, "num_hidden_layers") if window else 0
+    return dict(sliding_window=window if count else None, sliding_layers=count)
+
+
+def _llama_like(config: Any) -> dict:
+    hidden, heads = _cfg(config, "hidden_size"), _cfg(config, "num_attention_heads")
+    return dict(layers=_cfg(config, "num_hidden_layers"), hidden=hidden, heads=heads,
+                kv_heads=_cfg(config, "num_key_value_heads", heads),
+                head_dim=_cfg(config, "head_dim", hidden // heads),
+                intermediate=_cfg(config, "intermediate_size"), vocab=_cfg(config, "vocab_size"),
+                **_sliding(config))
+
+
+def _gpt2(config: Any) -> dict:
+    hidden, heads = _cfg(config, "n_embd"), _cfg(config, "n_head")
+    return dict(layers=_cfg(config, "n_layer"), hidden=hidden, heads=heads, kv_heads=heads,
+                head_dim=hidden // heads, intermediate=_cfg(config, "n_inner", 4 * hidden),
+                vocab=_cfg(config, "vocab_size"))
+
+
+def _gpt_neox(config: Any) -> dict:
+    hidden, heads = _cfg(config, "hidden_size"), _cfg(config, "num_attention_heads")
+    return dict(layers=_cfg(config, "num_hidden_layers"), hidden=hidden, heads=heads, kv_heads=heads,
+                head_dim=hidden // heads, intermediate=_cfg(config, "intermediate_size"),
+                vocab=_cfg(config, "vocab_size"))
+
+
+_CONFIG_READERS: dict[str, Callable[[Any], dict]] = {
+    "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like,
+    "gemma3_text": _llama_like, "gpt2": _gpt2, "gpt_neox": _gpt_neox,
+}
+
+
+def activation_arena_nbytes(dims: ModelDims, context: int, prefill_chunk: int, activation_bits: int = 32) -> int:
+    """ESTIMATE of the peak live activations while prefilling one chunk of `prefill_chunk` tokens.
+
+    Runtimes plan one arena and reuse it across layers, so the peak is the largest single step,
+    not the sum: the residual stream and its normed copy, plus the larger of attention (q, k, v,
+    the chunk x context score matrix of every head, the output) and the MLP (gate, up, product),
+    or the logits of every chunk position (exported HF decoders return them all).
+    """
+    c = prefill_chunk
+    residual = 2 * c * dims.hidden
+    attention = c * (dims.heads + 2 * dims.kv_heads) * dims.head_dim + dims.heads * c * context + c * dims.heads * dims.head_dim
+    mlp = 3 * c * dims.intermediate
+    logits = c * dims.vocab
+    return (residual + max(attention, mlp, logits)) * activation_bits // 8
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Every term of the device-memory split; `weight_budget_nbytes` may be negative (no fit)."""
+
+    device: str
+    ram_nbytes: int
+    app_share: float
+    increased_memory_limit: bool
+    app_usable_nbytes: int
+    runtime: str
+    runtime_overhead_nbytes: int
+    runtime_overhead_is_estimate: bool
+    context: int
+    kv_bits: int
+    kv_cache_nbytes: int
+    prefill_chunk: int
+    activation_bits: int
+    activation_nbytes: int
+    activation_is_estimate: bool
+    tokenizer_nbytes: int
+    tokenizer_is_estimate: bool
+    unquantized_nbytes: int
+    weight_budget_nbytes: int
+
+    @property
+    def fixed_nbytes(self) -> int:
+        """Everything subtracted from the app-usable RAM before the weights."""
+        return (self.runtime_overhead_nbytes + self.kv_cache_nbytes + self.activation_nbytes
+                + self.tokenizer_nbytes + self.unquantized_nbytes)
+
+    def terms(self) -> list[tuple[str, int, bool]]:
+        """(label, signed bytes, is_estimate) rows for a report, summing to the weight budget."""
+        return [
+            (f"app-usable RAM ({self.app_share:.0%} of {format_size(self.ram_nbytes)})", self.app_usable_nbytes, True),
+            (f"runtime overhead ({self.runtime})", -self.runtime_overhead_nbytes, self.runtime_overhead_is_estimate),
+            (f"KV cache ({self.context} tokens, {self.kv_bits}-bit)", -self.kv_cache_nbytes, False),
+            (f"activations (prefill chunk {self.prefill_chunk})", -self.activation_nbytes, self.activation_is_estimate),
+            ("tokenizer tables", -self.tokenizer_nbytes, self.tokenizer_is_estimate),
+            ("unquantized tables", -self.unquantized_nbytes, False),
+            ("weight budget", self.weight_budget_nbytes, True),
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fixed_terms(dims: ModelDims, runtime: str, context: int, kv_bits: int, prefill_chunk: int,
+                 activation_bits: int, unquantized_nbytes: int) -> dict[str, int]:
+    if runtime not in RUNTIME_OVERHEAD_NBYTES:
+        raise LiftedgeError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIME_OVERHEAD_NBYTES)}")
+    if not isinstance(context, int) or context < 1:
+        raise LiftedgeError(f"context must be a positive number of tokens, got {context!r}")
+    if kv_bits not in KV_BITS:
+        raise LiftedgeError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
+    if activation_bits not in ACTIVATION_BITS:
+        raise LiftedgeError(f"activation_bits must be one of {ACTIVATION_BITS}, got {activation_bits!r}")
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise LiftedgeError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
+    if unquantized_nbytes < 0:
+        raise LiftedgeError(f"unquantized_nbytes must be >= 0, got {unquantized_nbytes}")
+    chunk = min(prefill_chunk, context)
+    return dict(
+        runtime_overhead_nbytes=RUNTIME_OVERHEAD_NBYTES[runtime],
+        kv_cache_nbytes=dims.kv_cache_nbytes(context, kv_bits),
+        prefill_chunk=chunk,
+        activation_nbytes=activation_arena_nbytes(dims, context, chunk, activation_bits),
+        tokenizer_nbytes=dims.vocab * TOKENIZER_NBYTES_PER_TOKEN,
+        unquantized_nbytes=int(unquantized_nbytes),
+    )
+
+
+def budget_breakdown(profile: DeviceProfile, model_dims: ModelDims, context: int | None = None, kv_bits: int = 16,
+                     *, runtime: str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                     activation_bits: int = 32, unquantized_nbytes: int = 0,
+                     increased_memory_limit: bool = False) -> MemoryBudget:
+    """Split the app-usable RAM of `profile` into overheads and the bytes left for weights.
+
+    `context` defaults to the profile's, `runtime` to its default runtime.
+    `increased_memory_limit` assumes the iOS entitlement
+    `com.apple.developer.kernel.increased-memory-limit` (ignored on other platforms).
+    """
+    context = profile.default_context if context is None else context
+    runtime = runtime or profile.default_runtime
+    fixed = _fixed_terms(model_dims, runtime, context, kv_bits, prefill_chunk, activation_bits, unquantized_nbytes)
+    usable = profile.app_usable_nbytes(increased_memory_limit)
+    weight_budget = usable - sum(v for k, v in fixed.items() if k.endswith("_nbytes"))
+    return MemoryBudget(
+        device=profile.name, ram_nbytes=profile.ram_nbytes, app_share=profile.usable_share(increased_memory_limit),
+        increased_memory_limit=increased_memory_limit, app_usable_nbytes=usable, runtime=runtime,
+        runtime_overhead_is_estimate=True, context=context, kv_bits=kv_bits, activation_bits=activation_bits,
+        activation_is_estimate=True, tokenizer_is_estimate=True, weight_budget_nbytes=weight_budget, **fixed,
+    )
+
+
+def min_ram_for(weights_nbytes: int, profile: DeviceProfile, model_dims: ModelDims, context: int | None = None,
+                kv_bits: int = 16, *, runtime: str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                activation_bits: int = 32, unquantized_nbytes: int = 0, increased_memory_limit: bool = False) -> int:
+    """The least total RAM (bytes) at which `budget_breakdown(...)` leaves `weights_nbytes` for weights.
+
+    Same arguments as `budget_breakdown`. Uses only the profile's share of RAM, so it also
+    works for a generic profile without RAM, and may exceed every RAM variant of a real device.
+    """
+    context = profile.default_context if context is None else context
+    fixed = _fixed_terms(model_dims, runtime or profile.default_runtime, context, kv_bits, prefill_chunk,
+                         activation_bits, unquantized_nbytes)
+    needed = max(0, int(weights_nbytes)) + sum(v for k, v in fixed.items() if k.endswith("_nbytes"))
+    share = profile.usable_share(increased_memory_limit)
+    ram = math.ceil(needed / share)
+    while int(ram * share) < needed:  # float rounding in share x RAM
+        ram += 1
+    return ram
+
+
+def require_fit(budget: MemoryBudget, weights_nbytes: int, profile: DeviceProfile, model_dims: ModelDims) -> None:
+    """Raise `BudgetError` (with the RAM that would suffice) if `weights_nbytes` exceed the budget."""
+    if weights_nbytes <= budget.weight_budget_nbytes:
+        return
+    need = min_ram_for(weights_nbytes, profile, model_dims, budget.context, budget.kv_bits, runtime=budget.runtime,
+                       prefill_chunk=budget.prefill_chunk, activation_bits=budget.activation_bits,
+                       unquantized_nbytes=budget.unquantized_nbytes,
+                       increased_memory_limit=budget.increased_memory_limit)
+    raise BudgetError(
+        f"{format_size(weights_nbytes)} of weights do not fit {profile.display_name} with "
+        f"{format_size(budget.ram_nbytes)}: {format_size(budget.weight_budget_nbytes)} is left for weights after "
+        f"runtime, KV cache ({budget.context} tokens) and activations; it needs at least {format_size(need)} of RAM "
+        f"(or a shorter --context / lower KV precision)"
+    )
