@@ -20,7 +20,7 @@ from typing import Iterator
 from liftedge.errors import ArtifactError
 
 
-def _check_destination(path: Path, force: bool) -> None:
+def check_destination(path: Path, force: bool) -> None:
     if path.exists() and not force:
         nonempty = path.is_file() or any(path.iterdir())
         if nonempty:
@@ -31,7 +31,7 @@ def _check_destination(path: Path, force: bool) -> None:
 def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes `path` only if the block completes."""
     path = Path(path)
-    _check_destination(path, force)
+    check_destination(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -39,6 +39,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish_permissions(tmp)
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -51,16 +52,31 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
             old.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_permissions(root: Path) -> None:
+    """Temporary files are created private (0600/0700); give outputs the usual umask modes."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, force: bool = True) -> None:
     """Write `data` to `path` through a temporary file and a rename."""
     path = Path(path)
     if not force:
-        _check_destination(path, force)
+        check_destination(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,41 @@
+"""Plain-PyTorch reference layers: the oracle every runtime target is tested against.
+
+`FORMATS` maps a format name ("int", "fp16", ...) to an object with
+`dequantize(qt) -> Tensor[out, in] float32`, `make_module(qt, bias) -> nn.Module` and
+`tensor_specs(meta)`. Each format lives in its own module with its byte layout as a table;
+registering a new one is `@register_format("name")` on its class plus its module name in
+`FORMAT_MODULES` below.
+
+This package owns decoding only; quantizers (`liftedge.quantize`) produce the tensors and
+`liftedge.packed` stores them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from liftedge.types import QuantizedTensor
+from liftedge.targets.reference.registry import FORMATS, DequantLinear, Format, get_format, register_format
+
+# One entry per format module; importing a module registers its formats.
+FORMAT_MODULES = ("integer", "fp16", "liftquant")
+
+for _name in FORMAT_MODULES:
+    importlib.import_module(f"{__name__}.{_name}")
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """Decode any registered format to a float32 weight [out, in]."""
+    return get_format(qt.fmt).dequantize(qt)
+
+
+def make_module(qt: QuantizedTensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """The reference module of `qt`'s format (x @ W^T + b)."""
+    return get_format(qt.fmt).make_module(qt, bias)
+
+
+__all__ = ["FORMATS", "FORMAT_MODULES", "DequantLinear", "Format", "dequantize", "get_format",
+           "make_module", "register_format"]

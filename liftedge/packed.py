@@ -1,0 +1,317 @@
+"""The canonical on-disk form of a quantized model (a "pack"), which every target lowers from.
+
+A pack is a folder:
+
+| file                  | content                                                             |
+|-----------------------|---------------------------------------------------------------------|
+| `manifest.json`       | format "liftedge-pack", version 1, per-site formats and byte counts, |
+|                       | totals, source model, quantizer config, calibration, plan, version  |
+| `weights.safetensors` | quantized site fields as "<site>.<field>" (e.g. "...q_proj.codes"), |
+|                       | every other parameter (norms, biases, embeddings, head) as fp16;    |
+|                       | tied weights stored once (under the first name, usually the embedding) |
+| `config.json`, tokenizer files | so the pack loads standalone                               |
+
+The manifest's byte counts are the truth the planner and the reports use:
+`totals.bits_per_weight` = 8 x (bytes of every linear site in the decoder blocks, packed
+fields as stored, an unquantized one at fp16) / their weight count. Embeddings and the head
+are outside that average and are stored as fp16 unless a quantized form is given for them.
+
+Writing is atomic (`liftedge.io.atomic_output_dir`) and deterministic: tensors are laid out
+by safetensors in a fixed order, its metadata is one key, JSON is key-sorted, nothing records
+a time. `load_packed` rebuilds the architecture from config.json (no remote code), loads the
+fp16 parameters as float32 and puts the reference module of each site's format
+(`liftedge.targets.reference`) in place of the quantized layer. Any unreadable, truncated or
+inconsistent pack is an `ArtifactError` naming the file.
+
+This module owns the folder layout and the manifest; formats' byte layouts belong to
+`liftedge.targets.reference`, producing the quantized tensors to `liftedge.quantize`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from liftedge import __version__
+from liftedge.cache import sha256_file, sha256_text
+from liftedge.errors import ArtifactError
+from liftedge.io import atomic_output_dir, atomic_write_json
+from liftedge.types import QuantizedTensor, Site
+
+log = logging.getLogger(__name__)
+
+PACK_FORMAT = "liftedge-pack"
+PACK_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.safetensors"
+# Unquantized linear weights are counted (and stored) at fp16.
+FP16_BITS = 16
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save_packed(path: str | os.PathLike, loaded, qtensors: Mapping[str, QuantizedTensor], *,
+                method: str | Mapping[str, str], quantizer: dict[str, Any] | None = None,
+                calibration: dict[str, Any] | None = None, plan: dict[str, Any] | None = None,
+                force: bool = False) -> dict[str, Any]:
+    """Write `loaded` with `qtensors` (site name -> QuantizedTensor) as a pack at `path`.
+
+    `method` names the quantization method of every site (or a map site -> method);
+    `quantizer` (method config), `calibration` and `plan` are recorded as given (JSON-able).
+    Returns the manifest written.
+    """
+    from liftedge.model import list_sites
+
+    model = loaded.model
+    sites = {s.name: s for s in list_sites(model)}
+    _check_sites(qtensors, sites)
+    tensors = _site_tensors(qtensors)
+    skip = {f"{name}.weight" for name in qtensors}
+    params = _other_parameters(model, skip)
+    clash = sorted(set(tensors) & set(params))
+    if clash:
+        raise ArtifactError(f"quantized fields clash with parameter names: {clash[:3]}")
+    tensors.update(params)
+    site_entries = {name: _site_entry(sites[name], qt, method) for name, qt in qtensors.items()}
+    manifest = {
+        "format": PACK_FORMAT,
+        "version": PACK_VERSION,
+        "liftedge_version": __version__,
+        "source": {"path": str(loaded.source), "sha256": loaded.source_hash, "family": loaded.family},
+        "quantizer": quantizer,
+        "calibration": calibration,
+        "plan": plan,
+        "sites": site_entries,
+        "totals": _totals(sites, qtensors, tensors),
+    }
+    with atomic_output_dir(path, force=force) as tmp:
+        _write_weights(tmp / WEIGHTS_NAME, tensors)
+        model.config.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    log.info("wrote pack %s (%d quantized sites, %.3f bits/weight)", path, len(qtensors),
+             manifest["totals"]["bits_per_weight"])
+    return manifest
+
+
+def _check_sites(qtensors: Mapping[str, QuantizedTensor], sites: Mapping[str, Site]) -> None:
+    from liftedge.targets.reference import get_format
+
+    for name, qt in qtensors.items():
+        if name not in sites:
+            raise ArtifactError(f"{name} is not a site of this model")
+        site = sites[name]
+        if site.tied_to is not None:
+            raise ArtifactError(f"{name} shares its weight with {site.tied_to}; quantize the owner instead")
+        get_format(qt.fmt).check(qt)
+        shape = (qt.meta.get("out_features"), qt.meta.get("in_features"))
+        if shape != (site.out_features, site.in_features):
+            raise ArtifactError(f"{name}: quantized shape {list(shape)} != site shape "
+                                f"{[site.out_features, site.in_features]}")
+
+
+def _site_tensors(qtensors: Mapping[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{field}": t.detach().cpu().contiguous().clone()
+            for name, qt in qtensors.items() for field, t in qt.tensors.items()}
+
+
+def _other_parameters(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """Every parameter not in `skip`, floats as fp16; a tied parameter once (first name)."""
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if name in skip:
+            continue
+        t = p.detach().cpu()
+        out[name] = (t.to(torch.float16) if t.is_floating_point() else t).contiguous().clone()
+    return out
+
+
+def _site_entry(site: Site, qt: QuantizedTensor, method: str | Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "method": method if isinstance(method, str) else method[site.name],
+        "fmt": qt.fmt,
+        "meta": dict(qt.meta),
+        "kind": site.kind,
+        "shape": [site.out_features, site.in_features],
+        "transposed": site.transposed,
+        "nbytes": qt.nbytes,
+        "tensors": {f: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                    for f, t in sorted(qt.tensors.items())},
+    }
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _totals(sites: Mapping[str, Site], qtensors: Mapping[str, QuantizedTensor],
+            tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    linear = [s for s in sites.values() if s.kind == "linear" and s.block is not None]
+    linear_numel = sum(s.numel for s in linear)
+    linear_nbytes = sum(qtensors[s.name].nbytes if s.name in qtensors else s.numel * FP16_BITS // 8
+                        for s in linear)
+    quantized_numel = sum(sites[n].numel for n in qtensors)
+    other_numel = sum(t.numel() for k, t in tensors.items() if not _is_site_field(k, qtensors))
+    return {
+        "quantized_sites": len(qtensors),
+        "quantized_nbytes": sum(qt.nbytes for qt in qtensors.values()),
+        "nbytes": sum(_nbytes(t) for t in tensors.values()),
+        "linear_numel": linear_numel,
+        "linear_nbytes": linear_nbytes,
+        "bits_per_weight": round(8 * linear_nbytes / linear_numel, 6) if linear_numel else 0.0,
+        "numel": quantized_numel + other_numel,
+    }
+
+
+def _is_site_field(key: str, qtensors: Mapping[str, QuantizedTensor]) -> bool:
+    site, _, field = key.rpartition(".")
+    return site in qtensors and field in qtensors[site].tensors
+
+
+def _write_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    # One metadata key only: safetensors writes its metadata map in hash order, so several
+    # keys would make the bytes differ from run to run.
+    save_file(dict(sorted(tensors.items())), str(path), metadata={"format": PACK_FORMAT})
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the pack at `path`, checked for format and version."""
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        raise ArtifactError(f"{file} not found: {path} is not a liftedge pack")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{file} is not valid JSON ({exc}); the pack is corrupt") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
+        raise ArtifactError(f"{file} does not describe a {PACK_FORMAT!r} pack")
+    if manifest.get("version") != PACK_VERSION:
+        raise ArtifactError(f"{file} has pack version {manifest.get('version')!r}; this liftedge reads "
+                            f"version {PACK_VERSION} only")
+    for key in ("sites", "totals", "source"):
+        if not isinstance(manifest.get(key), dict):
+            raise ArtifactError(f"{file} lacks its {key!r} section; the pack is corrupt")
+    return manifest
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the pack's weights.safetensors, as stored."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise ArtifactError(f"{file} not found; the pack is incomplete")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for truncation/corruption
+        raise ArtifactError(f"{file} cannot be read ({type(exc).__name__}: {exc}); the pack is corrupt") from None
+
+
+def read_quantized(path: str | os.PathLike, manifest: dict[str, Any] | None = None,
+                   tensors: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedTensor]:
+    """The quantized sites of a pack, site name -> QuantizedTensor (checked against their format)."""
+    from liftedge.targets.reference import get_format
+
+    manifest = manifest if manifest is not None else read_manifest(path)
+    tensors = tensors if tensors is not None else read_weights(path)
+    file = Path(path) / WEIGHTS_NAME
+    out = {}
+    for name, entry in manifest["sites"].items():
+        if not isinstance(entry, dict) or not {"fmt", "meta", "tensors"} <= set(entry):
+            raise ArtifactError(f"{Path(path) / MANIFEST_NAME}: site {name} lacks fmt/meta/tensors; corrupt pack")
+        fields = {}
+        for field in entry["tensors"]:
+            key = f"{name}.{field}"
+            if key not in tensors:
+                raise ArtifactError(f"{file} lacks tensor {key!r} listed in the manifest; the pack is corrupt")
+            fields[field] = tensors[key]
+        qt = QuantizedTensor(entry["fmt"], fields, dict(entry["meta"]))
+        try:
+            get_format(qt.fmt).check(qt)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{file}: site {name}: {exc}") from None
+        out[name] = qt
+    return out
+
+
+def load_packed(path: str | os.PathLike):
+    """Rebuild the quantized model of a pack as a `LoadedModel` (reference modules, float32)."""
+    from liftedge.model import LoadedModel
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    tensors = read_weights(path)
+    qtensors = read_quantized(path, manifest, tensors)
+    model = _build_model(path)
+    fields = {f"{n}.{f}" for n, qt in qtensors.items() for f in qt.tensors}
+    params = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items() if k not in fields}
+    _load_parameters(model, params, set(qtensors), path / WEIGHTS_NAME)
+    _replace_sites(model, qtensors)
+    model.eval().requires_grad_(False)
+    tokenizer = _load_tokenizer(path)
+    source_hash = sha256_text(PACK_FORMAT, sha256_file(path / MANIFEST_NAME), sha256_file(path / WEIGHTS_NAME))
+    return LoadedModel(model=model, tokenizer=tokenizer, family=manifest["source"].get("family"),
+                       source=str(path), source_hash=source_hash)
+
+
+def _build_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    file = path / "config.json"
+    if not file.is_file():
+        raise ArtifactError(f"{file} not found; the pack is incomplete")
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:
+        raise ArtifactError(f"{file} cannot be read ({type(exc).__name__}: {exc})") from None
+    if getattr(config, "auto_map", None):
+        raise ArtifactError(f"{file} asks for remote code (auto_map); liftedge never runs it")
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _load_parameters(model: torch.nn.Module, params: dict[str, torch.Tensor], sites: set[str], file: Path) -> None:
+    expected = dict(model.named_parameters(remove_duplicate=True))
+    unexpected = sorted(set(params) - set(expected))
+    if unexpected:
+        raise ArtifactError(f"{file} holds tensors the model does not have: {unexpected[:3]}; corrupt pack?")
+    missing = sorted(k for k in expected if k not in params and k.removesuffix(".weight") not in sites)
+    if missing:
+        raise ArtifactError(f"{file} lacks parameters {missing[:3]}; the pack is incomplete")
+    for name, value in params.items():
+        target = expected[name]
+        if tuple(target.shape) != tuple(value.shape):
+            raise ArtifactError(f"{file}: {name} has shape {list(value.shape)}, the model expects "
+                                f"{list(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
+
+
+def _replace_sites(model: torch.nn.Module, qtensors: Mapping[str, QuantizedTensor]) -> None:
+    from liftedge.targets.reference import make_module
+
+    for name, qt in qtensors.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        bias = getattr(old, "bias", None)
+        setattr(parent, child, make_module(qt, bias))
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:
+        raise ArtifactError(f"the tokenizer files in {path} cannot be read ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,164 @@
+"""LiftQuant for one linear layer: whiten, standardise, code with M, refit the scales.
+
+Steps for a weight W [out, n] with calibration second moments H = E[x x^T] (paper 3.2-3.3):
+
+1. s1 = rms(x)^alpha (normalised to geometric mean 1): AWQ-style importance scaling.
+   alpha is chosen from `alpha_grid` by the output error tr(dW H dW^T) measured with the
+   real codec on a subsample of rows (the error that matters, not the weight MSE).
+2. P1 ⊗ P2: seeded randomised Hadamard factors (random orthogonal where no Hadamard
+   matrix exists) that spread outlier columns across all inputs.
+3. s2: one scale per coding block of d mixed inputs, equalising their variance.
+4. Each row is standardised to unit RMS, cut into blocks of d (zero-padded at the end),
+   coded as D signs with the shipped M of the rate, and its scale refit by least squares.
+
+Switches in `LiftQuantConfig` turn each part off for the ablation. The result is a
+"liftquant" `QuantizedTensor` (layout in `liftedge.targets.reference.liftquant`).
+This module does not train anything: intra-block correction is `liftedge.correct`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from liftedge import lattice
+from liftedge.quantize.base import register_quantizer
+from liftedge.targets.reference.liftquant import encode_liftquant, n_blocks, weight_from_factors, factors
+from liftedge.types import QuantizedTensor, Rate
+from liftedge.whiten import Whitening, kron_factors, mixing_matrices, orthogonal_factor
+
+ALPHA_GRID = (0.0, 0.25, 0.5, 0.75)
+# Rows used to pick alpha: enough for a stable error estimate, few enough to keep the
+# search at a fraction of the layer's full coding cost.
+ALPHA_SEARCH_ROWS = 96
+
+
+@dataclass(frozen=True)
+class LiftQuantConfig:
+    """What LiftQuant does to one layer (the ablation switches default to the full method)."""
+
+    rate: Rate
+    mix: bool = True            # P1 ⊗ P2 Kronecker mixing
+    act_scale: bool = True      # s1 from calibration statistics
+    block_scale: bool = True    # s2 per coding block (else one scale for the whole layer)
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    seed: int = 0
+
+
+def _act_rms(stats, n: int, device: torch.device) -> torch.Tensor:
+    if stats is None:
+        return torch.ones(n, device=device)
+    return torch.diagonal(stats.hessian).to(device=device, dtype=torch.float32).clamp_min(1e-12).sqrt()
+
+
+def _s1(act_rms: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = act_rms.clamp_min(act_rms.max() * 1e-4) ** alpha
+    return s / torch.exp(torch.log(s).mean())
+
+
+def _mixing(n: int, cfg: LiftQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    n1, n2 = kron_factors(n)
+    if not cfg.mix:
+        return torch.eye(n1), torch.eye(n2)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n)
+    p1, _ = orthogonal_factor(n1, gen)
+    p2, _ = orthogonal_factor(n2, gen)
+    return p1.to(torch.float32), p2.to(torch.float32)
+
+
+def _block_s2(w1: torch.Tensor, d: int, per_block: bool) -> torch.Tensor:
+    """s2 such that every coding block of the mixed weight has unit RMS over all rows."""
+    n = w1.shape[1]
+    nb = n_blocks(n, d)
+    if not per_block:
+        return w1.new_ones(nb) / w1.pow(2).mean().sqrt().clamp_min(1e-12)
+    padded = torch.nn.functional.pad(w1, (0, nb * d - n))
+    sq = padded.pow(2).reshape(w1.shape[0], nb, d).sum((0, 2))
+    count = w1.new_full((nb,), float(w1.shape[0] * d))
+    count[-1] = w1.shape[0] * (n - (nb - 1) * d)
+    return 1.0 / (sq / count).sqrt().clamp_min(1e-12)
+
+
+def _code(w: torch.Tensor, whitening: Whitening, codebook: torch.Tensor) -> QuantizedTensor:
+    """Code W [rows, n] in the whitened space and return the stored form."""
+    d, D = codebook.shape
+    n = w.shape[1]
+    nb = n_blocks(n, d)
+    wp = whitening.apply_to_weight(w)
+    row_rms = wp.pow(2).mean(1).sqrt().clamp_min(1e-12)
+    z = torch.nn.functional.pad(wp / row_rms[:, None], (0, nb * d - n))
+    signs = lattice.encode(z.reshape(-1, d), codebook, device=w.device).to(torch.float32).reshape(w.shape[0], nb * D)
+    dec = torch.matmul(signs.reshape(-1, nb, D), codebook.T).reshape(w.shape[0], -1)[:, :n]
+    # Least-squares scale per row in the whitened space: argmin_s ||wp - s * dec||^2.
+    scale = (wp * dec).sum(1) / dec.pow(2).sum(1).clamp_min(1e-12)
+    mix1, mix2 = mixing_matrices(whitening)
+    return encode_liftquant(signs, scale, 1.0 / whitening.s1, mix1, mix2, 1.0 / whitening.s2, codebook)
+
+
+def _output_error(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor) -> float:
+    dw = w - weight_from_factors(**{k: v.to(w.device) for k, v in factors(qt).items()})
+    return float(torch.einsum("oi,ij,oj->", dw, hessian, dw))
+
+
+def _whitening(w: torch.Tensor, act_rms: torch.Tensor, alpha: float, cfg: LiftQuantConfig, d: int) -> Whitening:
+    p1, p2 = (p.to(w.device) for p in _mixing(w.shape[1], cfg))
+    s1 = _s1(act_rms, alpha)
+    unit = Whitening(s1, p1, p2, w.new_ones(n_blocks(w.shape[1], d)), d)
+    s2 = _block_s2(unit.apply_to_weight(w), d, cfg.block_scale)
+    return Whitening(s1, p1, p2, s2, d)
+
+
+def _choose_alpha(w: torch.Tensor, stats, act_rms: torch.Tensor, cfg: LiftQuantConfig,
+                  codebook: torch.Tensor) -> float:
+    if not cfg.act_scale or stats is None:
+        return 0.0
+    rows = torch.linspace(0, w.shape[0] - 1, min(ALPHA_SEARCH_ROWS, w.shape[0])).round().long()
+    sub = w[rows]
+    hessian = stats.hessian.to(device=w.device, dtype=torch.float32)
+    errors = {}
+    for alpha in cfg.alpha_grid:
+        wh = _whitening(w, act_rms, alpha, cfg, codebook.shape[0])
+        errors[alpha] = _output_error(sub, _code(sub, wh, codebook), hessian)
+    return min(errors, key=lambda a: (errors[a], a))
+
+
+@register_quantizer("liftquant", LiftQuantConfig, needs_stats=True, example_config=LiftQuantConfig(Rate(12, 8)))
+class LiftQuantQuantizer:
+    """Quantizer-protocol object: `quantize(weight, stats) -> QuantizedTensor` ("liftquant").
+
+    Through `quantize_model` it codes each layer from float-model statistics, without
+    correction; `liftedge.quantize.pipeline` is the full streaming method.
+    """
+
+    def __init__(self, config: LiftQuantConfig):
+        self.config = config
+
+    def quantize(self, weight: torch.Tensor, stats=None) -> QuantizedTensor:
+        cfg = self.config
+        w = weight.detach().to(torch.float32)
+        codebook = lattice.load_codebook(cfg.rate).to(device=w.device, dtype=torch.float32)
+        act_rms = _act_rms(stats if cfg.act_scale else None, w.shape[1], w.device)
+        alpha = _choose_alpha(w, stats, act_rms, cfg, codebook)
+        qt = _code(w, _whitening(w, act_rms, alpha, cfg, cfg.rate.d), codebook)
+        qt.meta["alpha"] = alpha
+        return qt
+
+
+def lq_bits_per_weight(out_features: int, in_features: int, rate: Rate) -> float:
+    """Stored bits per weight of a liftquant layer, every field counted (see the format table)."""
+    nb = n_blocks(in_features, rate.d)
+    n1, n2 = kron_factors(in_features)
+    sign_nbytes = out_features * math.ceil(nb * rate.D / 8)
+    fp16_values = out_features + in_features + n1 * n1 + n2 * n2 + nb + rate.d * rate.D
+    return 8 * (sign_nbytes + 2 * fp16_values) / (out_features * in_features)
+
+
+def rate_for_bits(bits: float) -> Rate:
+    """The shipped rate whose D/d is nearest to `bits` (ties: the smaller rate)."""
+    rates = lattice.shipped_rates()
+    lo, hi = rates[0].bits_per_weight, rates[-1].bits_per_weight
+    if not lo - 0.25 <= bits <= hi + 0.25:
+        raise ValueError(f"--bits {bits} is outside the shipped LiftQuant menu ({lo:.3f} to {hi:.3f} bits)")
+    return min(rates, key=lambda r: (abs(r.bits_per_weight - bits), r.bits_per_weight, r.D))

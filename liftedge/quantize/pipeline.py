@@ -1,0 +1,184 @@
+"""Streaming LiftQuant over a whole model: block by block, resumable.
+
+For each decoder block i, in order:
+1. the full-precision block runs on the full-precision stream x_fp, giving the targets;
+2. statistics H = E[x x^T] of its linear inputs are taken on the *quantized* stream x_q
+   (so each block is coded for the inputs it will really see, as GPTQ does);
+3. each of its sites is coded with its own `LiftQuantConfig` (a per-site rate map);
+4. optionally the block is corrected (`liftedge.correct`); a correction that does not
+   lower the block's output error is discarded;
+5. the block's linears are replaced by reference lift-project modules, the quantized
+   block runs on x_q, and both streams move on.
+
+Peak memory is the model plus two streams of one block's activations. After each block
+its quantized tensors are saved to `checkpoint_dir`; a rerun with the same inputs replays
+finished blocks from there (forward passes only) and continues where it stopped, with
+identical results because every random choice is seeded per block.
+
+This module owns the loop. Coding a layer is `liftquant.py`, training a block `correct.py`,
+storing the result `liftedge.packed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from liftedge.calibrate import _Accumulator, _hooked
+from liftedge.correct import CorrectionConfig, TrainableLift, correct_block
+from liftedge.io import atomic_write_bytes
+from liftedge.model import decoder_blocks, list_sites, site_weight
+from liftedge.progress import progress
+from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
+from liftedge.stream import BlockInputs, capture_block_inputs, run_block
+from liftedge.targets.reference import make_module
+from liftedge.types import QuantizedTensor, Site
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamReport:
+    """What happened per block: correction losses, whether correction was kept, seconds."""
+
+    blocks: list[dict] = field(default_factory=list)
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _bias(model: nn.Module, site: Site) -> torch.Tensor | None:
+    bias = getattr(model.get_submodule(site.name), "bias", None)
+    return None if bias is None else bias.detach()
+
+
+@torch.no_grad()
+def _block_stats(model, block, i, x_q: BlockInputs, sites: list[Site]) -> dict:
+    accs = {s.name: _Accumulator(s.in_features) for s in sites}
+    with _hooked(model, sites, accs):
+        run_block(block, x_q, i)
+    return {name: acc.result() for name, acc in accs.items()}
+
+
+def _checkpoint_path(checkpoint_dir: Path | None, i: int) -> Path | None:
+    return None if checkpoint_dir is None else checkpoint_dir / f"block-{i:04d}.safetensors"
+
+
+def _save_checkpoint(path: Path, qts: dict[str, QuantizedTensor], record: dict) -> None:
+    import json
+
+    tensors = {f"{name}::{k}": v.contiguous() for name, qt in qts.items() for k, v in qt.tensors.items()}
+    meta = {"sites": json.dumps({n: {"fmt": qt.fmt, "meta": qt.meta} for n, qt in qts.items()}, sort_keys=True),
+            "record": json.dumps(record, sort_keys=True)}
+    tmp = path.with_suffix(".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, QuantizedTensor], dict]:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    sites = json.loads(meta["sites"])
+    qts = {name: QuantizedTensor(info["fmt"], {k.split("::", 1)[1]: v for k, v in tensors.items()
+                                               if k.split("::", 1)[0] == name}, info["meta"])
+           for name, info in sites.items()}
+    return qts, json.loads(meta["record"])
+
+
+def _code_block(model, block_sites, stats, configs) -> dict[str, QuantizedTensor]:
+    return {s.name: LiftQuantQuantizer(configs[s.name]).quantize(site_weight(model, s), stats[s.name])
+            for s in block_sites}
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _install(model, block_sites, qts) -> None:
+    for s in block_sites:
+        _replace_module(model, s.name, make_module(qts[s.name], _bias(model, s)).to(_device(model)))
+
+
+def _correct(model, block, i, block_sites, qts, x_q, targets, cfg: CorrectionConfig):
+    layers = {s.name: TrainableLift(qts[s.name], _bias(model, s), cfg.sign_margin).to(_device(model))
+              for s in block_sites}
+    for name, layer in layers.items():
+        _replace_module(model, name, layer)
+    history = correct_block(block, i, layers, x_q, targets, cfg)
+    if history["loss_after"] < history["loss_before"]:
+        return {name: layer.export() for name, layer in layers.items()}, {**history, "kept": True}
+    return qts, {**history, "kept": False}
+
+
+def quantize_streaming(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuantConfig],
+                       correction: CorrectionConfig | None = None, *, checkpoint_dir: Path | None = None,
+                       batch_size: int = 4) -> tuple[dict[str, QuantizedTensor], StreamReport]:
+    """LiftQuant every site named in `configs` (linear sites of decoder blocks), block by block.
+
+    While it runs, each finished block's linears are swapped for reference lift-project
+    modules (that is how the quantized stream is carried); the original modules are put
+    back before returning, so `loaded.model` is unchanged afterwards.
+    """
+    model = loaded.model
+    sites = [s for s in list_sites(model) if s.name in configs]
+    unknown = set(configs) - {s.name for s in sites}
+    if unknown:
+        raise ValueError(f"LiftQuant applies to decoder-block linear sites; not such: {sorted(unknown)[:5]}")
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    blocks = decoder_blocks(model)
+    x_fp = capture_block_inputs(model, tokens, batch_size)
+    x_q = x_fp.with_hidden([h.clone() for h in x_fp.hidden])
+    originals = {s.name: model.get_submodule(s.name) for s in sites}
+    try:
+        return _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q)
+    finally:
+        for name, module in originals.items():
+            _replace_module(model, name, module)
+
+
+def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q):
+    result: dict[str, QuantizedTensor] = {}
+    report = StreamReport()
+    for i in progress(range(len(blocks)), desc="LiftQuant", unit="block"):
+        started = time.perf_counter()
+        block_sites = [s for s in sites if s.block == i]
+        targets = run_block(blocks[i], x_fp, i)
+        ckpt = _checkpoint_path(checkpoint_dir, i)
+        if ckpt is not None and ckpt.is_file():
+            qts, record = _load_checkpoint(ckpt)
+            record["resumed"] = True
+        else:
+            qts, record = _quantize_block(model, blocks[i], i, block_sites, configs, x_q, targets, correction)
+            record["seconds"] = round(time.perf_counter() - started, 3)
+            if ckpt is not None:
+                _save_checkpoint(ckpt, qts, record)
+        _install(model, block_sites, qts)
+        result.update(qts)
+        report.blocks.append({"block": i, **record})
+        x_q = x_q.with_hidden(run_block(blocks[i], x_q, i))
+        x_fp = x_fp.with_hidden(targets)
+    return result, report
+
+
+def _quantize_block(model, block, i, block_sites, configs, x_q, targets, correction):
+    stats = _block_stats(model, block, i, x_q, block_sites)
+    qts = _code_block(model, block_sites, stats, configs)
+    record: dict = {}
+    if correction is not None and block_sites:
+        qts, record = _correct(model, block, i, block_sites, qts, x_q, targets, correction)
+    return qts, record

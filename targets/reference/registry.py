@@ -1,0 +1,119 @@
+"""The format registry: how each stored quantized format decodes, in plain PyTorch.
+
+A format turns a `QuantizedTensor` (its `tensors` and `meta`) back into a float32 weight
+[out_features, in_features] and into a Linear-like module. Every runtime target lowers
+from these formats and is tested against them, so this is the oracle: clear, not fast.
+
+Adding a format is one decorated class in its own module (plus that module's name in
+`FORMAT_MODULES` of the package `__init__`):
+
+    @register_format("myfmt")
+    class MyFormat(Format):
+        def tensor_specs(self, meta): ...   # field -> (dtype, shape), checked on load
+        def dequantize(self, qt): ...       # -> Tensor[out, in] float32
+        def example(self): ...              # a small valid QuantizedTensor, for the tests
+
+A format's `meta` must hold `out_features` and `in_features` (the pack checks them against
+the model's site) and everything else needed to decode its fields.
+
+This module owns the registry and the shared base class; it does not own any byte layout
+(each format's module documents its own) or how formats are chosen (the quantizers do).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from liftedge.errors import ArtifactError
+from liftedge.types import QuantizedTensor
+
+FORMATS: dict[str, "Format"] = {}
+
+
+def register_format(name: str):
+    """Class decorator: instantiate the format and register it under `name`."""
+
+    def wrap(cls):
+        if name in FORMATS:
+            raise ValueError(f"format {name!r} is already registered")
+        instance = cls()
+        instance.name = name
+        FORMATS[name] = instance
+        return cls
+
+    return wrap
+
+
+def get_format(name: str) -> "Format":
+    """The registered format `name`, or an ArtifactError listing the known ones."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ArtifactError(f"unknown weight format {name!r}; known formats: {sorted(FORMATS)}") from None
+
+
+class Format:
+    """Base class of a stored format; subclasses implement `tensor_specs`, `dequantize`, `example`."""
+
+    name: str = ""
+
+    def tensor_specs(self, meta: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The stored fields this format expects for `meta`: name -> (dtype, shape)."""
+        raise NotImplementedError
+
+    def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
+        """The weight [out_features, in_features] as float32."""
+        raise NotImplementedError
+
+    def example(self) -> QuantizedTensor:
+        """A small valid stored tensor of this format (tests iterate the registry with it)."""
+        raise NotImplementedError
+
+    def make_module(self, qt: QuantizedTensor, bias: torch.Tensor | None) -> nn.Module:
+        """A module computing x @ W^T + b, W decoded from the stored tensors."""
+        return DequantLinear(qt, bias)
+
+    def check(self, qt: QuantizedTensor) -> None:
+        """Raise ArtifactError if `qt`'s tensors do not match what its meta promises."""
+        specs = self.tensor_specs(qt.meta)
+        if set(specs) != set(qt.tensors):
+            raise ArtifactError(f"format {self.name!r} expects fields {sorted(specs)}, got {sorted(qt.tensors)}")
+        for field, (dtype, shape) in specs.items():
+            t = qt.tensors[field]
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ArtifactError(
+                    f"format {self.name!r} field {field!r}: expected {dtype} {list(shape)}, "
+                    f"got {t.dtype} {list(t.shape)}"
+                )
+
+
+class DequantLinear(nn.Module):
+    """Reference linear layer over a stored quantized weight: y = x @ W^T + b.
+
+    The stored fields are kept as buffers named `q_<field>` (so `state_dict` shows the
+    packed form); the float32 weight is decoded once at construction and cached in a
+    non-persistent buffer, which keeps evaluation as fast as an ordinary Linear.
+    The calling convention is the Linear/Conv1D one: x [..., in] -> y [..., out]; a GPT-2
+    Conv1D site gets the same module, only its stored weight layout ([in, out]) differed.
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.fmt = qt.fmt
+        self.meta = dict(qt.meta)
+        for field, tensor in qt.tensors.items():
+            self.register_buffer(f"q_{field}", tensor.detach().clone())
+        weight = get_format(qt.fmt).dequantize(qt)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight.to(x.dtype).t())
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt}, in_features={self.in_features}, out_features={self.out_features}"

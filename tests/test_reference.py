@@ -1,0 +1,114 @@
+"""The reference formats: byte layouts, decoding, the Linear-like modules, the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from liftedge.bitpack import packed_row_nbytes
+from liftedge.errors import ArtifactError
+from liftedge.targets.reference import FORMATS, Format, dequantize, get_format, make_module, register_format
+from liftedge.targets.reference.fp16 import encode_fp16
+from liftedge.targets.reference.integer import decode_int, encode_int
+from liftedge.types import QuantizedTensor
+
+
+def int_example(bits: int, out: int = 6, n: int = 10, group: int = 4, symmetric: bool = False, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ng = -(-n // group)
+    codes = torch.randint(0, 1 << bits, (out, n), generator=g)
+    scale = (torch.rand(out, ng, generator=g) + 0.1).half().float()
+    zero = torch.randint(0, 1 << bits, (out, ng), generator=g)
+    return codes, scale, zero, encode_int(codes, scale, zero, bits, group, symmetric)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_format_module_computes_x_wt_plus_b(fmt):
+    try:
+        qt = get_format(fmt).example()
+    except NotImplementedError:
+        pytest.skip(f"format {fmt!r} defines no example() to test with")
+    assert qt.fmt == fmt
+    get_format(fmt).check(qt)
+    w = dequantize(qt)
+    bias = torch.randn(w.shape[0])
+    x = torch.randn(3, 5, w.shape[1])
+    module = make_module(qt, bias)
+    # Same float32 product as F.linear: only the summation order may differ (1e-5 relative).
+    torch.testing.assert_close(module(x), nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-6)
+    assert module.in_features == w.shape[1] and module.out_features == w.shape[0]
+    assert all(f"q_{f}" in module.state_dict() for f in qt.tensors)  # stored form kept
+    assert make_module(qt, None)(x).shape == (3, 5, w.shape[0])
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_int_layout_decodes_to_the_documented_formula(bits):
+    codes, scale, zero, qt = int_example(bits)
+    # Field sizes from the layout table: codes and zeros packed at `bits`, fp16 scales.
+    assert qt.tensors["codes"].shape == (6, packed_row_nbytes(10, bits))
+    assert qt.tensors["zero"].shape == (6, packed_row_nbytes(3, bits))
+    assert qt.tensors["scale"].dtype == torch.float16 and qt.tensors["scale"].shape == (6, 3)
+    assert qt.nbytes == 6 * (packed_row_nbytes(10, bits) + 2 * 3 + packed_row_nbytes(3, bits))
+    c, s, z = decode_int(qt)
+    assert torch.equal(c.long(), codes) and torch.equal(z.long(), zero) and torch.equal(s, scale)
+    cols = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])  # groups of 4, the last one of 2
+    expected = (codes.float() - zero[:, cols].float()) * scale[:, cols]
+    assert torch.equal(dequantize(qt), expected)
+
+
+def test_int_bytes_are_lsb_first():
+    # 3-bit codes 1, 2, 7: stream bits 100 010 111 -> byte 0 = 0b11010001, byte 1 = 0b1.
+    qt = encode_int(torch.tensor([[1, 2, 7]]), torch.ones(1, 1), torch.zeros(1, 1), 3, 3)
+    assert qt.tensors["codes"].tolist() == [[0b11010001, 0b1]]
+
+
+def test_symmetric_int_has_implied_zero():
+    codes, scale, _, qt = int_example(4, symmetric=True)
+    assert set(qt.tensors) == {"codes", "scale"}
+    cols = torch.arange(10) // 4
+    assert torch.equal(dequantize(qt), (codes.float() - 8) * scale[:, cols])
+
+
+def test_check_names_the_mismatch():
+    qt = int_example(4)[3]
+    bad = QuantizedTensor("int", {**qt.tensors, "scale": qt.tensors["scale"].float()}, qt.meta)
+    with pytest.raises(ArtifactError, match="scale"):
+        get_format("int").check(bad)
+    with pytest.raises(ArtifactError, match="known formats"):
+        get_format("nope")
+
+
+def test_conv1d_site_keeps_its_calling_convention():
+    from transformers.pytorch_utils import Conv1D
+
+    qt = get_format("int").example()
+    w = dequantize(qt)  # [out, in]
+    conv = Conv1D(w.shape[0], w.shape[1])  # stores [in, out]
+    with torch.no_grad():
+        conv.weight.copy_(w.t())
+    x = torch.randn(2, 4, w.shape[1])
+    torch.testing.assert_close(make_module(qt, conv.bias)(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_format_round_trips_half_values():
+    w = torch.randn(5, 7).half().float()
+    assert torch.equal(dequantize(encode_fp16(w)), w)
+
+
+def test_registering_a_format_is_one_decorator():
+    try:
+        @register_format("test-negated")
+        class Negated(Format):
+            def tensor_specs(self, meta):
+                return {"w": (torch.float32, (meta["out_features"], meta["in_features"]))}
+
+            def dequantize(self, qt):
+                return -qt.tensors["w"]
+
+        qt = QuantizedTensor("test-negated", {"w": torch.ones(2, 3)}, {"out_features": 2, "in_features": 3})
+        assert torch.equal(make_module(qt, None)(torch.ones(1, 3)), torch.full((1, 2), -3.0))
+        with pytest.raises(ValueError, match="already registered"):
+            register_format("test-negated")(Negated)
+    finally:
+        FORMATS.pop("test-negated", None)
