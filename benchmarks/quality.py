@@ -26,14 +26,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from liftedge.correct import CorrectionConfig
 from liftedge.evaluate import evaluate
 from liftedge.model import load_model
-from liftedge.packed import load_packed, read_manifest, save_packed
+from liftedge.packed import load_packed, save_packed
 from liftedge.quantize import GPTQConfig, IntConfig, default_sites, quantize_model
 from liftedge.quantize.liftquant import LiftQuantConfig
 from liftedge.quantize.pipeline import quantize_streaming
@@ -69,23 +71,39 @@ def _lq_configs(loaded, opts: dict[str, str]) -> tuple[dict, CorrectionConfig | 
     return {s.name: cfg for s in default_sites(loaded.model)}, correction
 
 
-def quantize_to_pack(args, method: str, opts: dict[str, str], out: Path) -> dict:
-    loaded = load_model(args.model)
-    loaded.model.to(args.device)
-    calib = calibration_tokens(loaded.tokenizer, [Path(args.calib)], args.samples, args.seq_len, args.seed)
+@dataclass
+class Shared:
+    """What every config reuses: the float model (also the KL reference) and the token ids."""
+
+    base: Any
+    calib: torch.Tensor
+    eval_ids: torch.Tensor
+
+
+def load_shared(args) -> Shared:
+    base = load_model(args.model)
+    calib = calibration_tokens(base.tokenizer, [Path(args.calib)], args.samples, args.seq_len, args.seed)
+    eval_ids = tokenize(base.tokenizer, protocol_text(read_text(args.eval_text)))
+    return Shared(base, calib, eval_ids)
+
+
+def quantize_to_pack(args, shared: Shared, method: str, opts: dict[str, str], out: Path) -> dict:
+    loaded = shared.base
     calibration = {"source": "files", "files": [args.calib], "n_samples": args.samples,
                    "seq_len": args.seq_len, "seed": args.seed}
+    loaded.model.to(args.device)
+    tokens = shared.calib.to(args.device)
     if method == "liftquant":
         configs, correction = _lq_configs(loaded, opts)
-        qtensors, report = quantize_streaming(loaded, calib.to(args.device), configs, correction,
-                                              batch_size=args.batch_size)
+        qtensors, report = quantize_streaming(loaded, tokens, configs, correction, batch_size=args.batch_size)
         quantizer = {"method": method, "options": opts, "blocks": report.blocks}
     else:
         from liftedge.calibrate import collect_stats
 
         config = _int_config(method, opts)
-        stats = collect_stats(loaded, calib.to(args.device), default_sites(loaded.model),
-                              batch_size=args.batch_size)
+        stats = None
+        if method == "gptq":
+            stats = collect_stats(loaded, tokens, default_sites(loaded.model), batch_size=args.batch_size)
         qtensors = quantize_model(loaded, method, config, stats)
         quantizer = {"method": method, "options": opts}
     loaded.model.to("cpu")
@@ -93,21 +111,19 @@ def quantize_to_pack(args, method: str, opts: dict[str, str], out: Path) -> dict
                        force=True)
 
 
-def run_one(args, spec: str) -> dict:
+def run_one(args, shared: Shared, spec: str) -> dict:
     method, opts = parse_config(spec)
-    eval_ids = tokenize(load_model(args.model).tokenizer, protocol_text(read_text(args.eval_text)))
-    reference = load_model(args.model).model.to(args.device)
     row: dict = {"config": spec, "method": method, "options": opts}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
+    model = None
     if method == "fp":
-        model = reference
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for p in shared.base.model.parameters())
         row.update(bits_per_weight=16.0, nbytes=2 * n, note="fp16 storage of the float model")
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            manifest = quantize_to_pack(args, method, opts, Path(tmp) / "pack")
+            manifest = quantize_to_pack(args, shared, method, opts, Path(tmp) / "pack")
             row["quant_seconds"] = round(time.perf_counter() - started, 1)
             row["quant_peak_rss_mib"] = round(_peak_rss_mib(), 1)
             model = load_packed(Path(tmp) / "pack").model.to(args.device)
@@ -116,13 +132,15 @@ def run_one(args, spec: str) -> dict:
                    linear_nbytes=totals.get("quantized_nbytes"))
         if method == "liftquant":
             row["blocks"] = manifest["quantizer"].get("blocks")
-    result = evaluate(model, eval_ids, ctx=args.ctx, windows=args.windows,
-                      reference=None if method == "fp" else reference)
+    reference = shared.base.model.to(args.device)
+    result = evaluate(model or reference, shared.eval_ids, ctx=args.ctx, windows=args.windows,
+                      reference=None if model is None else reference)
     row.update(ppl=result.ppl, kl=result.kl, tokens_scored=result.tokens_scored, windows=result.windows,
                ctx=result.ctx, total_seconds=round(time.perf_counter() - started, 1),
                peak_rss_mib=round(_peak_rss_mib(), 1))
     if torch.cuda.is_available():
         row["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    del model
     return row
 
 
@@ -151,11 +169,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     rows = []
+    shared = None if args.isolate else load_shared(args)
     for spec in args.config:
         if args.isolate:
             rows.append(_run_isolated(args, spec))
         else:
-            rows.append(run_one(args, spec))
+            rows.append(run_one(args, shared, spec))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "blocks"}), flush=True)
         _write(args, rows)
     return 0

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# How the SmolLM2 quality tables in benchmarks/results/ were produced on a lent GPU machine
+# (torch + transformers preinstalled there, no package registry, no liftedge install).
+#
+# The GGUF (98 MB) travels in two parts under .devdata/ (ignored by git), because one call
+# carries at most 64 MiB; part 0 is copied to /tmp by a first call ("stage"), part 1 comes
+# with the second ("run"). liftedge is put on PYTHONPATH with targets/ and devices/ mapped as
+# `pip install` maps them. Results are written to $OUT (fetched back by the device tool).
+set -euo pipefail
+step=${1:?usage: gpu_session.sh stage|run CONFIG...}
+shift
+if [ "$step" = stage ]; then
+  cp .devdata/smol.part00 /tmp/smol.part00
+  pip install -q --no-deps .devdata/gguf-*.whl
+  python -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
+  exit 0
+fi
+cat /tmp/smol.part00 .devdata/smol.part01 > /tmp/smol.gguf
+echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol.gguf" | sha256sum -c -
+pp=/tmp/pp && rm -rf $pp && mkdir -p $pp && cp -r liftedge $pp/ && cp -r targets $pp/liftedge/targets && cp -r devices $pp/liftedge/devices
+export PYTHONPATH=$pp:. LIFTEDGE_CACHE=/tmp/lecache LIFTEDGE_NO_PROGRESS=1
+args=()
+for c in "$@"; do args+=(--config "$c"); done
+python benchmarks/quality.py --model /tmp/smol.gguf --device cuda --windows 16 --ctx 2048 \
+  --samples 128 --seq-len 512 --calib .devdata/valid.tokens.txt --eval-text .devdata/wiki.test.raw \
+  "${args[@]}" --out "$OUT/quality.json"
