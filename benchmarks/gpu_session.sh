@@ -11,7 +11,7 @@ step=${1:?usage: gpu_session.sh stage|run CONFIG...}
 shift
 if [ "$step" = stage ]; then
   cp .devdata/smol.part00 /tmp/smol.part00
-  pip install -q --no-deps .devdata/gguf-*.whl
+  python -m pip install -q --no-deps .devdata/gguf-*.whl 2>&1 | grep -v "Running pip as"
   python -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
   exit 0
 fi

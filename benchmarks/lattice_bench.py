@@ -2,17 +2,22 @@
 
 Writes `benchmarks/results/lattice.json` and `lattice.md`. MSE uses `--samples` blocks
 (>= 20000 for the table); throughput is timed on `--speed-weights` weights per rate on the
-machine running it. Expensive lifted rates can have their MSE measured elsewhere (a GPU:
+machine running it, twice: with the compiled CPU kernel (`liftedge.lattice.kernel`, the default
+path of `encode`) and with the torch reference search. `--part speed` re-times both and keeps
+the MSE columns of the existing lattice.json. Expensive lifted rates can have their MSE measured elsewhere (a GPU:
 `--part mse --device cuda --out mse.json`) and merged with `--mse-from mse.json`, the speed
 always being measured here. Only torch + liftedge.lattice are needed.
 
   python benchmarks/lattice_bench.py --part mse --device cuda --out /tmp/mse.json
   python benchmarks/lattice_bench.py --mse-from /tmp/mse.json
+  python benchmarks/lattice_bench.py --part speed       # speed columns only
+  python benchmarks/lattice_bench.py --part million     # 1M weights at 24/10
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from liftedge.lattice import evaluate, load_codebook, search, shipped_rates  # noqa: E402
+from liftedge.lattice import evaluate, kernel, load_codebook, search, shipped_rates  # noqa: E402
 
 PAPER_MSE = {"32/20": 0.146, "16/8": 0.089, "32/16": 0.082, "30/14": 0.070, "24/10": 0.053}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,10 +47,12 @@ MENU_NOTES = """## How the menu was chosen
   the null-space lift otherwise (the better of the two measured per d; see `search.py`).
 - Gaps above 0.125 bits remain where filling them needs 2^15+ lifted candidates per block
   (23/8, 25/8, 23/6 ...): 2.857 -> 3.0 (0.143), 3.0 -> 3.167 (0.167), 3.8 -> 4.0 (0.2).
-- The 32/16 and 30/14 codes cost ~5k weights/s on this CPU (2^16 candidates of 32 signs per
-  block): use them for small or critical layers only. For bulk encoding at 2 bits, 16/8 with
-  `method="tail"` runs ~20x faster than exhaustive at 3% more MSE (0.0938 vs 0.0911 measured
-  on 8000 blocks)."""
+- CPU encoding runs in the compiled kernel (`liftedge/lattice/kernel.c`; same codes as the torch
+  search up to float32 ties). The 32/16 and 30/14 codes remain the slow ones (~25k weights/s on
+  this CPU with the kernel, ~5k with torch: 2^16 candidates of 32 signs per block): use them for
+  small or critical layers only. 16/8 exhaustive encodes at ~1.4M weights/s with the kernel, so
+  the cheaper `method="tail"` (3% more MSE: 0.0938 vs 0.0911 on 8000 blocks) is only worth it on
+  the torch path (~20x faster there)."""
 
 
 def mse_table(samples: int, device) -> dict[str, float]:
@@ -56,12 +63,31 @@ def mse_table(samples: int, device) -> dict[str, float]:
     return out
 
 
-def speed(rate, speed_weights: int) -> float:
-    # Cap the work at ~2^26 candidate sign entries so the slow lifted rates time in seconds.
+def speed(rate, speed_weights: int, compiled: bool) -> float:
+    """Best-of-3 weights/s of `encode` at `rate`; work capped at 2^26 (torch) or 2^30 (kernel)
+    candidate sign entries so the slow lifted rates time in seconds."""
     method = search.default_method(rate.D, rate.d)
     n_cand = 1 << (rate.D - 1 if method == "exhaustive" else rate.D - rate.d)
-    blocks = max(16, min(speed_weights // rate.d, (1 << 26) // (n_cand * rate.D)))
-    return evaluate.encode_throughput(load_codebook(rate), blocks, repeats=3)
+    cap, weights = (1 << 30, 5 * speed_weights) if compiled else (1 << 26, speed_weights)
+    blocks = max(16, min(weights // rate.d, cap // (n_cand * rate.D)))
+    with contextlib.nullcontext() if compiled else kernel.disabled():
+        return evaluate.encode_throughput(load_codebook(rate), blocks, repeats=3)
+
+
+def speed_columns(speed_weights: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for rate in shipped_rates():
+        out[rate.name] = {"encode_weights_per_s": speed(rate, speed_weights, compiled=kernel.available()),
+                          "encode_weights_per_s_torch": speed(rate, speed_weights, compiled=False)}
+        print(f"{rate}: kernel {out[rate.name]['encode_weights_per_s']:,.0f} weights/s, "
+              f"torch {out[rate.name]['encode_weights_per_s_torch']:,.0f}", flush=True)
+    return out
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, CPU kernel {'on' if kernel.available() else 'unavailable'} "
+            "(shared machine: other jobs may have run)")
 
 
 def million_weights_seconds(rate_name: str = "24/10", n_weights: int = 1_000_000) -> float:
@@ -73,6 +99,7 @@ def million_weights_seconds(rate_name: str = "24/10", n_weights: int = 1_000_000
     rate = Rate.parse(rate_name)
     M = load_codebook(rate)
     w = evaluate.gaussian_blocks(n_weights // rate.d, rate.d, seed=7)
+    kernel.available()  # build or load the kernel outside the timing
     start = time.perf_counter()
     encode(w, M)
     return time.perf_counter() - start
@@ -80,6 +107,7 @@ def million_weights_seconds(rate_name: str = "24/10", n_weights: int = 1_000_000
 
 def report(mse: dict[str, float], samples: int, mse_device: str, speed_weights: int) -> dict:
     rows = []
+    speeds = speed_columns(speed_weights)
     for rate in shipped_rates():
         uq, levels, _ = evaluate.uniform_scalar_mse(rate.bits_per_weight)
         row = {
@@ -91,16 +119,14 @@ def report(mse: dict[str, float], samples: int, mse_device: str, speed_weights: 
             "bound": evaluate.rate_distortion_bound(rate.bits_per_weight),
             "uniform_scalar_mse": uq,
             "uniform_scalar_levels": levels,
-            "encode_weights_per_s": speed(rate, speed_weights),
+            **speeds[rate.name],
         }
         rows.append(row)
-        print(f"{rate}: {row['encode_weights_per_s']:.0f} weights/s", flush=True)
     return {
         "mse_samples_blocks": samples,
         "mse_device": mse_device,
         "speed_weights_per_rate": speed_weights,
-        "speed_machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads (shared machine: other jobs ran)",
+        "speed_machine": machine(),
         "rows": rows,
     }
 
@@ -110,31 +136,35 @@ def markdown(res: dict) -> str:
         "# LiftQuant shipped menu on N(0,1)",
         "",
         f"MSE per weight over {res['mse_samples_blocks']} blocks (device: {res['mse_device']}); "
-        f"encode speed on {res['speed_machine']}, timed on ~{res['speed_weights_per_rate']} weights per rate.",
+        f"encode speed (best of 3) on {res['speed_machine']}, timed on up to {5 * res['speed_weights_per_rate']} "
+        f"(kernel) / {res['speed_weights_per_rate']} (torch) weights per rate.",
         "Uniform scalar: best fixed step with floor(2^R) levels. Bound: 2^(-2R).",
         "",
-        "| rate | bits/weight | search | MSE | paper MSE | bound 2^(-2R) | best uniform scalar MSE (levels) | encode weights/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rate | bits/weight | search | MSE | paper MSE | bound 2^(-2R) | best uniform scalar MSE (levels) | encode weights/s | torch encode weights/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         paper = f"{r['paper_mse']:.3f}" if r["paper_mse"] is not None else "-"
         lines.append(
             f"| LQ-{r['rate']} | {r['bits_per_weight']:.3f} | {r['search']} | {r['mse']:.4f} | {paper} | "
             f"{r['bound']:.4f} | {r['uniform_scalar_mse']:.4f} ({r['uniform_scalar_levels']}) | "
-            f"{r['encode_weights_per_s']:,.0f} |"
+            f"{r['encode_weights_per_s']:,.0f} | {r['encode_weights_per_s_torch']:,.0f} |"
         )
     lines += ["", MENU_NOTES]
     if "encode_1M_weights" in res:
         m = res["encode_1M_weights"]
-        lines += ["", f"Encoding 1,000,000 weights at LQ-{m['rate']} on this CPU took {m['seconds']} s (one run; "
-                  "the 2 cores were shared with other jobs, and timings here vary 2-3x from run to run)."]
+        lines += ["", f"Encoding 1,000,000 weights at LQ-{m['rate']} on this CPU with `encode` took {m['seconds']} s "
+                  f"(one run, CPU kernel {'on' if m.get('kernel') else 'off'})."]
+        if "seconds_torch" in m:
+            lines[-1] += f" The torch search took {m['seconds_torch']} s ({m.get('torch_note', 'one run')})."
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("all", "mse", "million"), default="all",
-                   help="million: time 1M weights at --million-rate and add it to lattice.json")
+    p.add_argument("--part", choices=("all", "mse", "speed", "million"), default="all",
+                   help="speed: re-time the speed columns of lattice.json; million: time 1M weights at "
+                   "--million-rate and add it to lattice.json")
     p.add_argument("--million-rate", default="24/10")
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--device", default=None, help="device for the MSE part")
@@ -145,8 +175,22 @@ def main() -> int:
     if args.part == "million":
         res = json.loads((RESULTS / "lattice.json").read_text())
         seconds = million_weights_seconds(args.million_rate)
-        res["encode_1M_weights"] = {"rate": args.million_rate, "seconds": round(seconds, 2)}
+        old = res.get("encode_1M_weights", {})
+        res["encode_1M_weights"] = {"rate": args.million_rate, "seconds": round(seconds, 2), "kernel": kernel.available()}
+        if old.get("rate") == args.million_rate and not old.get("kernel", False):
+            res["encode_1M_weights"].update(seconds_torch=old["seconds"], torch_note="earlier run, 2 cores shared with other jobs")
+        elif "seconds_torch" in old:
+            res["encode_1M_weights"].update({k: old[k] for k in ("seconds_torch", "torch_note") if k in old})
         print(f"1M weights at LQ-{args.million_rate}: {seconds:.1f} s", flush=True)
+        (RESULTS / "lattice.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+        (RESULTS / "lattice.md").write_text(markdown(res))
+        return 0
+    if args.part == "speed":
+        res = json.loads((RESULTS / "lattice.json").read_text())
+        speeds = speed_columns(res["speed_weights_per_rate"])
+        for row in res["rows"]:
+            row.update(speeds[row["rate"]])
+        res["speed_machine"] = machine()
         (RESULTS / "lattice.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
         (RESULTS / "lattice.md").write_text(markdown(res))
         return 0

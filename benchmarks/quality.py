@@ -94,6 +94,10 @@ def quantize_to_pack(args, shared: Shared, method: str, opts: dict[str, str], ou
     loaded.model.to(args.device)
     tokens = shared.calib.to(args.device)
     if method == "liftquant":
+        import copy
+
+        loaded = copy.copy(loaded)
+        loaded.model = copy.deepcopy(shared.base.model)  # streaming overwrites weights in place
         configs, correction = _lq_configs(loaded, opts)
         qtensors, report = quantize_streaming(loaded, tokens, configs, correction, batch_size=args.batch_size)
         quantizer = {"method": method, "options": opts, "blocks": report.blocks}

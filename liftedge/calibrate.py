@@ -157,7 +157,7 @@ def _eval_mode(model: nn.Module):
 
 def stats_key(source_hash: str, tokens: torch.Tensor, sites: list[Site], dtype: torch.dtype) -> str:
     """Content hash of everything the statistics depend on (weights, tokens, sites, dtype)."""
-    tokens_hash = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    tokens_hash = hashlib.sha256(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
     site_list = ";".join(f"{s.name}:{s.kind}:{s.in_features}" for s in sites)
     return sha256_text(STATS_FORMAT, source_hash, str(dtype), str(tuple(tokens.shape)), tokens_hash, site_list)
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from liftedge.errors import ArtifactError
+from liftedge.errors import ArtifactError, LiftedgeError
 
 
 def check_destination(path: Path, force: bool) -> None:
@@ -88,3 +88,19 @@ def atomic_write_json(path: str | os.PathLike, obj, force: bool = True) -> None:
     """Write `obj` as indented, key-sorted JSON (deterministic bytes) atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"), force=force)
+
+
+def read_json_object(path: Path, error: type[LiftedgeError], missing: str, corrupt: str = "") -> dict:
+    """Read a JSON object from `path`, raising `error` with `missing` if absent, else naming the problem.
+
+    `corrupt` is appended to the invalid-JSON message (e.g. "; the pack is corrupt").
+    """
+    if not path.is_file():
+        raise error(missing)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}){corrupt}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, found {type(data).__name__}{corrupt}")
+    return data

@@ -35,7 +35,7 @@ import torch
 from liftedge import fetch
 from liftedge.cache import sha256_file, sha256_text
 from liftedge.errors import ModelLoadError
-from liftedge.io import atomic_output_dir
+from liftedge.io import atomic_output_dir, read_json_object
 from liftedge.sites import (  # noqa: F401  (re-exported: the public API lives here)
     FAMILIES,
     SUPPORTED_FAMILIES,
@@ -161,15 +161,7 @@ def _refuse_pickle_only(folder: Path) -> None:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ModelLoadError(f"missing {path.name} in {path.parent} ({what})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, ModelLoadError, f"missing {path.name} in {path.parent} ({what})")
 
 
 def _refuse_remote_code(folder: Path, config: dict) -> None:

@@ -29,7 +29,6 @@ This module owns the folder layout and the manifest; formats' byte layouts belon
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from liftedge import __version__
 from liftedge.cache import sha256_file, sha256_text
 from liftedge.errors import ArtifactError
-from liftedge.io import atomic_output_dir, atomic_write_json
+from liftedge.io import atomic_output_dir, atomic_write_json, read_json_object
 from liftedge.types import QuantizedTensor, Site
 
 log = logging.getLogger(__name__)
@@ -188,13 +187,9 @@ def _write_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the pack at `path`, checked for format and version."""
     file = Path(path) / MANIFEST_NAME
-    if not file.is_file():
-        raise ArtifactError(f"{file} not found: {path} is not a liftedge pack")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{file} is not valid JSON ({exc}); the pack is corrupt") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
+    manifest = read_json_object(file, ArtifactError, f"{file} not found: {path} is not a liftedge pack",
+                                "; the pack is corrupt")
+    if manifest.get("format") != PACK_FORMAT:
         raise ArtifactError(f"{file} does not describe a {PACK_FORMAT!r} pack")
     if manifest.get("version") != PACK_VERSION:
         raise ArtifactError(f"{file} has pack version {manifest.get('version')!r}; this liftedge reads "

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from liftedge.cli import main
 from liftedge.device import GIB, PLATFORM_RUNTIMES, known_device_names, list_devices, load_device
 from liftedge.errors import LiftedgeError
 

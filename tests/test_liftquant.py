@@ -102,8 +102,9 @@ def test_high_rate_model_stays_close_to_float_and_beats_low_rate(tiny_llama_dir)
         loaded, tokens = _tiny_setup(tiny_llama_dir)
         qtensors, _ = quantize_streaming(loaded, tokens, _configs(loaded.model, rate))
         errors[rate] = _rel_logit_error(reference, _quantized_model(loaded, qtensors), tokens)
-    # The float model must come back unchanged (its modules are swapped only while streaming).
-    assert _rel_logit_error(reference, loaded.model, tokens) == 0.0
+        # The streamed model is left holding the decoded weights: it equals the model built
+        # from reference lift-project modules up to float32 summation order.
+        assert _rel_logit_error(_quantized_model(loaded, qtensors), loaded.model, tokens) < 1e-5
     high = errors[_highest_rate()]
     # A >= 3-bit code on Gaussian-like weights has weight MSE ~<= 0.03 (SQNR >= 15 dB); the
     # random tiny model's logits then move by well under 20% relative.

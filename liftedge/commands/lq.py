@@ -43,7 +43,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LiftQuantConfig, Correc
 def _run_key(loaded, tokens: torch.Tensor, config: LiftQuantConfig, correction) -> str:
     h = hashlib.sha256()
     h.update(loaded.source_hash.encode())
-    h.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
+    h.update(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes())
     h.update(json.dumps([_as_dict(config), _as_dict(correction)], sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 

@@ -23,6 +23,9 @@ Tail: the same enumeration with another completion of M to an invertible matrix,
 with E selecting D-d coordinates (see `TailTable`); cheaper, and better where M's chosen
 d columns are well conditioned.
 
+On CPU the searches run in a compiled kernel (`kernel`, built at first use) when a C compiler
+is available; the `*_torch` functions here are the reference it is tested against.
+
 This module owns the searches only; training M is `train`, the shipped matrices are `menu`.
 """
 
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from liftedge.lattice import kernel
 
 # Largest D the "auto" method searches exhaustively: 2^15 half-codebook scores per block.
 EXHAUSTIVE_MAX_D = 16
@@ -75,6 +80,7 @@ class ExhaustiveTable:
     codes: torch.Tensor  # [K, d]
     neg_half_norms: torch.Tensor  # [K]
     signs: torch.Tensor  # [K, D] int8
+    M: torch.Tensor  # [d, D] (the CPU kernel scores b.(M^T w))
 
     @classmethod
     def build(cls, M: torch.Tensor) -> "ExhaustiveTable":
@@ -83,10 +89,10 @@ class ExhaustiveTable:
             raise ValueError(f"exhaustive search over 2^{D - 1} codewords is too large (D <= {MAX_SEARCH_LOG2 + 1})")
         signs = half_signs(D, M.dtype, M.device)
         codes = signs @ M.T
-        return cls(codes, -0.5 * (codes * codes).sum(1), signs.to(torch.int8))
+        return cls(codes, -0.5 * (codes * codes).sum(1), signs.to(torch.int8), M)
 
 
-def exhaustive_search(w: torch.Tensor, table: ExhaustiveTable) -> torch.Tensor:
+def exhaustive_search_torch(w: torch.Tensor, table: ExhaustiveTable) -> torch.Tensor:
     """Exact nearest codes for blocks w [N, d] -> int8 signs [N, D]."""
     out = torch.empty(w.shape[0], table.signs.shape[1], dtype=torch.int8, device=w.device)
     step = _chunk_rows(table.codes.shape[0], w.device)
@@ -124,7 +130,7 @@ def lifted_candidates(w: torch.Tensor, table: LiftedTable) -> torch.Tensor:
     return x.sign_()
 
 
-def lifted_search(w: torch.Tensor, table: LiftedTable) -> torch.Tensor:
+def lifted_search_torch(w: torch.Tensor, table: LiftedTable) -> torch.Tensor:
     """Best lifted candidate per block (by reconstruction error): int8 signs [N, D]."""
     n_cand, D = table.z_part.shape
     out = torch.empty(w.shape[0], D, dtype=torch.int8, device=w.device)
@@ -188,7 +194,7 @@ class TailTable:
                    z.to(torch.int8), torch.tensor(head, device=M.device), torch.tensor(tail, device=M.device))
 
 
-def tail_search(w: torch.Tensor, table: TailTable) -> torch.Tensor:
+def tail_search_torch(w: torch.Tensor, table: TailTable) -> torch.Tensor:
     """Best candidate (sign(x_H), z) per block over all z: int8 signs [N, D]."""
     n_cand, d = table.z_head.shape
     D = d + table.z_signs.shape[1]
@@ -205,6 +211,24 @@ def tail_search(w: torch.Tensor, table: TailTable) -> torch.Tensor:
         out[start : start + step, table.tail] = table.z_signs[best]
     return out
 
+
+def _on_cpu_kernel(torch_search: Callable, kernel_search: Callable) -> Callable:
+    """The search run by `encode`: the compiled kernel for CPU tensors when it is available
+    (same codes up to float32 rounding of the error sums), else the torch reference."""
+
+    def run(w: torch.Tensor, table):
+        if w.device.type == "cpu" and w.shape[0] > 0 and kernel.available():
+            return kernel_search(w, table)
+        return torch_search(w, table)
+
+    run.__name__ = torch_search.__name__.removesuffix("_torch")
+    run.__doc__ = torch_search.__doc__
+    return run
+
+
+exhaustive_search = _on_cpu_kernel(exhaustive_search_torch, kernel.exhaustive_search)
+lifted_search = _on_cpu_kernel(lifted_search_torch, kernel.lifted_search)
+tail_search = _on_cpu_kernel(tail_search_torch, kernel.tail_search)
 
 SEARCHES: dict[str, tuple[Callable, Callable]] = {
     "exhaustive": (ExhaustiveTable.build, exhaustive_search),

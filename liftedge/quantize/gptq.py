@@ -57,7 +57,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> torch.
     """Upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1), float32; H already dead-fixed."""
     H = hessian.to(torch.float64)
     damp = damp_percent * torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
     for attempt in range(_DAMP_RETRIES):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
@@ -73,14 +73,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> torch.
 def _prepare(weight: torch.Tensor, hessian: torch.Tensor, c: GPTQConfig, g: int):
     """Dead-column fix, static groups and act-order permutation: (W, H, perm, scale, zero)."""
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float64).clone()
+    H = hessian.detach().to(device=weight.device, dtype=torch.float64).clone()
     n = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     if not c.act_order:
         ng = -(-n // g)
-        return W, H, torch.arange(n), torch.zeros(W.shape[0], ng), torch.zeros(W.shape[0], ng)
+        return W, H, torch.arange(n, device=W.device), W.new_zeros(W.shape[0], ng), W.new_zeros(W.shape[0], ng)
     scale, zero = group_grid(W, c.bits, g, c.symmetric)  # static groups, original column order
     perm = torch.argsort(torch.diag(H), descending=True, stable=True)
     return W[:, perm], H[perm][:, perm], perm, scale, zero

@@ -7,10 +7,13 @@ For each decoder block i, in order:
 3. each of its sites is coded with its own `LiftQuantConfig` (a per-site rate map);
 4. optionally the block is corrected (`liftedge.correct`); a correction that does not
    lower the block's output error is discarded;
-5. the block's linears are replaced by reference lift-project modules, the quantized
-   block runs on x_q, and both streams move on.
+5. the block's weights are overwritten in place by their decoded (dequantized) values,
+   the quantized block runs on x_q, and both streams move on.
 
-Peak memory is the model plus two streams of one block's activations. After each block
+Peak memory is the model plus two streams of one block's activations: no second copy
+of any weight is kept, and when the call returns `loaded.model` *is* the quantized model
+(in float; the packed form is the returned tensors). The decoded weight equals the
+lift-project layer's output map (`targets/reference/liftquant.py`, tested to 1e-5). After each block
 its quantized tensors are saved to `checkpoint_dir`; a rerun with the same inputs replays
 finished blocks from there (forward passes only) and continues where it stopped, with
 identical results because every random choice is seeded per block.
@@ -33,11 +36,11 @@ from torch import nn
 from liftedge.calibrate import _Accumulator, _hooked
 from liftedge.correct import CorrectionConfig, TrainableLift, correct_block
 from liftedge.io import atomic_write_bytes
-from liftedge.model import decoder_blocks, list_sites, site_weight
+from liftedge.model import decoder_blocks, list_sites, set_site_weight, site_weight
 from liftedge.progress import progress
 from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
 from liftedge.stream import BlockInputs, capture_block_inputs, run_block
-from liftedge.targets.reference import make_module
+from liftedge.targets.reference import dequantize
 from liftedge.types import QuantizedTensor, Site
 
 log = logging.getLogger(__name__)
@@ -108,17 +111,24 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+@torch.no_grad()
 def _install(model, block_sites, qts) -> None:
+    """Overwrite each site's weight with its decoded value (same storage, no new module)."""
     for s in block_sites:
-        _replace_module(model, s.name, make_module(qts[s.name], _bias(model, s)).to(_device(model)))
+        set_site_weight(model, s, dequantize(qts[s.name]).to(_device(model)))
 
 
 def _correct(model, block, i, block_sites, qts, x_q, targets, cfg: CorrectionConfig):
     layers = {s.name: TrainableLift(qts[s.name], _bias(model, s), cfg.sign_margin).to(_device(model))
               for s in block_sites}
+    originals = {name: model.get_submodule(name) for name in layers}
     for name, layer in layers.items():
         _replace_module(model, name, layer)
-    history = correct_block(block, i, layers, x_q, targets, cfg)
+    try:
+        history = correct_block(block, i, layers, x_q, targets, cfg)
+    finally:
+        for name, module in originals.items():
+            _replace_module(model, name, module)
     if history["loss_after"] < history["loss_before"]:
         return {name: layer.export() for name, layer in layers.items()}, {**history, "kept": True}
     return qts, {**history, "kept": False}
@@ -129,9 +139,9 @@ def quantize_streaming(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuan
                        batch_size: int = 4) -> tuple[dict[str, QuantizedTensor], StreamReport]:
     """LiftQuant every site named in `configs` (linear sites of decoder blocks), block by block.
 
-    While it runs, each finished block's linears are swapped for reference lift-project
-    modules (that is how the quantized stream is carried); the original modules are put
-    back before returning, so `loaded.model` is unchanged afterwards.
+    Returns the packed tensors per site and a per-block report. `loaded.model` is modified
+    in place: its quantized sites end up holding their decoded weights (copy the model
+    first if the float model is still needed).
     """
     model = loaded.model
     sites = [s for s in list_sites(model) if s.name in configs]
@@ -143,12 +153,7 @@ def quantize_streaming(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuan
     blocks = decoder_blocks(model)
     x_fp = capture_block_inputs(model, tokens, batch_size)
     x_q = x_fp.with_hidden([h.clone() for h in x_fp.hidden])
-    originals = {s.name: model.get_submodule(s.name) for s in sites}
-    try:
-        return _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q)
-    finally:
-        for name, module in originals.items():
-            _replace_module(model, name, module)
+    return _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q)
 
 
 def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q):

@@ -1,0 +1,60 @@
+"""The installed package: folder mapping (targets/, devices/), package data, console script.
+
+pyproject.toml lists packages explicitly because `targets/` and `devices/` install under
+`liftedge.`; these tests build the real wheel so a folder or data file that would be lost
+on a non-editable install fails here rather than on a user's machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAPPED = {"liftedge": ROOT / "liftedge", "liftedge.targets": ROOT / "targets", "liftedge.devices": ROOT / "devices"}
+
+
+def _tree_packages() -> set[str]:
+    found = set()
+    for prefix, folder in MAPPED.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            found.add(".".join((prefix, *rel)))
+    return found
+
+
+def test_package_list_matches_the_tree():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert listed == _tree_packages()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out), str(ROOT)], check=True, capture_output=True)
+    (path,) = out.glob("liftedge-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_wheel_holds_mapped_folders_and_data(wheel):
+    names = set(wheel.namelist())
+    for required in ("liftedge/targets/reference/liftquant.py", "liftedge/devices/pixel-8a.toml",
+                     "liftedge/lattice/codebooks/menu.json", "liftedge/lattice/codebooks/lq-24-10.safetensors",
+                     "liftedge/lattice/kernel.c"):
+        assert required in names, required
+    shipped = {p.name for p in (ROOT / "liftedge/lattice/codebooks").iterdir()}
+    assert {n.rsplit("/", 1)[1] for n in names if n.startswith("liftedge/lattice/codebooks/")} == shipped
+    devices = {p.name for p in (ROOT / "devices").glob("*.toml")}
+    assert {n.rsplit("/", 1)[1] for n in names if n.startswith("liftedge/devices/") and n.endswith(".toml")} == devices
+    assert not any(n.startswith("targets/") or n.startswith("devices/") for n in names)
+
+
+def test_console_script_is_declared(wheel):
+    (entry,) = [n for n in wheel.namelist() if n.endswith("entry_points.txt")]
+    assert "liftedge = liftedge.cli:main" in wheel.read(entry).decode()
