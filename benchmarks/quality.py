@@ -11,7 +11,7 @@ WikiText-2 protocol on a fixed prefix of windows, KL measured against the float 
         --out benchmarks/results/quality.json
 
 Config syntax: METHOD[:key=value...]. Methods: fp, rtn, gptq (bits, group, act_order),
-liftquant (rate, correct=0|1, epochs, mix, act_scale, block_scale). `--isolate` runs every
+liftquant (rate, correct=0|1, epochs, mix, act_scale, block_scale, codebook=trained|uniform). `--isolate` runs every
 config in its own process so that its peak RSS is its own.
 """
 
@@ -64,7 +64,7 @@ def _int_config(method: str, opts: dict[str, str]):
 def _lq_configs(loaded, opts: dict[str, str]) -> tuple[dict, CorrectionConfig | None]:
     cfg = LiftQuantConfig(Rate.parse(opts.get("rate", "24/10")), mix=_BOOL[opts.get("mix", "1")],
                           act_scale=_BOOL[opts.get("act_scale", "1")],
-                          block_scale=_BOOL[opts.get("block_scale", "1")])
+                          block_scale=_BOOL[opts.get("block_scale", "1")], codebook=opts.get("codebook", "trained"))
     correction = None
     if _BOOL[opts.get("correct", "1")]:
         correction = CorrectionConfig(epochs=int(opts.get("epochs", CorrectionConfig.epochs)))

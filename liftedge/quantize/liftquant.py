@@ -11,7 +11,11 @@ Steps for a weight W [out, n] with calibration second moments H = E[x x^T] (pape
 4. Each row is standardised to unit RMS, cut into blocks of d (zero-padded at the end),
    coded as D signs with the shipped M of the rate, and its scale refit by least squares.
 
-Switches in `LiftQuantConfig` turn each part off for the ablation. The result is a
+Switches in `LiftQuantConfig` turn each part off for the ablation. `codebook="uniform"`
+replaces the trained M by the uniform scalar quantizer it generalises: a uniform grid of
+2^D levels with step s is exactly the code D/1 with M = s * [2^(D-2), ..., 2, 1, 1/2]
+(every sum of ±M_j is one grid level), so the ablation "without M" runs through the same
+whitening, format, packs and reference layer. The result is a
 "liftquant" `QuantizedTensor` (layout in `liftedge.targets.reference.liftquant`).
 This module does not train anything: intra-block correction is `liftedge.correct`.
 """
@@ -43,8 +47,34 @@ class LiftQuantConfig:
     mix: bool = True            # P1 ⊗ P2 Kronecker mixing
     act_scale: bool = True      # s1 from calibration statistics
     block_scale: bool = True    # s2 per coding block (else one scale for the whole layer)
+    codebook: str = "trained"   # "trained" (the shipped M of `rate`) or "uniform" (rate D/1 only)
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     seed: int = 0
+
+
+def uniform_codebook(rate: Rate) -> torch.Tensor:
+    """M [1, D] of the uniform 2^D-level quantizer with the MSE-optimal step for N(0, 1)."""
+    if rate.d != 1:
+        raise ValueError(f"the uniform codebook is a D/1 code, got {rate}")
+    powers = torch.tensor([2.0 ** (rate.D - 2 - j) for j in range(rate.D)], dtype=torch.float64)
+    levels = torch.arange(2 ** rate.D, dtype=torch.float64) - (2 ** rate.D - 1) / 2
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def mse(step: float) -> float:
+        grid = levels * step
+        return float((x[:, None] - grid[None]).abs().min(1).values.pow(2).mean())
+
+    steps = torch.linspace(0.05, 2.0, 391).tolist()
+    best = min(steps, key=mse)
+    return (powers * best)[None].to(torch.float32)
+
+
+def _codebook(cfg: "LiftQuantConfig") -> torch.Tensor:
+    if cfg.codebook == "uniform":
+        return uniform_codebook(cfg.rate)
+    if cfg.codebook != "trained":
+        raise ValueError(f"codebook must be 'trained' or 'uniform', got {cfg.codebook!r}")
+    return lattice.load_codebook(cfg.rate)
 
 
 def _act_rms(stats, n: int, device: torch.device) -> torch.Tensor:
@@ -138,7 +168,7 @@ class LiftQuantQuantizer:
     def quantize(self, weight: torch.Tensor, stats=None) -> QuantizedTensor:
         cfg = self.config
         w = weight.detach().to(torch.float32)
-        codebook = lattice.load_codebook(cfg.rate).to(device=w.device, dtype=torch.float32)
+        codebook = _codebook(cfg).to(device=w.device, dtype=torch.float32)
         act_rms = _act_rms(stats if cfg.act_scale else None, w.shape[1], w.device)
         alpha = _choose_alpha(w, stats, act_rms, cfg, codebook)
         qt = _code(w, _whitening(w, act_rms, alpha, cfg, cfg.rate.d), codebook)
