@@ -156,7 +156,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="{}", help="JSON overrides of TrainConfig fields")
-    p.add_argument("--lifted-config", default="{}", help="JSON overrides for rates searched by lifting")
+    p.add_argument("--lifted-config", default="{}",
+                   help="JSON overrides for rates too large for exhaustive search (lifted or tail)")
     p.add_argument("--eval-samples", type=int, default=0, help="also measure MSE on this many blocks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -164,8 +165,8 @@ def _main(argv: list[str] | None = None) -> int:
     base = json.loads(args.config)
     for text in args.rates.split(","):
         rate = Rate.parse(text)
-        lifted = search.default_method(rate.D, rate.d) == "lifted"
-        cfg = TrainConfig(**{**base, **(json.loads(args.lifted_config) if lifted else {})})
+        searched = search.default_method(rate.D, rate.d) != "exhaustive"
+        cfg = TrainConfig(**{**base, **(json.loads(args.lifted_config) if searched else {})})
         M, meta = train_codebook(rate, seed=args.seed, device=args.device, config=cfg)
         if args.eval_samples:
             from liftedge.lattice.evaluate import mse_per_weight
