@@ -252,7 +252,7 @@ def load_packed(path: str | os.PathLike):
     fields = {f"{n}.{f}" for n, qt in qtensors.items() for f in qt.tensors}
     params = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items() if k not in fields}
     _load_parameters(model, params, set(qtensors), path / WEIGHTS_NAME)
-    _replace_sites(model, qtensors)
+    install_reference_modules(model, qtensors)
     model.eval().requires_grad_(False)
     tokenizer = _load_tokenizer(path)
     source_hash = sha256_text(PACK_FORMAT, sha256_file(path / MANIFEST_NAME), sha256_file(path / WEIGHTS_NAME))
@@ -292,15 +292,18 @@ def _load_parameters(model: torch.nn.Module, params: dict[str, torch.Tensor], si
             target.copy_(value)
 
 
-def _replace_sites(model: torch.nn.Module, qtensors: Mapping[str, QuantizedTensor]) -> None:
+def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    """Put `new` where the submodule `name` ("a.b.c") of `model` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def install_reference_modules(model: torch.nn.Module, qtensors: Mapping[str, QuantizedTensor]) -> None:
+    """Replace each quantized site by its format's reference module (keeping the site's bias)."""
     from liftedge.targets.reference import make_module
 
     for name, qt in qtensors.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        bias = getattr(old, "bias", None)
-        setattr(parent, child, make_module(qt, bias))
+        replace_module(model, name, make_module(qt, getattr(model.get_submodule(name), "bias", None)))
 
 
 def _load_tokenizer(path: Path):

@@ -80,12 +80,10 @@ def _quantized_model(loaded, qtensors):
     """A copy of `loaded.model` with the quantized sites as reference modules."""
     import copy
 
-    from liftedge.quantize.pipeline import _bias, _replace_module
+    from liftedge.packed import install_reference_modules
 
     model = copy.deepcopy(loaded.model)
-    for site in list_sites(loaded.model):
-        if site.name in qtensors:
-            _replace_module(model, site.name, make_module(qtensors[site.name], _bias(loaded.model, site)))
+    install_reference_modules(model, qtensors)
     return model
 
 

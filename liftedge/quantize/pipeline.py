@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import json
 import logging
 import os
 import time
@@ -34,13 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from liftedge.calibrate import _Accumulator, _hooked
 from liftedge.correct import CorrectionConfig, TrainableLift, correct_block
-from liftedge.io import atomic_write_bytes
 from liftedge.model import decoder_blocks, list_sites, set_site_weight, site_weight
+from liftedge.packed import replace_module
 from liftedge.progress import progress
 from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
 from liftedge.stream import BlockInputs, capture_block_inputs, run_block
@@ -75,11 +77,6 @@ def _release_memory() -> None:
             pass
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _bias(model: nn.Module, site: Site) -> torch.Tensor | None:
     bias = getattr(model.get_submodule(site.name), "bias", None)
     return None if bias is None else bias.detach()
@@ -98,22 +95,15 @@ def _checkpoint_path(checkpoint_dir: Path | None, i: int) -> Path | None:
 
 
 def _save_checkpoint(path: Path, qts: dict[str, QuantizedTensor], record: dict) -> None:
-    import json
-
     tensors = {f"{name}::{k}": v.contiguous() for name, qt in qts.items() for k, v in qt.tensors.items()}
     meta = {"sites": json.dumps({n: {"fmt": qt.fmt, "meta": qt.meta} for n, qt in qts.items()}, sort_keys=True),
             "record": json.dumps(record, sort_keys=True)}
     tmp = path.with_suffix(".partial")
     save_file(tensors, str(tmp), metadata=meta)
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    os.replace(tmp, path)  # same folder: the rename is atomic
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, QuantizedTensor], dict]:
-    import json
-
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
@@ -145,12 +135,12 @@ def _correct(model, block, i, block_sites, qts, x_q, targets, cfg: CorrectionCon
               for s in block_sites}
     originals = {name: model.get_submodule(name) for name in layers}
     for name, layer in layers.items():
-        _replace_module(model, name, layer)
+        replace_module(model, name, layer)
     try:
         history = correct_block(block, i, layers, x_q, targets, cfg)
     finally:
         for name, module in originals.items():
-            _replace_module(model, name, module)
+            replace_module(model, name, module)
     if history["loss_after"] < history["loss_before"]:
         return {name: layer.export() for name, layer in layers.items()}, {**history, "kept": True}
     return qts, {**history, "kept": False}
