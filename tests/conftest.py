@@ -89,6 +89,49 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
+def make_tiny_pack(family: str, path: Path, *, rate: str = "24/10", mixed: bool = False, seed: int = 0) -> Path:
+    """A LiftQuant pack of a tiny random `family` model at `path` (no correction: fast).
+
+    `mixed=True` makes the pack look like a planner's: odd blocks' MLP down projections
+    become 4-bit integers (RTN, group 32) and the key projections use LQ-12/4, so targets
+    see every site format and more than one rate.
+    """
+    from liftedge.model import list_sites, load_model, site_weight
+    from liftedge.packed import save_packed
+    from liftedge.quantize import IntConfig, make_quantizer
+    from liftedge.quantize.liftquant import LiftQuantConfig
+    from liftedge.quantize.pipeline import quantize_streaming
+    from liftedge.types import Rate
+
+    model_dir = make_tiny_model_dir(family, path.parent / f"{path.name}-float", seed=seed)
+    loaded = load_model(model_dir)
+    sites = [s for s in list_sites(loaded.model) if s.kind == "linear" and s.block is not None and s.tied_to is None]
+    D, d = (int(v) for v in rate.split("/"))
+    configs = {s.name: LiftQuantConfig(Rate(D, d)) for s in sites}
+    methods = {s.name: "liftquant" for s in sites}
+    ints = {}
+    if mixed:
+        for s in sites:
+            if s.block % 2 == 1 and s.name.endswith(("down_proj", "c_proj", "dense_4h_to_h", "fc2")):
+                configs.pop(s.name)
+                methods[s.name] = "rtn"
+                weight = site_weight(loaded.model, s).float().contiguous()
+                ints[s.name] = make_quantizer("rtn", IntConfig(bits=4, group_size=32)).quantize(weight, None)
+            elif s.name.endswith(("k_proj", "c_attn", "query_key_value")):
+                configs[s.name] = LiftQuantConfig(Rate(12, 4))
+    tokens = torch.randint(0, loaded.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(seed))
+    qtensors, _ = quantize_streaming(loaded, tokens, configs)
+    qtensors.update(ints)
+    save_packed(path, loaded, qtensors, method=methods)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lq_pack(tmp_path_factory) -> Path:
+    """A LiftQuant-24/10 pack of the tiny Llama (session-wide; treat as read-only)."""
+    return make_tiny_pack("llama", tmp_path_factory.mktemp("tiny-lq") / "pack")
+
+
 @pytest.fixture(scope="session")
 def sample_text_file(tmp_path_factory) -> Path:
     """A plain-text file long enough for a few tiny calibration samples."""

@@ -1,0 +1,77 @@
+"""Turning a pack into a verified runtime artifact: the contract every target implements.
+
+A target is a module under `liftedge.targets` (the repository's `targets/` folder) named in
+`TARGETS`. It exposes
+
+    NAME: str                                   # "executorch", "onnxruntime", "coreml"
+    OPTIONS: dict[str, str]                     # option name -> help (for `liftedge build`)
+    lower(pack: Path, out: Path, options: dict) -> dict
+        # write the artifact files into the (empty, temporary) folder `out`; return the
+        # report: {"artifacts": {...}, "sites": {site: {"lowering": ..., "why": ...}}, ...}
+    verify(out: Path, pack: Path, report: dict, options: dict) -> dict
+        # load what `lower` wrote in the real runtime (or read it back), compare with the
+        # reference of `pack` (`liftedge.verify`), return the verification record; raise
+        # `liftedge.verify.VerificationError` on a mismatch
+
+`build_artifact` runs lower + verify inside `liftedge.io.atomic_output_dir`, so a failed or
+interrupted build leaves nothing at the destination and an earlier artifact stays intact;
+`report.json` (lowering, verification, sizes, the pack's manifest summary) is written beside
+the artifact. This module owns that sequence and the registry; formats and runtimes belong
+to the targets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from liftedge.errors import LiftedgeError
+from liftedge.io import atomic_output_dir, atomic_write_json
+
+TARGETS = {
+    "executorch": "liftedge.targets.executorch",
+    "onnxruntime": "liftedge.targets.onnxruntime",
+    "coreml": "liftedge.targets.coreml",
+}
+REPORT_NAME = "report.json"
+
+
+def get_target(name: str) -> ModuleType:
+    if name not in TARGETS:
+        raise LiftedgeError(f"unknown target {name!r}; known targets: {', '.join(sorted(TARGETS))}")
+    return importlib.import_module(TARGETS[name])
+
+
+def pack_summary(pack: Path) -> dict[str, Any]:
+    """What the report repeats from the pack's manifest (source, totals, plan, site formats)."""
+    from liftedge.packed import read_manifest
+
+    manifest = read_manifest(pack)
+    return {"path": str(pack), "source": manifest.get("source"), "totals": manifest.get("totals"),
+            "plan": manifest.get("plan"),
+            "site_formats": {name: entry.get("fmt") for name, entry in manifest.get("sites", {}).items()}}
+
+
+def folder_nbytes(folder: Path) -> dict[str, int]:
+    """Size of every file under `folder` (relative path -> bytes), sorted."""
+    return {str(p.relative_to(folder)): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def build_artifact(pack: str | os.PathLike, target: str, out: str | os.PathLike, *,
+                   options: dict[str, Any] | None = None, force: bool = False,
+                   extra_report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Lower `pack` for `target` into `out`, verify it, write `report.json`; return the report."""
+    module = get_target(target)
+    pack, options = Path(pack), dict(options or {})
+    with atomic_output_dir(out, force=force) as tmp:
+        report = {"target": module.NAME, "options": options, **module.lower(pack, tmp, options)}
+        report["verification"] = module.verify(tmp, pack, report, options)
+        report["files"] = folder_nbytes(tmp)
+        report["pack"] = pack_summary(pack)
+        report.update(extra_report or {})
+        atomic_write_json(tmp / REPORT_NAME, report)
+    return report

@@ -1,0 +1,1 @@
+"""Core ML target (`.mlpackage`): lift-project layers as 1-bit palettized constants."""

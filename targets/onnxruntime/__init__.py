@@ -1,0 +1,1 @@
+"""ONNX Runtime target (`.onnx` / `.ort`): lift-project layers in stock ONNX operators."""
