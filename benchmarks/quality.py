@@ -11,7 +11,9 @@ WikiText-2 protocol on a fixed prefix of windows, KL measured against the float 
         --out benchmarks/results/quality.json
 
 Config syntax: METHOD[:key=value...]. Methods: fp, rtn, gptq (bits, group, act_order),
-liftquant (rate, correct=0|1, epochs, mix, act_scale, block_scale, codebook=trained|uniform). `--isolate` runs every
+liftquant (rate, correct=0|1, epochs, mix, act_scale, block_scale, codebook=trained|uniform),
+plan (bits = average bits/weight of a planned mixed-rate model, table=FILE a sensitivity table
+from benchmarks/sensitivity.py, else measured; correct, epochs). `--isolate` runs every
 config in its own process so that its peak RSS is its own.
 """
 
@@ -61,14 +63,31 @@ def _int_config(method: str, opts: dict[str, str]):
     return IntConfig(**common)
 
 
+def _correction(opts: dict[str, str]) -> CorrectionConfig | None:
+    if not _BOOL[opts.get("correct", "1")]:
+        return None
+    return CorrectionConfig(epochs=int(opts.get("epochs", CorrectionConfig.epochs)))
+
+
+def _plan_configs(loaded, tokens, opts: dict[str, str]) -> tuple[dict, dict]:
+    """Per-site configs of a planned mixed-rate model at `bits` (table from `table=FILE` or measured)."""
+    from liftedge.measure import Sensitivity, measure_sensitivity
+    from liftedge.memory import ModelDims
+    from liftedge.planner import BudgetRequest, make_plan, plan_configs
+
+    if "table" in opts:
+        sens = Sensitivity.from_json(Path(opts["table"]).read_text())
+    else:
+        sens = measure_sensitivity(loaded, tokens)
+    result = make_plan(sens, ModelDims.from_config(loaded.config), BudgetRequest(bits=float(opts["bits"])))
+    return plan_configs(result.plan), result.to_dict()
+
+
 def _lq_configs(loaded, opts: dict[str, str]) -> tuple[dict, CorrectionConfig | None]:
     cfg = LiftQuantConfig(Rate.parse(opts.get("rate", "24/10")), mix=_BOOL[opts.get("mix", "1")],
                           act_scale=_BOOL[opts.get("act_scale", "1")],
                           block_scale=_BOOL[opts.get("block_scale", "1")], codebook=opts.get("codebook", "trained"))
-    correction = None
-    if _BOOL[opts.get("correct", "1")]:
-        correction = CorrectionConfig(epochs=int(opts.get("epochs", CorrectionConfig.epochs)))
-    return {s.name: cfg for s in default_sites(loaded.model)}, correction
+    return {s.name: cfg for s in default_sites(loaded.model)}, _correction(opts)
 
 
 @dataclass
@@ -93,14 +112,18 @@ def quantize_to_pack(args, shared: Shared, method: str, opts: dict[str, str], ou
                    "seq_len": args.seq_len, "seed": args.seed}
     loaded.model.to(args.device)
     tokens = shared.calib.to(args.device)
-    if method == "liftquant":
+    plan = None
+    if method in ("liftquant", "plan"):
         import copy
 
         loaded = copy.copy(loaded)
         loaded.model = copy.deepcopy(shared.base.model)  # streaming overwrites weights in place
-        configs, correction = _lq_configs(loaded, opts)
+        if method == "plan":
+            (configs, plan), correction = _plan_configs(loaded, tokens, opts), _correction(opts)
+        else:
+            configs, correction = _lq_configs(loaded, opts)
         qtensors, report = quantize_streaming(loaded, tokens, configs, correction, batch_size=args.batch_size)
-        quantizer = {"method": method, "options": opts, "blocks": report.blocks}
+        quantizer = {"method": "liftquant", "options": opts, "blocks": report.blocks}
     else:
         from liftedge.calibrate import collect_stats
 
@@ -111,8 +134,8 @@ def quantize_to_pack(args, shared: Shared, method: str, opts: dict[str, str], ou
         qtensors = quantize_model(loaded, method, config, stats)
         quantizer = {"method": method, "options": opts}
     loaded.model.to("cpu")
-    return save_packed(out, loaded, qtensors, method=method, quantizer=quantizer, calibration=calibration,
-                       force=True)
+    return save_packed(out, loaded, qtensors, method="liftquant" if method == "plan" else method,
+                       quantizer=quantizer, calibration=calibration, plan=plan, force=True)
 
 
 def run_one(args, shared: Shared, spec: str) -> dict:
@@ -134,8 +157,13 @@ def run_one(args, shared: Shared, spec: str) -> dict:
         totals = manifest["totals"]
         row.update(bits_per_weight=totals["bits_per_weight"], nbytes=totals["nbytes"],
                    linear_nbytes=totals.get("quantized_nbytes"))
-        if method == "liftquant":
+        if method in ("liftquant", "plan"):
             row["blocks"] = manifest["quantizer"].get("blocks")
+        if method == "plan":
+            counts: dict[str, int] = {}
+            for c in manifest["plan"]["plan"]["choices"]:
+                counts[c["option"]] = counts.get(c["option"], 0) + 1
+            row["plan_options"] = counts
     reference = shared.base.model.to(args.device)
     result = evaluate(model or reference, shared.eval_ids, ctx=args.ctx, windows=args.windows,
                       reference=None if model is None else reference)

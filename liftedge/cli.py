@@ -17,7 +17,7 @@ from liftedge import __version__
 from liftedge.errors import LiftedgeError
 
 # Order is the order of `liftedge --help`.
-COMMANDS = ("quantize", "eval", "inspect", "lattice", "devices")
+COMMANDS = ("build", "plan", "quantize", "eval", "inspect", "lattice", "devices")
 
 
 def build_parser() -> argparse.ArgumentParser:

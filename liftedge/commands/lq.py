@@ -40,11 +40,12 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LiftQuantConfig, Correc
     return config, CorrectionConfig(epochs=epochs, seed=args.seed)
 
 
-def _run_key(loaded, tokens: torch.Tensor, config: LiftQuantConfig, correction) -> str:
+def _run_key(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuantConfig], correction) -> str:
     h = hashlib.sha256()
     h.update(loaded.source_hash.encode())
     h.update(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes())
-    h.update(json.dumps([_as_dict(config), _as_dict(correction)], sort_keys=True, default=str).encode())
+    h.update(json.dumps([{k: _as_dict(v) for k, v in sorted(configs.items())}, _as_dict(correction)],
+                        sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
 
@@ -52,34 +53,40 @@ def _as_dict(cfg) -> Any:
     return None if cfg is None else dataclasses.asdict(cfg)
 
 
-def quantize_and_save(loaded, tokens, calibration: dict, config: LiftQuantConfig,
-                      correction: CorrectionConfig | None, args: argparse.Namespace) -> int:
+def quantize_and_save(loaded, tokens, calibration: dict, configs: dict[str, LiftQuantConfig],
+                      correction: CorrectionConfig | None, output, *, force: bool = False, device: str = "cpu",
+                      plan: dict | None = None) -> dict:
+    """LiftQuant the sites in `configs` (others stay fp16), resumably; write the pack; return its manifest."""
     from liftedge import lattice
     from liftedge.cache import cache_path
     from liftedge.io import check_destination
     from liftedge.packed import save_packed
-    from liftedge.quantize import default_sites
     from liftedge.quantize.pipeline import quantize_streaming
 
-    check_destination(args.output, args.force)  # fail before the long work, not after
-    lattice.load_codebook(config.rate)  # an unknown rate fails here, listing the shipped ones
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    check_destination(output, force)  # fail before the long work, not after
+    for config in set(configs.values()):
+        lattice.load_codebook(config.rate)  # an unknown rate fails here, listing the shipped ones
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise LiftedgeError("--device cuda was asked for but torch sees no CUDA device")
-    ckpt = cache_path("runs", _run_key(loaded, tokens, config, correction))
+    ckpt = cache_path("runs", _run_key(loaded, tokens, configs, correction))
     if ckpt.is_dir() and any(ckpt.iterdir()):
         print(f"resuming from {len(list(ckpt.iterdir()))} finished block(s) in {ckpt}")
-    loaded.model.to(device)
-    configs = {s.name: config for s in default_sites(loaded.model)}
-    qtensors, report = quantize_streaming(loaded, tokens.to(device), configs, correction, checkpoint_dir=ckpt)
+    loaded.model.to(torch_device)
+    qtensors, report = quantize_streaming(loaded, tokens.to(torch_device), configs, correction, checkpoint_dir=ckpt)
     loaded.model.to("cpu")
-    quantizer = {"method": "liftquant", "config": _as_dict(config), "correction": _as_dict(correction),
-                 "blocks": report.blocks}
-    manifest = save_packed(args.output, loaded, qtensors, method="liftquant", quantizer=quantizer,
-                           calibration=calibration, force=args.force)
+    rates = sorted({str(c.rate) for c in configs.values()})
+    quantizer = {"method": "liftquant", "correction": _as_dict(correction), "blocks": report.blocks,
+                 "config": _as_dict(next(iter(configs.values()))) if len(set(configs.values())) == 1 else None,
+                 "rates": rates}
+    manifest = save_packed(output, loaded, qtensors, method="liftquant", quantizer=quantizer,
+                           calibration=calibration, plan=plan, force=force)
     shutil.rmtree(ckpt, ignore_errors=True)
+    return manifest
+
+
+def print_written(output, manifest: dict, what: str, correction) -> None:
     t = manifest["totals"]
-    print(f"wrote {args.output}: {t['quantized_sites']} sites with LiftQuant {config.rate} "
+    print(f"wrote {output}: {t['quantized_sites']} sites with LiftQuant {what} "
           f"({'with' if correction else 'without'} correction); linear layers "
           f"{t['bits_per_weight']:.3f} bits/weight all bytes counted, {t['nbytes'] / 2**20:.2f} MiB of tensors")
-    return 0

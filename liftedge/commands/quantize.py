@@ -8,6 +8,7 @@ fp16; only linear layers inside decoder blocks are quantized.
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def calibration(loaded, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.calib:
         tokens = calibration_tokens(loaded.tokenizer, args.calib, args.samples, args.seq_len, args.seed)
         return tokens, describe_files(args.calib, args.samples, args.seq_len, args.seed)
-    print(f"no --calib given: sampling {args.samples} x {args.seq_len} tokens from the model (data-free)")
+    print(f"no --calib given: sampling {args.samples} x {args.seq_len} tokens from the model (data-free)", file=sys.stderr)
     tokens = generate_calibration_tokens(loaded, args.samples, args.seq_len, args.seed)
     return tokens, {**describe_generation(loaded, args.samples, args.seq_len, args.seed), "source": "data-free"}
 
@@ -86,7 +87,13 @@ def run(args: argparse.Namespace) -> int:
         config, correction = lq.configs_from_args(args)
         loaded = load_model(args.model)
         tokens, calib = calibration(loaded, args)
-        return lq.quantize_and_save(loaded, tokens, calib, config, correction, args)
+        from liftedge.quantize import default_sites
+
+        configs = {s.name: config for s in default_sites(loaded.model)}
+        manifest = lq.quantize_and_save(loaded, tokens, calib, configs, correction, args.output, force=args.force,
+                                        device=args.device)
+        lq.print_written(args.output, manifest, str(config.rate), correction)
+        return 0
     if args.bits is None or args.rate is not None or args.bits != int(args.bits):
         raise LiftedgeError(f"{args.method} takes an integer --bits (2, 3, 4 or 8) and no --rate")
     args.bits = int(args.bits)

@@ -176,13 +176,18 @@ class LiftQuantQuantizer:
         return qt
 
 
-def lq_bits_per_weight(out_features: int, in_features: int, rate: Rate) -> float:
-    """Stored bits per weight of a liftquant layer, every field counted (see the format table)."""
+def lq_nbytes(out_features: int, in_features: int, rate: Rate) -> int:
+    """Stored bytes of a liftquant layer, every field counted (see the format table)."""
     nb = n_blocks(in_features, rate.d)
     n1, n2 = kron_factors(in_features)
     sign_nbytes = out_features * math.ceil(nb * rate.D / 8)
     fp16_values = out_features + in_features + n1 * n1 + n2 * n2 + nb + rate.d * rate.D
-    return 8 * (sign_nbytes + 2 * fp16_values) / (out_features * in_features)
+    return sign_nbytes + 2 * fp16_values
+
+
+def lq_bits_per_weight(out_features: int, in_features: int, rate: Rate) -> float:
+    """Stored bits per weight of a liftquant layer, every field counted (see the format table)."""
+    return 8 * lq_nbytes(out_features, in_features, rate) / (out_features * in_features)
 
 
 def rate_for_bits(bits: float) -> Rate:

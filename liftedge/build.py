@@ -1,0 +1,83 @@
+"""`liftedge build`'s pipeline: plan -> quantize -> pack -> lower -> verify, each step reusable.
+
+    MODEL --(sensitivity, budget)--> plan --(LiftQuant, correction)--> pack --(target)--> artifact
+
+The pack of a plan is kept in the cache (`packs/<key>`, key = model, calibration tokens, plan
+choices, correction), so building the same plan for a second runtime or after a failed
+lowering does not quantize again. An existing pack folder can be given instead of a model
+(the plan and quantization steps are then skipped; the device budget is still checked).
+The artifact step is `liftedge.lowering.build_artifact` (atomic, verified, report.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from liftedge.cache import cache_path
+from liftedge.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+def is_pack(path: str | Path) -> bool:
+    """True if `path` is a liftedge pack folder (its manifest says so)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == "liftedge-pack"
+    except (OSError, ValueError):
+        return False
+
+
+def pack_key(loaded, tokens: torch.Tensor, plan_options: dict[str, str], correction) -> str:
+    import dataclasses
+
+    h = hashlib.sha256()
+    h.update((loaded.source_hash or "").encode())
+    h.update(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes())
+    h.update(json.dumps([sorted(plan_options.items()), None if correction is None else dataclasses.asdict(correction)],
+                        default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def planned_pack(loaded, tokens: torch.Tensor, calibration: dict[str, Any], plan_result, correction, *,
+                 device: str = "cpu", seed: int = 0) -> Path:
+    """The pack of `plan_result` (quantized now, or reused from the cache)."""
+    from liftedge.commands.lq import quantize_and_save
+    from liftedge.planner import plan_configs
+
+    plan = plan_result.plan
+    path = cache_path("packs", pack_key(loaded, tokens, plan.options_by_site(), correction))
+    if is_pack(path):
+        print(f"reusing the quantized pack {path}")
+        return path
+    configs = plan_configs(plan, seed=seed)
+    if not configs:
+        raise ArtifactError("the plan keeps every layer in fp16: nothing to quantize (raise the budget's pressure "
+                            "or use a smaller --ram / --bits)")
+    quantize_and_save(loaded, tokens, calibration, configs, correction, path, force=True, device=device,
+                      plan=plan_result.to_dict())
+    return path
+
+
+def check_pack_fits(pack: Path, request) -> dict[str, Any] | None:
+    """For a device request: the memory split with the pack's bytes, or `BudgetError` if they do not fit."""
+    if request.device is None:
+        return None
+    from liftedge.memory import ModelDims, budget_breakdown, require_fit
+    from liftedge.packed import read_manifest
+
+    manifest = read_manifest(pack)
+    config = json.loads((pack / "config.json").read_text())
+    dims = ModelDims.from_config(config)
+    mem = budget_breakdown(request.device, dims, request.context, request.kv_bits, runtime=request.runtime,
+                           increased_memory_limit=request.increased_memory_limit)
+    require_fit(mem, int(manifest["totals"]["nbytes"]), request.device, dims)
+    return mem.to_dict()

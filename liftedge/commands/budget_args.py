@@ -1,0 +1,73 @@
+"""Arguments shared by `liftedge plan` and `liftedge build`: the budget and the calibration.
+
+Not a command itself (absent from `liftedge.cli.COMMANDS`). `add_budget_arguments` adds the
+budget sources (a device profile with --ram, or --lambda, --bits, --weights-budget) and
+`budget_request` turns them into a `liftedge.planner.BudgetRequest`; `sensitivity` loads the
+model's error table with the calibration the arguments name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from liftedge.commands.quantize import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from liftedge.errors import LiftedgeError
+from liftedge.measure import DEFAULT_MENU
+
+
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget (one of: --target with --ram, --lambda, --bits, --weights-budget)")
+    g.add_argument("--target", dest="target", default=None, metavar="DEVICE",
+                   help="device profile: android, ios, linux or a phone from `liftedge devices` (or a .toml path)")
+    g.add_argument("--ram", default=None, help="the device's RAM, e.g. 4GB (required for generic profiles)")
+    g.add_argument("--context", type=int, default=None, help="KV cache length in tokens (default: the profile's)")
+    g.add_argument("--runtime", choices=("executorch", "coreml", "onnxruntime"), default=None,
+                   help="runtime (default: the profile's: android -> executorch, ios -> coreml)")
+    g.add_argument("--kv-bits", dest="kv_bits", type=int, default=16, help="KV cache precision (default 16)")
+    g.add_argument("--increased-memory-limit", dest="increased_memory_limit", action="store_true",
+                   help="iOS: the app has the increased-memory-limit entitlement")
+    g.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="position on the menu: 0 = smallest plan, 1 = most precise")
+    g.add_argument("--bits", type=float, default=None, help="average stored bits per weight of the linear layers")
+    g.add_argument("--weights-budget", dest="weights_budget", default=None, metavar="SIZE",
+                   help="bytes of all stored weights, e.g. 80MB")
+    c = p.add_argument_group("calibration and sensitivity")
+    c.add_argument("--calib", nargs="+", default=None, metavar="FILE",
+                   help="calibration text files (default: sampled from the model, data-free)")
+    c.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"calibration samples (default {DEFAULT_SAMPLES})")
+    c.add_argument("--seq-len", dest="seq_len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per calibration sample (default {DEFAULT_SEQ_LEN})")
+    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    c.add_argument("--menu", nargs="+", default=list(DEFAULT_MENU), metavar="D/d",
+                   help="LiftQuant rates the plan chooses from (fp16 is always an option)")
+
+
+def budget_request(args: argparse.Namespace):
+    from liftedge.device import load_device
+    from liftedge.planner import BudgetRequest
+    from liftedge.sizes import parse_size
+
+    device = None
+    if args.target is not None:
+        device = load_device(args.target, args.ram)
+    elif args.ram is not None or args.context is not None:
+        raise LiftedgeError("--ram and --context need a device: add --target android (or ios, or a phone name)")
+    weights_budget = None if args.weights_budget is None else parse_size(args.weights_budget)
+    return BudgetRequest(device=device, context=args.context, runtime=args.runtime, kv_bits=args.kv_bits,
+                         increased_memory_limit=args.increased_memory_limit, lam=args.lam, bits=args.bits,
+                         weights_budget=weights_budget)
+
+
+def calibration_and_sensitivity(loaded, args: argparse.Namespace):
+    """(calibration tokens, the manifest's calibration record, the sensitivity table)."""
+    from pathlib import Path
+
+    from liftedge.commands.quantize import calibration
+    from liftedge.measure import measure_sensitivity
+
+    if args.calib:
+        args.calib = [Path(p) for p in args.calib]
+    tokens, calib = calibration(loaded, args)
+    print(f"measuring sensitivity of every site ({len(args.menu)} rates + fp16; cached after the first run)", file=sys.stderr)
+    return tokens, calib, measure_sensitivity(loaded, tokens, menu=args.menu, seed=args.seed)

@@ -1,0 +1,88 @@
+"""`liftedge build MODEL --target android --ram 4GB -o OUT`: plan, quantize, lower, verify.
+
+Argument handling and printing only; the pipeline is `liftedge.build` (plan and pack) and
+`liftedge.lowering` (artifact, verification, report). The runtime is the device profile's
+default (android -> ExecuTorch, ios -> Core ML) unless --runtime names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from liftedge.commands.budget_args import add_budget_arguments, budget_request, calibration_and_sensitivity
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build", help="plan + quantize + lower a model for a device: .pte, .onnx/.ort or .mlpackage, verified",
+        description="Choose per-layer LiftQuant rates for the budget (see `liftedge plan`), quantize with "
+                    "intra-block correction (the pack is cached), lower it for the runtime, run the artifact "
+                    "against the PyTorch reference and write it with report.json. MODEL may also be an "
+                    "existing pack folder (written by `liftedge quantize`).")
+    p.add_argument("model", metavar="MODEL", help="a Hugging Face folder, a .gguf file, 'default', or a pack folder")
+    add_budget_arguments(p)
+    q = p.add_argument_group("quantization")
+    q.add_argument("--no-correct", dest="correct", action="store_false", help="skip intra-block correction")
+    q.add_argument("--epochs", type=int, default=None, help="correction passes over the calibration set")
+    q.add_argument("--device", default="cpu", help="torch device for quantization (cpu, cuda)")
+    t = p.add_argument_group("artifact")
+    t.add_argument("--max-context", dest="max_context", type=int, default=None,
+                   help="KV cache length baked into the artifact (default: --context, else the profile's, else 512)")
+    t.add_argument("--no-custom-ops", dest="custom_ops", action="store_false",
+                   help="executorch: express lift-project layers in stock operators (no kernel library needed)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    p.set_defaults(func=run)
+
+
+def _correction(args: argparse.Namespace):
+    from liftedge.correct import CorrectionConfig
+    from liftedge.errors import LiftedgeError
+
+    if not args.correct:
+        return None
+    epochs = args.epochs if args.epochs is not None else CorrectionConfig.epochs
+    if epochs < 1:
+        raise LiftedgeError(f"--epochs must be >= 1, got {epochs}")
+    return CorrectionConfig(epochs=epochs, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from liftedge.build import check_pack_fits, is_pack, planned_pack
+    from liftedge.io import check_destination
+    from liftedge.lowering import build_artifact
+    from liftedge.memory import ModelDims
+    from liftedge.model import load_model
+    from liftedge.planner import make_plan
+    from liftedge.sizes import format_size
+
+    check_destination(args.output, args.force)  # fail before the long work
+    request = budget_request(args)
+    runtime = args.runtime or (request.device.default_runtime if request.device else "executorch")
+    extra = {}
+    if is_pack(args.model):
+        pack = Path(args.model)
+        extra["memory"] = check_pack_fits(pack, request) if request.device else None
+    else:
+        correction = _correction(args)
+        loaded = load_model(args.model)
+        tokens, calib, sens = calibration_and_sensitivity(loaded, args)
+        result = make_plan(sens, ModelDims.from_config(loaded.config), request)
+        plan = result.plan
+        print(f"plan: λ = {plan.lam:.3f}, {plan.bits_per_weight:.3f} bits/weight, {format_size(plan.total_nbytes)} "
+              f"of weights ({plan.total_nbytes / plan.budget_nbytes:.1%} of the budget)")
+        pack = planned_pack(loaded, tokens, calib, result, correction, device=args.device, seed=args.seed)
+        extra["memory"] = None if result.memory is None else result.memory.to_dict()
+        del loaded
+    context = args.max_context or args.context or (request.device.default_context if request.device else 512)
+    options = {"max_context": int(context)}
+    if runtime == "executorch":
+        options["custom_ops"] = bool(args.custom_ops)
+    print(f"lowering for {runtime} (context {context}) and verifying against the reference ...")
+    report = build_artifact(pack, runtime, args.output, options=options, force=args.force, extra_report=extra)
+    v = report["verification"]
+    total = sum(report["files"].values())
+    print(f"wrote {args.output} ({format_size(total)}): verified, logits rel. error {v['prompt_logits_rel_error']:.2e}, "
+          f"{v['new_tokens']} greedy tokens equal to the reference; report {args.output / 'report.json'}")
+    return 0

@@ -1,0 +1,75 @@
+"""`liftedge plan MODEL --target android --ram 4GB`: show the budget arithmetic and the per-site plan.
+
+Printing only: the budget is `liftedge.memory`, the table `liftedge.measure`, the choice
+`liftedge.planner`. `--json` prints the plan, the memory split and the request as JSON;
+`-o FILE` also writes that JSON (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from liftedge.commands.budget_args import add_budget_arguments, budget_request, calibration_and_sensitivity
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="choose a LiftQuant rate per layer so the model fits a device (or a budget)",
+        description="Measure each layer's sensitivity (cached) and choose the rate of every linear layer of "
+                    "the decoder blocks that minimises the predicted loss increase within the byte budget: "
+                    "a device's RAM minus runtime, KV cache and activations, or --lambda, --bits, --weights-budget.")
+    p.add_argument("model", metavar="MODEL", help="a Hugging Face folder, a .gguf file, or 'default'")
+    add_budget_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("-o", "--output", type=Path, default=None, help="also write the plan JSON to this file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from liftedge.io import atomic_write_json
+    from liftedge.memory import ModelDims
+    from liftedge.model import load_model
+    from liftedge.planner import make_plan
+
+    request = budget_request(args)  # bad device / RAM / budget fails before the model loads
+    loaded = load_model(args.model)
+    _, _, sens = calibration_and_sensitivity(loaded, args)
+    result = make_plan(sens, ModelDims.from_config(loaded.config), request)
+    data = result.to_dict()
+    if args.output is not None:
+        atomic_write_json(args.output, data)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print_plan(result)
+    return 0
+
+
+def print_plan(result) -> None:
+    from liftedge.measure import option_rate
+    from liftedge.sizes import format_size
+
+    plan, mem = result.plan, result.memory
+    if mem is not None:
+        print(f"budget for {result.request.device.display_name}, runtime {mem.runtime}:")
+        for label, nbytes, estimate in mem.terms():
+            print(f"  {label:<44} {'-' if nbytes < 0 else ' '}{format_size(abs(nbytes)):>11}"
+                  f"{'  (estimate)' if estimate and 'RAM' not in label and 'weight' not in label else ''}")
+        print(f"  (the weight budget covers the quantized layers; the unquantized tables are the fp16 "
+              f"embeddings, norms and biases)")
+    print(f"plan: λ = {plan.lam:.3f}, {plan.bits_per_weight:.3f} bits/weight over {len(plan.choices)} layers, "
+          f"{format_size(plan.total_nbytes)} of weights in all ({format_size(plan.sites_nbytes)} in the layers), "
+          f"budget {format_size(plan.budget_nbytes)} ({plan.total_nbytes / plan.budget_nbytes:.1%} used)")
+    print(f"predicted loss increase {plan.predicted_error:.4f} nats/token "
+          f"(bound {plan.lower_bound_error:.4f}; solver {plan.method}{', optimal' if plan.exact else ''})")
+    counts: dict[str, int] = {}
+    for c in plan.choices:
+        counts[c.option] = counts.get(c.option, 0) + 1
+    print("rates: " + ", ".join(f"{o} x{n}" for o, n in sorted(counts.items())))
+    print(f"{'SITE':<44} {'OPTION':<9} {'BITS':>6} {'BYTES':>10} {'PRED. ERROR':>12}")
+    for c in plan.choices:
+        rate = option_rate(c.option)
+        bits = 16.0 if rate is None else rate.D / rate.d
+        print(f"{c.site:<44} {c.option:<9} {bits:>6.3f} {c.nbytes:>10} {c.error:>12.3e}")

@@ -1,0 +1,275 @@
+"""Sensitivity: the predicted effect on the model of storing each site with each menu option.
+
+For a linear site with weight W, calibration second moments H = E[x x^T] and the Fisher
+diagonal of its outputs F_j = E_t[(dℓ_t / dy_tj)^2] (ℓ_t the next-token loss of token t), a
+weight error ΔW raises the expected loss by about
+
+    Δℓ ≈ ½ Σ_j F_j (ΔW H ΔW^T)_jj          (second-order Taylor, Fisher for the Hessian)
+
+so errors of different sites are in the same unit (nats per token) and add up, which is what
+the knapsack in `liftedge.plan` needs. ΔW is measured with the real codec (LiftQuant with its
+whitening, without intra-block correction, which lowers every option's error by a similar
+factor) on `rows` output rows drawn at random, extrapolated with the Fisher weights of all rows.
+"fp16" (keep the layer unquantized) is always an option, its error the fp16 rounding error.
+
+The menu (`DEFAULT_MENU`) is the shipped rates whose encoding is fast (≤ 20 signs per block:
+exhaustive coding cost grows as 2^D), spanning 1.5 to 4 bits per weight.
+
+This module owns the menu, the option names ("lq-24-10", "fp16"), the measurement and its
+cache; the solver is `liftedge.plan`, byte budgets `liftedge.memory`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from liftedge.cache import cache_path, sha256_text
+from liftedge.errors import LiftedgeError
+from liftedge.plan import Option
+from liftedge.progress import progress
+from liftedge.types import Rate, Site
+
+log = logging.getLogger(__name__)
+
+SENSITIVITY_FORMAT = "liftedge-sensitivity-1"
+FP16_OPTION = "fp16"
+DEFAULT_MENU = ("12/8", "14/8", "16/8", "18/8", "24/10", "20/8", "16/6", "11/4", "12/4", "13/4", "14/4",
+                "15/4", "16/4")
+# Rows coded per site and option: 128 rows of ~600-1500 inputs give the output error to a
+# few percent (rows are i.i.d. draws of the same codec), at 1/4 to 1/12 of a full layer's cost.
+DEFAULT_ROWS = 128
+
+
+def option_name(rate: Rate) -> str:
+    return f"lq-{rate.D}-{rate.d}"
+
+
+def option_rate(name: str) -> Rate | None:
+    """The LiftQuant rate of an option name; None for "fp16"."""
+    if name == FP16_OPTION:
+        return None
+    try:
+        kind, D, d = name.split("-")
+        if kind != "lq":
+            raise ValueError
+        return Rate(int(D), int(d))
+    except ValueError:
+        raise LiftedgeError(f"unknown option {name!r} (expected 'fp16' or 'lq-D-d')") from None
+
+
+def parse_menu(menu: Iterable[str]) -> tuple[Rate, ...]:
+    """Rates "D/d" -> shipped `Rate`s (an unknown rate is an error naming the shipped ones)."""
+    from liftedge import lattice
+
+    shipped = {(r.D, r.d): r for r in lattice.shipped_rates()}
+    rates = []
+    for text in menu:
+        try:
+            D, d = (int(v) for v in str(text).split("/"))
+        except ValueError:
+            raise LiftedgeError(f"menu entry {text!r} is not a rate D/d") from None
+        if (D, d) not in shipped:
+            raise LiftedgeError(f"rate {text} is not shipped; shipped: {', '.join(f'{r.D}/{r.d}' for r in shipped.values())}")
+        rates.append(shipped[(D, d)])
+    return tuple(sorted(set(rates), key=lambda r: (r.D / r.d, r.D)))
+
+
+def option_nbytes(site: Site, option: str) -> int:
+    """Stored bytes of `site` under `option`, exactly as the pack stores it."""
+    from liftedge.quantize.liftquant import lq_nbytes
+
+    rate = option_rate(option)
+    return site.numel * 2 if rate is None else lq_nbytes(site.out_features, site.in_features, rate)
+
+
+@dataclass
+class Sensitivity:
+    """The error table of a model: per site, its options (bytes, predicted Δloss)."""
+
+    table: dict[str, list[Option]]
+    numel: dict[str, int]
+    fixed_nbytes: int          # bytes stored outside the sites (embeddings, norms, biases), fp16
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = {"format": SENSITIVITY_FORMAT, "meta": self.meta, "fixed_nbytes": self.fixed_nbytes,
+                "numel": self.numel,
+                "table": {s: [[o.name, o.nbytes, o.error] for o in opts] for s, opts in self.table.items()}}
+        return json.dumps(data, indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Sensitivity":
+        data = json.loads(text)
+        if data.get("format") != SENSITIVITY_FORMAT:
+            raise LiftedgeError(f"not a {SENSITIVITY_FORMAT} table")
+        table = {s: [Option(n, int(b), float(e)) for n, b, e in opts] for s, opts in data["table"].items()}
+        return cls(table=table, numel={k: int(v) for k, v in data["numel"].items()},
+                   fixed_nbytes=int(data["fixed_nbytes"]), meta=data["meta"])
+
+
+def planned_sites(model) -> list[Site]:
+    """The sites a plan chooses for: linear layers of the decoder blocks (embeddings stay fp16)."""
+    from liftedge.quantize import default_sites
+
+    return default_sites(model)
+
+
+def fixed_nbytes(model, sites: list[Site]) -> int:
+    """Bytes of every parameter outside `sites`' weights, at fp16, tied ones once (as packed)."""
+    skip = {f"{s.name}.weight" for s in sites}
+    return sum(p.numel() * (2 if p.is_floating_point() else p.element_size())
+               for name, p in model.named_parameters(remove_duplicate=True) if name not in skip)
+
+
+# ---------------------------------------------------------------- Fisher of site outputs
+
+
+def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, torch.Tensor]:
+    """F_j = mean over predicted tokens of (dℓ_t/dy_tj)^2 for every site's output channel j."""
+    from liftedge.model import get_module
+
+    sums = {s.name: torch.zeros(s.out_features, dtype=torch.float64) for s in sites}
+    handles, count = [], 0
+
+    def hook_for(name: str):
+        def grad_hook(g: torch.Tensor) -> None:
+            sums[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0))
+
+        def forward_hook(module, inputs, output):
+            output.register_hook(grad_hook)
+        return forward_hook
+
+    for s in sites:
+        handles.append(get_module(model, s.name).register_forward_hook(hook_for(s.name)))
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for row in progress(tokens, desc="fisher", unit="seq"):
+            ids = row[None]
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+            loss.backward()
+            count += ids.shape[1] - 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return {name: (v / max(count, 1)).float() for name, v in sums.items()}
+
+
+# ---------------------------------------------------------------- per-site errors
+
+
+def _sample_rows(out_features: int, rows: int, seed: int) -> torch.Tensor:
+    if out_features <= rows:
+        return torch.arange(out_features)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(out_features, generator=g)[:rows].sort().values
+
+
+def weighted_output_error(dw: torch.Tensor, hessian: torch.Tensor, fisher_rows: torch.Tensor) -> float:
+    """½ Σ_j F_j (ΔW H ΔW^T)_jj for the rows of ΔW."""
+    per_row = ((dw @ hessian) * dw).sum(1).double()
+    return 0.5 * float((per_row * fisher_rows.double()).sum())
+
+
+def site_errors(weight: torch.Tensor, stats, fisher: torch.Tensor, rates: tuple[Rate, ...], rows: int,
+                seed: int) -> dict[str, float]:
+    """Predicted Δloss of one site for fp16 and every rate (rows sampled, Fisher-extrapolated)."""
+    from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
+    from liftedge.targets.reference import get_format
+
+    w = weight.detach().float()
+    fisher = fisher.to(w.device)
+    idx = _sample_rows(w.shape[0], rows, seed).to(w.device)
+    total_f, sample_f = float(fisher.double().sum()), float(fisher[idx].double().sum())
+    extrapolate = total_f / sample_f if sample_f > 0 else w.shape[0] / len(idx)
+    h = stats.hessian.float().to(w.device)
+    errors = {FP16_OPTION: weighted_output_error(w.half().float() - w, h, fisher)}
+    ws, fs = w[idx].contiguous(), fisher[idx]
+    for rate in rates:
+        qt = LiftQuantQuantizer(LiftQuantConfig(rate, seed=seed)).quantize(ws, stats)
+        dw = get_format(qt.fmt).dequantize(qt).float() - ws
+        errors[option_name(rate)] = extrapolate * weighted_output_error(dw, h, fs)
+    return errors
+
+
+def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = DEFAULT_MENU, rows: int = DEFAULT_ROWS,
+                        fisher_samples: int = 8, seed: int = 0, use_cache: bool = True) -> Sensitivity:
+    """The error table of every planned site of `loaded` (cached by content hash).
+
+    `tokens` [n, L] are calibration sequences: all of them give H (`liftedge.calibrate`),
+    the first `fisher_samples` the Fisher diagonal (one backward pass each).
+    """
+    from liftedge.calibrate import collect_stats
+    from liftedge.model import site_weight
+
+    rates = parse_menu(menu)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise LiftedgeError("sensitivity needs calibration tokens [samples, length >= 2]")
+    model = loaded.model
+    sites = planned_sites(model)
+    path = _cache_file(loaded, tokens, sites, rates, rows, fisher_samples, seed) if use_cache else None
+    if path is not None and path.is_file():
+        log.info("sensitivity read from cache %s", path)
+        return Sensitivity.from_json(path.read_text())
+    stats = collect_stats(loaded, tokens, sites)
+    fisher = output_fisher(model, tokens[:fisher_samples], sites)
+    table: dict[str, list[Option]] = {}
+    for s in progress(sites, desc="sensitivity", unit="site"):
+        errors = site_errors(site_weight(model, s), stats[s.name], fisher[s.name], rates, rows, seed)
+        table[s.name] = [Option(name, option_nbytes(s, name), err) for name, err in errors.items()]
+    result = Sensitivity(table=table, numel={s.name: s.numel for s in sites}, fixed_nbytes=fixed_nbytes(model, sites),
+                         meta={"menu": [f"{r.D}/{r.d}" for r in rates], "rows": rows, "fisher_samples": fisher_samples,
+                               "seed": seed, "tokens": list(tokens.shape), "source_hash": getattr(loaded, "source_hash", None),
+                               "unit": "predicted increase of the next-token loss (nats/token)"})
+    if path is not None:
+        from liftedge.io import atomic_write_bytes
+
+        atomic_write_bytes(path, result.to_json().encode())
+    return result
+
+
+def _cache_file(loaded, tokens, sites, rates, rows, fisher_samples, seed):
+    source_hash = getattr(loaded, "source_hash", None)
+    if not source_hash:
+        return None
+    tokens_hash = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    key = sha256_text(SENSITIVITY_FORMAT, source_hash, tokens_hash, str(tuple(tokens.shape)),
+                      ";".join(s.name for s in sites), ";".join(f"{r.D}/{r.d}" for r in rates),
+                      str(rows), str(fisher_samples), str(seed))
+    return cache_path("sensitivity", f"{key}.json")
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (ties get their mean rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else 0.0

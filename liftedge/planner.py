@@ -1,0 +1,119 @@
+"""From "this phone, this much RAM" (or λ, or bits per weight, or a byte budget) to a plan.
+
+Joins the pieces: a device profile (`liftedge.device`) and the memory model
+(`liftedge.memory`) give the byte budget; the sensitivity table (`liftedge.measure`) gives
+each site's options; the solver (`liftedge.plan`) picks them. Exactly one budget source:
+
+    device (+ ram, context, runtime)  -> weights budget = app-usable RAM - overheads
+    lam                               -> position on the menu (0 smallest, 1 most precise)
+    bits                              -> average stored bits per weight over the planned sites
+    weights_budget                    -> bytes of all stored weights (embeddings, norms included)
+
+Every budget includes the fixed bytes (embeddings, norms, biases at fp16), so a plan's
+`total_nbytes` is the model's stored weight bytes. A device budget below the smallest plan is a
+`BudgetError` stating the RAM the smallest plan needs. `plan_configs` turns a plan into the
+per-site LiftQuant configs the quantizer takes. Printing belongs to `liftedge.commands.plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from liftedge.device import DeviceProfile
+from liftedge.errors import BudgetError, LiftedgeError
+from liftedge.measure import FP16_OPTION, Sensitivity, option_rate
+from liftedge.memory import MemoryBudget, ModelDims, budget_breakdown, min_ram_for
+from liftedge.plan import Plan, budget_for_bits, budget_for_lambda, plan_bounds, solve
+from liftedge.sizes import format_size
+
+RUNTIME_OF_TARGET = {"executorch": "executorch", "coreml": "coreml", "onnxruntime": "onnxruntime"}
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    """Where the byte budget comes from (exactly one of device, lam, bits, weights_budget)."""
+
+    device: DeviceProfile | None = None
+    context: int | None = None
+    runtime: str | None = None
+    kv_bits: int = 16
+    increased_memory_limit: bool = False
+    lam: float | None = None
+    bits: float | None = None
+    weights_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("device", "lam", "bits", "weights_budget") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise LiftedgeError("give exactly one budget: --target with --ram, --lambda, --bits or "
+                                f"--weights-budget (got {', '.join(given) or 'none'})")
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Plan
+    memory: MemoryBudget | None
+    request: BudgetRequest
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"plan": self.plan.to_dict(), "memory": None if self.memory is None else self.memory.to_dict()}
+        req = self.request
+        out["request"] = {"device": None if req.device is None else req.device.name,
+                          "ram_nbytes": None if req.device is None else req.device.ram_nbytes,
+                          "context": None if self.memory is None else self.memory.context,
+                          "runtime": None if self.memory is None else self.memory.runtime,
+                          "kv_bits": req.kv_bits, "lam": req.lam, "bits": req.bits,
+                          "weights_budget": req.weights_budget}
+        return out
+
+
+def device_budget(sens: Sensitivity, dims: ModelDims, req: BudgetRequest) -> MemoryBudget:
+    """The memory split of `req.device`, refusing (with the RAM needed) when not even the smallest plan fits."""
+    profile = req.device
+    mem = budget_breakdown(profile, dims, req.context, req.kv_bits, runtime=req.runtime,
+                           unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit)
+    smallest, _ = plan_bounds(sens.table)
+    if mem.weight_budget_nbytes < smallest:
+        need = min_ram_for(smallest, profile, dims, mem.context, mem.kv_bits, runtime=mem.runtime,
+                           unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit)
+        raise BudgetError(
+            f"the model does not fit {profile.display_name} with {format_size(mem.ram_nbytes)}: its smallest plan "
+            f"needs {format_size(smallest + sens.fixed_nbytes)} of weights but "
+            f"{_left(mem.weight_budget_nbytes + sens.fixed_nbytes)} after runtime, KV cache "
+            f"({mem.context} tokens) and activations; it needs at least {format_size(need)} of RAM "
+            f"(or a shorter --context / lower KV precision)")
+    return mem
+
+
+def _left(nbytes: int) -> str:
+    return f"only {format_size(nbytes)} is left" if nbytes > 0 else f"nothing is left ({format_size(-nbytes)} short)"
+
+
+def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method: str = "exact") -> PlanResult:
+    """Solve for the least predicted error within the requested budget."""
+    numel = sum(sens.numel.values())
+    mem = None
+    if req.device is not None:
+        mem = device_budget(sens, dims, req)
+        budget = mem.weight_budget_nbytes + sens.fixed_nbytes
+    elif req.lam is not None:
+        budget = budget_for_lambda(sens.table, req.lam, sens.fixed_nbytes)
+    elif req.bits is not None:
+        budget = budget_for_bits(req.bits, sens.numel, sens.fixed_nbytes)
+        smallest, _ = plan_bounds(sens.table)
+        if budget - sens.fixed_nbytes < smallest:
+            raise BudgetError(f"--bits {req.bits:g} is below the smallest plan of the menu "
+                              f"({8 * smallest / numel:.3f} bits/weight, every byte counted)")
+    else:
+        budget = int(req.weights_budget)
+    plan = solve(sens.table, budget, fixed_nbytes=sens.fixed_nbytes, method=method, numel=numel)
+    return PlanResult(plan=plan, memory=mem, request=req)
+
+
+def plan_configs(plan: Plan, *, seed: int = 0) -> dict[str, Any]:
+    """Site -> LiftQuantConfig for every site the plan quantizes ("fp16" sites are left out)."""
+    from liftedge.quantize.liftquant import LiftQuantConfig
+
+    return {c.site: LiftQuantConfig(option_rate(c.option), seed=seed)
+            for c in plan.choices if c.option != FP16_OPTION}

@@ -1,0 +1,97 @@
+"""`liftedge plan` and the planner: budgets from devices, λ, bits and sizes; refusals that say what would fit."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from liftedge.cli import main
+from liftedge.device import load_device
+from liftedge.errors import BudgetError, LiftedgeError
+from liftedge.measure import FP16_OPTION, Sensitivity
+from liftedge.memory import ModelDims
+from liftedge.plan import Option
+from liftedge.planner import BudgetRequest, make_plan, plan_configs
+from liftedge.sizes import parse_size
+
+CALIB = ["--samples", "4", "--seq-len", "64", "--menu", "12/8", "16/8", "12/4", "16/4"]
+
+
+def _plan_cli(capsys, model_dir, text, *args) -> tuple[int, str, str]:
+    code = main(["plan", str(model_dir), "--calib", str(text), *CALIB, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_for_a_phone_shows_every_budget_term(tiny_llama_dir, sample_text_file, capsys):
+    code, out, _ = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--target", "android", "--ram", "4GB")
+    assert code == 0
+    for term in ("app-usable RAM", "runtime overhead (executorch)", "KV cache (2048 tokens, 16-bit)",
+                 "activations", "tokenizer tables", "unquantized tables", "weight budget", "λ =", "bits/weight"):
+        assert term in out
+    # one row per linear layer of the decoder blocks (2 blocks x 7 for the tiny Llama)
+    assert len(re.findall(r"^model\.layers\.\d+\.", out, flags=re.M)) == 14
+
+
+def test_budget_too_small_states_the_ram_that_fits(tiny_llama_dir, sample_text_file, capsys):
+    code, _, err = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--target", "android", "--ram", "300MB")
+    assert code == 2
+    m = re.search(r"needs at least ([\d.]+ \w+) of RAM", err)
+    assert m, err
+    # the stated minimum is enough: planning with it succeeds
+    need = m.group(1).replace(" ", "")
+    ram = str(int(parse_size(need) * 1.01))  # the message rounds to 3 digits
+    code, out, _ = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--target", "android", "--ram", ram)
+    assert code == 0 and "weight budget" in out
+
+
+def test_plan_json_and_budget_sources(tiny_llama_dir, sample_text_file, capsys, tmp_path):
+    out_file = tmp_path / "plan.json"
+    code, out, _ = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--lambda", "0.5", "--json", "-o", str(out_file))
+    assert code == 0
+    data = json.loads(out)
+    assert data == json.loads(out_file.read_text())
+    plan = data["plan"]
+    assert plan["derived"]["total_nbytes"] <= plan["budget_nbytes"]
+    assert plan["derived"]["lam"] <= 0.5
+    code, _, err = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--lambda", "0.5", "--bits", "3")
+    assert code == 2 and "exactly one budget" in err
+    code, _, err = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--target", "marsphone", "--ram", "4GB")
+    assert code == 2 and "unknown device" in err
+    code, _, err = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--ram", "4GB")
+    assert code == 2 and "--target" in err
+
+
+def _table() -> Sensitivity:
+    # two sites with a rate-distortion menu; bytes and errors chosen so the optimum is known
+    opts = lambda k: [Option("lq-12-8", 100 * k, 9.0 * k), Option("lq-12-4", 200 * k, 2.0 * k),  # noqa: E731
+                      Option(FP16_OPTION, 1000 * k, 0.0)]
+    return Sensitivity(table={"a": opts(1), "b": opts(2)}, numel={"a": 500, "b": 1000}, fixed_nbytes=50)
+
+
+def test_bits_and_size_budgets_are_never_exceeded():
+    dims = ModelDims(layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8, intermediate=16, vocab=16)
+    sens = _table()
+    plan = make_plan(sens, dims, BudgetRequest(weights_budget=50 + 200 + 400)).plan
+    assert plan.options_by_site() == {"a": "lq-12-4", "b": "lq-12-4"}
+    assert plan.total_nbytes == 650
+    plan = make_plan(sens, dims, BudgetRequest(weights_budget=50 + 200 + 399)).plan
+    # 649 bytes: a at 1.5 bits + b at 3 bits (error 9 + 4) beats the reverse (2 + 18)
+    assert plan.options_by_site() == {"a": "lq-12-8", "b": "lq-12-4"} and plan.total_nbytes <= 649
+    with pytest.raises(BudgetError, match="below the smallest plan"):
+        make_plan(sens, dims, BudgetRequest(bits=1.0))
+    assert plan_configs(make_plan(sens, dims, BudgetRequest(lam=1.0)).plan) == {}
+    with pytest.raises(LiftedgeError, match="exactly one budget"):
+        BudgetRequest()
+
+
+def test_device_budget_refusal_names_the_minimum_ram():
+    dims = ModelDims(layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8, intermediate=16, vocab=16)
+    sens = _table()
+    with pytest.raises(BudgetError, match=r"needs at least .* of RAM"):
+        make_plan(sens, dims, BudgetRequest(device=load_device("android", "100MB")))
+    result = make_plan(sens, dims, BudgetRequest(device=load_device("android", "4GB")))
+    assert result.plan.options_by_site() == {"a": FP16_OPTION, "b": FP16_OPTION}  # room for everything
+    assert result.memory.weight_budget_nbytes + sens.fixed_nbytes == result.plan.budget_nbytes
