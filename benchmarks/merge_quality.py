@@ -2,7 +2,8 @@
 
     python benchmarks/merge_quality.py RUN1.json RUN2.json ... --out benchmarks/results/smollm2_quality
 
-Rows are keyed by config; a later file's row replaces an earlier one's. Rows whose run
+Rows are keyed by config; a later file's row replaces an earlier one's. An input may itself
+be a merged table (its runs and rows are carried over). Rows whose run
 failed are absent. The Markdown groups rows as the issue tables do.
 """
 
@@ -37,6 +38,10 @@ def main() -> None:
     by_config, runs = {}, []
     for path in args.inputs:
         data = json.loads(path.read_text())
+        if "runs" in data:  # an earlier merged table: keep its runs and rows
+            runs.extend(data["runs"])
+            by_config.update({r["config"]: r for r in data["rows"]})
+            continue
         runs.append({"machine": data["machine"], "settings": data["settings"],
                      "configs": [r["config"] for r in data["rows"]]})
         by_config.update({r["config"]: r for r in data["rows"]})

@@ -135,7 +135,8 @@ def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, t
     """F_j = mean over predicted tokens of (dℓ_t/dy_tj)^2 for every site's output channel j."""
     from liftedge.model import get_module
 
-    sums = {s.name: torch.zeros(s.out_features, dtype=torch.float64) for s in sites}
+    device = next(model.parameters()).device
+    sums = {s.name: torch.zeros(s.out_features, dtype=torch.float64, device=device) for s in sites}
     handles, count = [], 0
 
     def hook_for(name: str):
@@ -167,7 +168,7 @@ def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, t
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
-    return {name: (v / max(count, 1)).float() for name, v in sums.items()}
+    return {name: (v / max(count, 1)).float().cpu() for name, v in sums.items()}
 
 
 # ---------------------------------------------------------------- per-site errors
@@ -202,7 +203,7 @@ def site_errors(weight: torch.Tensor, stats, fisher: torch.Tensor, rates: tuple[
     ws, fs = w[idx].contiguous(), fisher[idx]
     for rate in rates:
         qt = LiftQuantQuantizer(LiftQuantConfig(rate, seed=seed)).quantize(ws, stats)
-        dw = get_format(qt.fmt).dequantize(qt).float() - ws
+        dw = get_format(qt.fmt).dequantize(qt).float().to(ws.device) - ws
         errors[option_name(rate)] = extrapolate * weighted_output_error(dw, h, fs)
     return errors
 
@@ -247,7 +248,7 @@ def _cache_file(loaded, tokens, sites, rates, rows, fisher_samples, seed):
     source_hash = getattr(loaded, "source_hash", None)
     if not source_hash:
         return None
-    tokens_hash = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    tokens_hash = hashlib.sha256(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
     key = sha256_text(SENSITIVITY_FORMAT, source_hash, tokens_hash, str(tuple(tokens.shape)),
                       ";".join(s.name for s in sites), ";".join(f"{r.D}/{r.d}" for r in rates),
                       str(rows), str(fisher_samples), str(seed))
