@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from liftedge.cache import cache_path
-from liftedge.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,11 @@ def planned_pack(loaded, tokens: torch.Tensor, calibration: dict[str, Any], plan
         return path
     configs = plan_configs(plan, seed=seed)
     if not configs:
-        raise ArtifactError("the plan keeps every layer in fp16: nothing to quantize (raise the budget's pressure "
-                            "or use a smaller --ram / --bits)")
+        from liftedge.packed import save_packed
+
+        print("the budget holds the whole model at fp16: no layer needs quantizing")
+        save_packed(path, loaded, {}, method="fp16", calibration=calibration, plan=plan_result.to_dict(), force=True)
+        return path
     quantize_and_save(loaded, tokens, calibration, configs, correction, path, force=True, device=device,
                       plan=plan_result.to_dict())
     return path

@@ -240,7 +240,7 @@ def known_device_names() -> list[str]:
     return list(_device_files())
 
 
-def load_device(name_or_path: str | Path, ram: int | str | None = None) -> DeviceProfile:
+def load_device(name_or_path: str | Path, ram: int | str | None = None, *, require_ram: bool = True) -> DeviceProfile:
     """Load a profile by name (a file in `devices/`) or from a TOML path, with RAM set if given.
 
     A generic profile needs `ram`; a real device takes `ram` to pick one of its RAM variants.
@@ -259,7 +259,7 @@ def load_device(name_or_path: str | Path, ram: int | str | None = None) -> Devic
         profile = _read(files[text], f"devices/{text}.toml", expected_name=text)
     if ram is not None:
         return profile.with_ram(ram)
-    if profile.generic:
+    if profile.generic and require_ram:
         raise LiftedgeError(f"device {profile.name!r} is a generic profile: give the phone's RAM with --ram (e.g. --ram 6GB)")
     return profile
 

@@ -9,6 +9,8 @@ each site's options; the solver (`liftedge.plan`) picks them. Exactly one budget
     bits                              -> average stored bits per weight over the planned sites
     weights_budget                    -> bytes of all stored weights (embeddings, norms included)
 
+The last three may come with a device: the device then picks the runtime and context, and
+when its RAM is known the plan must also fit it.
 Every budget includes the fixed bytes (embeddings, norms, biases at fp16), so a plan's
 `total_nbytes` is the model's stored weight bytes. A device budget below the smallest plan is a
 `BudgetError` stating the RAM the smallest plan needs. `plan_configs` turns a plan into the
@@ -17,13 +19,13 @@ per-site LiftQuant configs the quantizer takes. Printing belongs to `liftedge.co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from liftedge.device import DeviceProfile
 from liftedge.errors import BudgetError, LiftedgeError
 from liftedge.measure import FP16_OPTION, Sensitivity, option_rate
-from liftedge.memory import MemoryBudget, ModelDims, budget_breakdown, min_ram_for
+from liftedge.memory import MemoryBudget, ModelDims, budget_breakdown, min_ram_for, require_fit
 from liftedge.plan import Plan, budget_for_bits, budget_for_lambda, plan_bounds, solve
 from liftedge.sizes import format_size
 
@@ -32,7 +34,12 @@ RUNTIME_OF_TARGET = {"executorch": "executorch", "coreml": "coreml", "onnxruntim
 
 @dataclass(frozen=True)
 class BudgetRequest:
-    """Where the byte budget comes from (exactly one of device, lam, bits, weights_budget)."""
+    """Where the byte budget comes from, and the device the result must fit.
+
+    At most one of lam, bits, weights_budget; without any of them the budget is the
+    device's (which then needs its RAM). With one of them and a device whose RAM is known,
+    the plan is also checked against the device's memory.
+    """
 
     device: DeviceProfile | None = None
     context: int | None = None
@@ -44,10 +51,16 @@ class BudgetRequest:
     weights_budget: int | None = None
 
     def __post_init__(self) -> None:
-        given = [n for n in ("device", "lam", "bits", "weights_budget") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise LiftedgeError("give exactly one budget: --target with --ram, --lambda, --bits or "
-                                f"--weights-budget (got {', '.join(given) or 'none'})")
+        given = [n for n in ("lam", "bits", "weights_budget") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise LiftedgeError(f"give one budget: --lambda, --bits or --weights-budget (got {', '.join(given)})")
+        if not given and (self.device is None or self.device.ram_nbytes is None):
+            raise LiftedgeError("give a budget: --target with --ram (generic profiles), or --lambda, --bits or "
+                                "--weights-budget")
+
+    @property
+    def explicit(self) -> bool:
+        return any(getattr(self, n) is not None for n in ("lam", "bits", "weights_budget"))
 
 
 @dataclass(frozen=True)
@@ -91,13 +104,12 @@ def _left(nbytes: int) -> str:
 
 
 def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method: str = "exact") -> PlanResult:
-    """Solve for the least predicted error within the requested budget."""
+    """Solve for the least predicted error within the requested budget (and the device's memory)."""
     numel = sum(sens.numel.values())
     mem = None
-    if req.device is not None:
+    if req.device is not None and req.device.ram_nbytes is not None:
         mem = device_budget(sens, dims, req)
-        budget = mem.weight_budget_nbytes + sens.fixed_nbytes
-    elif req.lam is not None:
+    if req.lam is not None:
         budget = budget_for_lambda(sens.table, req.lam, sens.fixed_nbytes)
     elif req.bits is not None:
         budget = budget_for_bits(req.bits, sens.numel, sens.fixed_nbytes)
@@ -105,9 +117,14 @@ def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method:
         if budget - sens.fixed_nbytes < smallest:
             raise BudgetError(f"--bits {req.bits:g} is below the smallest plan of the menu "
                               f"({8 * smallest / numel:.3f} bits/weight, every byte counted)")
-    else:
+    elif req.weights_budget is not None:
         budget = int(req.weights_budget)
+    else:
+        budget = mem.weight_budget_nbytes + sens.fixed_nbytes
     plan = solve(sens.table, budget, fixed_nbytes=sens.fixed_nbytes, method=method, numel=numel)
+    if mem is not None and plan.total_nbytes > mem.weight_budget_nbytes + sens.fixed_nbytes:
+        require_fit(replace(mem, unquantized_nbytes=0, weight_budget_nbytes=mem.weight_budget_nbytes + sens.fixed_nbytes),
+                    plan.total_nbytes, req.device, dims)
     return PlanResult(plan=plan, memory=mem, request=req)
 
 

@@ -57,7 +57,7 @@ def test_plan_json_and_budget_sources(tiny_llama_dir, sample_text_file, capsys, 
     assert plan["derived"]["total_nbytes"] <= plan["budget_nbytes"]
     assert plan["derived"]["lam"] <= 0.5
     code, _, err = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--lambda", "0.5", "--bits", "3")
-    assert code == 2 and "exactly one budget" in err
+    assert code == 2 and "give one budget" in err
     code, _, err = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--target", "marsphone", "--ram", "4GB")
     assert code == 2 and "unknown device" in err
     code, _, err = _plan_cli(capsys, tiny_llama_dir, sample_text_file, "--ram", "4GB")
@@ -83,7 +83,7 @@ def test_bits_and_size_budgets_are_never_exceeded():
     with pytest.raises(BudgetError, match="below the smallest plan"):
         make_plan(sens, dims, BudgetRequest(bits=1.0))
     assert plan_configs(make_plan(sens, dims, BudgetRequest(lam=1.0)).plan) == {}
-    with pytest.raises(LiftedgeError, match="exactly one budget"):
+    with pytest.raises(LiftedgeError, match="give a budget"):
         BudgetRequest()
 
 
@@ -95,3 +95,16 @@ def test_device_budget_refusal_names_the_minimum_ram():
     result = make_plan(sens, dims, BudgetRequest(device=load_device("android", "4GB")))
     assert result.plan.options_by_site() == {"a": FP16_OPTION, "b": FP16_OPTION}  # room for everything
     assert result.memory.weight_budget_nbytes + sens.fixed_nbytes == result.plan.budget_nbytes
+
+
+def test_explicit_budget_with_a_device_checks_its_memory():
+    dims = ModelDims(layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8, intermediate=16, vocab=16)
+    sens = _table()
+    # a generic profile without RAM only picks the runtime: the plan follows --lambda
+    result = make_plan(sens, dims, BudgetRequest(device=load_device("android", require_ram=False), lam=0.0))
+    assert result.memory is None and result.plan.options_by_site() == {"a": "lq-12-8", "b": "lq-12-8"}
+    # with RAM that cannot hold even that plan, the refusal names the RAM needed
+    with pytest.raises(BudgetError, match=r"needs at least .* of RAM"):
+        make_plan(sens, dims, BudgetRequest(device=load_device("android", "100MB"), lam=0.0))
+    with pytest.raises(LiftedgeError, match="generic profile"):
+        load_device("android")

@@ -17,7 +17,8 @@ from liftedge.measure import DEFAULT_MENU
 
 
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("budget (one of: --target with --ram, --lambda, --bits, --weights-budget)")
+    g = p.add_argument_group("budget: the device's RAM (--target, --ram), or --lambda, --bits or --weights-budget "
+                             "(with --target: that device's runtime and context, and its RAM is checked)")
     g.add_argument("--target", dest="target", default=None, metavar="DEVICE",
                    help="device profile: android, ios, linux or a phone from `liftedge devices` (or a .toml path)")
     g.add_argument("--ram", default=None, help="the device's RAM, e.g. 4GB (required for generic profiles)")
@@ -49,8 +50,9 @@ def budget_request(args: argparse.Namespace):
     from liftedge.sizes import parse_size
 
     device = None
+    explicit = any(v is not None for v in (args.lam, args.bits, args.weights_budget))
     if args.target is not None:
-        device = load_device(args.target, args.ram)
+        device = load_device(args.target, args.ram, require_ram=not explicit)
     elif args.ram is not None or args.context is not None:
         raise LiftedgeError("--ram and --context need a device: add --target android (or ios, or a phone name)")
     weights_budget = None if args.weights_budget is None else parse_size(args.weights_budget)

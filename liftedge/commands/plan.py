@@ -57,8 +57,8 @@ def print_plan(result) -> None:
         for label, nbytes, estimate in mem.terms():
             print(f"  {label:<44} {'-' if nbytes < 0 else ' '}{format_size(abs(nbytes)):>11}"
                   f"{'  (estimate)' if estimate and 'RAM' not in label and 'weight' not in label else ''}")
-        print(f"  (the weight budget covers the quantized layers; the unquantized tables are the fp16 "
-              f"embeddings, norms and biases)")
+        print("  (the weight budget covers the quantized layers; the unquantized tables are the fp16 "
+              "embeddings, norms and biases)")
     print(f"plan: λ = {plan.lam:.3f}, {plan.bits_per_weight:.3f} bits/weight over {len(plan.choices)} layers, "
           f"{format_size(plan.total_nbytes)} of weights in all ({format_size(plan.sites_nbytes)} in the layers), "
           f"budget {format_size(plan.budget_nbytes)} ({plan.total_nbytes / plan.budget_nbytes:.1%} used)")
