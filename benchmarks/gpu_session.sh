@@ -11,7 +11,12 @@ step=${1:?usage: gpu_session.sh stage|run CONFIG...}
 shift
 if [ "$step" = stage ]; then
   cp .devdata/smol.part00 /tmp/smol.part00
-  python -m pip install -q --no-deps .devdata/gguf-*.whl 2>&1 | grep -v "Running pip as"
+  python -m pip install -q --no-deps .devdata/gguf-*.whl 2>&1 | grep -v "Running pip as" || true
+  # peers (benchmarks/peers.py): hqq and coremltools wheels fetched here with `pip download`
+  if [ -d .devdata/wheels ]; then
+    python -m pip install -q --no-deps --no-index .devdata/wheels/*.whl 2>&1 | grep -v "Running pip as" || true
+    python -m pip install -q --no-index --find-links .devdata/wheels/coremltools coremltools==9.0 2>&1 | grep -v "Running pip as" || true
+  fi
   python -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
   exit 0
 fi

@@ -3,9 +3,9 @@
     python benchmarks/pareto.py benchmarks/results/smollm2_quality.json --out benchmarks/results/smollm2_pareto
 
 Series: LiftQuant at one rate everywhere (full method, 4 correction epochs), LiftQuant with
-planned per-layer rates (`plan:` rows), RTN and GPTQ at groups of 128 and 32, and any peer
-rows (`peer:` configs). Ablation rows (switches off, other epoch counts) are left out of
-the plot but stay in the table. Writes <out>.png and <out>.md.
+planned per-layer rates (`plan:` rows), RTN and GPTQ at groups of 128 and 32, and the peer
+rows (hqq:, ort:, palettize: configs of benchmarks/peers.py, one series per row's "series").
+Ablation rows (switches off, other epoch counts) are left out of the plot but stay in the table. Writes <out>.png and <out>.md.
 """
 
 from __future__ import annotations
@@ -49,9 +49,14 @@ def main() -> None:
         if name is not None and r.get("ppl") is not None:
             series.setdefault(name, []).append((r["bits_per_weight"], r["ppl"]))
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, pts in sorted(series.items()):
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>pX*h"
+    for k, (name, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot([b for b, _ in pts], [q for _, q in pts], marker="o", label=name)
+        ours = name.startswith("LiftQuant")
+        ax.plot([b for b, _ in pts], [q for _, q in pts], marker=markers[k % len(markers)],
+                color=colors[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20], linewidth=2.5 if ours else 1,
+                markersize=6 if ours else 4, label=name, zorder=3 if ours else 2)
     if fp is not None:
         ax.axhline(fp, color="gray", linestyle="--", label=f"float ({fp:.2f})")
     ax.set_yscale("log")
@@ -60,7 +65,7 @@ def main() -> None:
     ax.set_ylabel("WikiText-2 perplexity (16 x 2048)")
     ax.set_title("SmolLM2-135M: quality vs size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(args.out.with_suffix(".png"))
     lines = ["| series | bits/weight | ppl |", "|---|---|---|"]

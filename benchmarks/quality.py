@@ -44,6 +44,7 @@ from liftedge.quantize.pipeline import quantize_streaming
 from liftedge.text import calibration_tokens, protocol_text, read_text, tokenize
 from liftedge.types import Rate
 
+PEER_METHODS = ("hqq", "ort", "palettize")  # benchmarks/peers.py
 _BOOL = {"0": False, "1": True, "false": False, "true": True}
 
 
@@ -138,6 +139,28 @@ def quantize_to_pack(args, shared: Shared, method: str, opts: dict[str, str], ou
                        quantizer=quantizer, calibration=calibration, plan=plan, force=True)
 
 
+def _peer_model(args, shared: Shared, method: str, opts: dict[str, str], row: dict):
+    """A copy of the float model with a peer quantizer's dequantized decoder linears; fills `row`."""
+    import copy
+
+    import peers
+
+    model = copy.deepcopy(shared.base.model).to(args.device)
+    qtensors = peers.peer_qtensors(model, method, opts)
+    peers.apply_peer(model, qtensors)
+    row.update(peers.peer_totals(model, qtensors), series=peers.series_name(method, opts), note=peers.NOTE,
+               fields=_sum_fields(qtensors))
+    return model, qtensors
+
+
+def _sum_fields(qtensors) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for pt in qtensors.values():
+        for k, v in pt.fields.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def run_one(args, shared: Shared, spec: str) -> dict:
     method, opts = parse_config(spec)
     row: dict = {"config": spec, "method": method, "options": opts}
@@ -145,7 +168,11 @@ def run_one(args, shared: Shared, spec: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     model = None
-    if method == "fp":
+    if method in PEER_METHODS:
+        model, _ = _peer_model(args, shared, method, opts, row)
+        row["quant_seconds"] = round(time.perf_counter() - started, 1)
+        row["quant_peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    elif method == "fp":
         n = sum(p.numel() for p in shared.base.model.parameters())
         row.update(bits_per_weight=16.0, nbytes=2 * n, note="fp16 storage of the float model")
     else:

@@ -1,10 +1,11 @@
 """Sensitivity: the predicted effect on the model of storing each site with each menu option.
 
-For a linear site with weight W, calibration second moments H = E[x x^T] and the Fisher
-diagonal of its outputs F_j = E_t[(dℓ_t / dy_tj)^2] (ℓ_t the next-token loss of token t), a
-weight error ΔW raises the expected loss by about
+For a linear site with weight W, the Fisher diagonal of its outputs F_j = E_t[(dℓ_t/dy_tj)^2]
+(ℓ_t the next-token loss of token t) and the input second moments weighted by how strongly
+each token's loss reacts, H_g = Σ_t |g_t|² x_t x_tᵀ / Σ_t |g_t|² (`output_fisher`), a weight
+error ΔW raises the expected loss by about
 
-    Δℓ ≈ ½ Σ_j F_j (ΔW H ΔW^T)_jj          (second-order Taylor, Fisher for the Hessian)
+    Δℓ ≈ ½ Σ_j F_j (ΔW H_g ΔW^T)_jj        (second-order Taylor, Fisher for the Hessian)
 
 so errors of different sites are in the same unit (nats per token) and add up, which is what
 the knapsack in `liftedge.plan` needs. ΔW is measured with the real codec (LiftQuant with its
@@ -38,7 +39,7 @@ from liftedge.types import Rate, Site
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_FORMAT = "liftedge-sensitivity-1"
+SENSITIVITY_FORMAT = "liftedge-sensitivity-2"
 FP16_OPTION = "fp16"
 DEFAULT_MENU = ("12/8", "14/8", "16/8", "18/8", "24/10", "20/8", "16/6", "11/4", "12/4", "13/4", "14/4",
                 "15/4", "16/4")
@@ -131,19 +132,42 @@ def fixed_nbytes(model, sites: list[Site]) -> int:
 # ---------------------------------------------------------------- Fisher of site outputs
 
 
-def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, torch.Tensor]:
-    """F_j = mean over predicted tokens of (dℓ_t/dy_tj)^2 for every site's output channel j."""
+@dataclass
+class OutputFisher:
+    """Per site: F_j = E_t[g_tj^2] (g = dℓ_t/dy_t) and H_g = Σ_t |g_t|² x_t x_tᵀ / Σ_t |g_t|²."""
+
+    diag: torch.Tensor     # [out]
+    hessian: torch.Tensor  # [in, in], inputs weighted by how much their token's loss reacts
+
+
+def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, OutputFisher]:
+    """The Fisher statistics of every site's outputs over the tokens (one backward pass per row).
+
+    Modelling g_tj^2 ≈ u_j v_t (a channel factor times a token factor) gives
+    E_t[g_tj^2 (δw_j · x_t)^2] ≈ F_j δw_jᵀ H_g δw_j: the error of a row is weighted by its
+    channel's Fisher and measured on the tokens whose loss reacts most. Tokens differ a lot
+    there (attention sinks, for instance, take large gradients through the keys and values
+    while their inputs are atypical), which plain E[x xᵀ] would miss.
+    """
     from liftedge.model import get_module
 
     device = next(model.parameters()).device
-    sums = {s.name: torch.zeros(s.out_features, dtype=torch.float64, device=device) for s in sites}
+    diag = {s.name: torch.zeros(s.out_features, dtype=torch.float64, device=device) for s in sites}
+    gram = {s.name: torch.zeros(s.in_features, s.in_features, dtype=torch.float64, device=device) for s in sites}
+    weight = {s.name: 0.0 for s in sites}
     handles, count = [], 0
 
     def hook_for(name: str):
-        def grad_hook(g: torch.Tensor) -> None:
-            sums[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0))
-
         def forward_hook(module, inputs, output):
+            x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+
+            def grad_hook(g: torch.Tensor) -> None:
+                g2 = g.detach().double().pow(2).reshape(-1, g.shape[-1])
+                diag[name].add_(g2.sum(0))
+                v = g2.sum(1)
+                gram[name].add_((x * v[:, None]).T @ x)
+                weight[name] += float(v.sum())
+
             output.register_hook(grad_hook)
         return forward_hook
 
@@ -168,7 +192,9 @@ def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, t
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
-    return {name: (v / max(count, 1)).float().cpu() for name, v in sums.items()}
+    return {name: OutputFisher(diag=(diag[name] / max(count, 1)).float().cpu(),
+                               hessian=(gram[name] / max(weight[name], 1e-30)).float().cpu())
+            for name in diag}
 
 
 # ---------------------------------------------------------------- per-site errors
@@ -187,18 +213,22 @@ def weighted_output_error(dw: torch.Tensor, hessian: torch.Tensor, fisher_rows: 
     return 0.5 * float((per_row * fisher_rows.double()).sum())
 
 
-def site_errors(weight: torch.Tensor, stats, fisher: torch.Tensor, rates: tuple[Rate, ...], rows: int,
+def site_errors(weight: torch.Tensor, stats, fisher_stats: "OutputFisher", rates: tuple[Rate, ...], rows: int,
                 seed: int) -> dict[str, float]:
-    """Predicted Δloss of one site for fp16 and every rate (rows sampled, Fisher-extrapolated)."""
+    """Predicted Δloss of one site for fp16 and every rate (rows sampled, Fisher-extrapolated).
+
+    The codec sees the calibration statistics `stats` (as it will when quantizing); the
+    error is weighted by the Fisher statistics.
+    """
     from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
     from liftedge.targets.reference import get_format
 
     w = weight.detach().float()
-    fisher = fisher.to(w.device)
+    fisher = fisher_stats.diag.to(w.device)
     idx = _sample_rows(w.shape[0], rows, seed).to(w.device)
     total_f, sample_f = float(fisher.double().sum()), float(fisher[idx].double().sum())
     extrapolate = total_f / sample_f if sample_f > 0 else w.shape[0] / len(idx)
-    h = stats.hessian.float().to(w.device)
+    h = fisher_stats.hessian.float().to(w.device)
     errors = {FP16_OPTION: weighted_output_error(w.half().float() - w, h, fisher)}
     ws, fs = w[idx].contiguous(), fisher[idx]
     for rate in rates:
