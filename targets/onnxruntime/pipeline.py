@@ -1,0 +1,105 @@
+"""The target's two contract steps: pack -> files (`lower_pack`), files -> record (`verify_artifact`).
+
+This module sequences the others (read the pack, build the graph, write the files, convert
+to `.ort`, run the checks) and writes the report entries; it holds no graph logic itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from liftedge.errors import ArtifactError
+
+MODEL_NAME, GENAI_NAME = "model.onnx", "genai_config.json"
+
+
+def read_pack(pack: Path):
+    """(config, params fp16 numpy by name, quantized sites, manifest)."""
+    from transformers import AutoConfig
+
+    from liftedge.packed import read_manifest, read_quantized, read_weights
+
+    manifest = read_manifest(pack)
+    tensors = read_weights(pack)
+    sites = read_quantized(pack, manifest, tensors)
+    fields = {f"{n}.{f}" for n, qt in sites.items() for f in qt.tensors}
+    params = {k: v.numpy() for k, v in sorted(tensors.items()) if k not in fields}
+    try:
+        config = AutoConfig.from_pretrained(str(pack), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise ArtifactError(f"{pack / 'config.json'} cannot be read ({type(exc).__name__}: {exc})") from None
+    return config, params, sites, manifest
+
+
+def build_model(pack: Path) -> tuple[onnx.ModelProto, dict[str, Any], Any, Any]:
+    from liftedge.targets.onnxruntime.families import make_builder
+
+    config, params, sites, manifest = read_pack(pack)
+    builder = make_builder(config, params, sites)
+    model = builder.build()
+    return model, builder.report, builder.s, (config, manifest)
+
+
+def initializer_nbytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes
+               for t in model.graph.initializer)
+
+
+def operators(model: onnx.ModelProto) -> dict[str, list[str]]:
+    ops: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        ops.setdefault(node.domain or "ai.onnx", set()).add(node.op_type)
+    return {d: sorted(v) for d, v in sorted(ops.items())}
+
+
+def lower_pack(pack: Path, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    from liftedge.targets.onnxruntime import genai, ort_format
+
+    model, sites, shapes, (config, manifest) = build_model(pack)
+    model_path = out / MODEL_NAME
+    model_path.write_bytes(model.SerializeToString())
+    (out / GENAI_NAME).write_text(json.dumps(genai.genai_config(config, shapes, MODEL_NAME), indent=2, sort_keys=True) + "\n")
+    tokenizer = genai.copy_tokenizer(pack, out)
+    init_nbytes = initializer_nbytes(model)
+    pack_nbytes = manifest["totals"]["nbytes"]
+    report = {
+        "artifacts": {"onnx": MODEL_NAME, "genai_config": GENAI_NAME, "tokenizer": tokenizer},
+        "sites": sites,
+        "graph": {"opset": model.opset_import[0].version, "ir_version": model.ir_version,
+                  "nodes": len(model.graph.node), "operators": operators(model)},
+        "weights": {"initializer_nbytes": init_nbytes, "pack_nbytes": pack_nbytes,
+                    "ratio": round(init_nbytes / pack_nbytes, 4)},
+    }
+    if opts["ort"]:
+        ort_path, ops_path = ort_format.convert_to_ort(model_path, out)
+        report["artifacts"].update(ort=ort_path.name, required_operators=ops_path.name)
+        report["ort_mobile_operators"] = ort_format.read_ops_config(ops_path)
+    else:
+        report["ort_skipped"] = "option ort=no"
+    return report
+
+
+def verify_artifact(out: Path, pack: Path, report: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    from liftedge.targets.onnxruntime import TOLERANCE
+    from liftedge.targets.onnxruntime.session import make_step, open_session
+
+    from liftedge.packed import load_packed
+    from liftedge.verify import compare, greedy, prompt_ids, reference_run
+
+    loaded = load_packed(pack)
+    prompt = prompt_ids(loaded.tokenizer)
+    ref = reference_run(loaded.model, prompt, opts["new_tokens"])
+    del loaded
+    record = {}
+    for key in ("onnx", "ort"):
+        name = report["artifacts"].get(key)
+        if name is None:
+            continue
+        session = open_session(out / name, opts["threads"])
+        got = greedy(make_step(session), prompt, opts["new_tokens"])
+        record[key] = compare(got, ref, TOLERANCE, what=str(out / name))
+    return record
