@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     q.add_argument("--device", default="cpu", help="torch device for quantization (cpu, cuda)")
     t = p.add_argument_group("artifact")
     t.add_argument("--max-context", dest="max_context", type=int, default=None,
-                   help="KV cache length baked into the artifact (default: --context, else the profile's, else 512)")
+                   help="KV cache length baked into the artifact where the runtime needs one (ExecuTorch, Core ML; "
+                        "default: --context, else the profile's, else 512)")
     t.add_argument("--no-custom-ops", dest="custom_ops", action="store_false",
                    help="executorch: express lift-project layers in stock operators (no kernel library needed)")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
@@ -76,13 +77,23 @@ def run(args: argparse.Namespace) -> int:
         extra["memory"] = None if result.memory is None else result.memory.to_dict()
         del loaded
     context = args.max_context or args.context or (request.device.default_context if request.device else 512)
-    options = {"max_context": int(context)}
-    if runtime == "executorch":
-        options["custom_ops"] = bool(args.custom_ops)
+    from liftedge.lowering import get_target
+
+    wanted = {"max_context": int(context), "custom_ops": bool(args.custom_ops)}
+    options = {k: v for k, v in wanted.items() if k in get_target(runtime).OPTIONS}
     print(f"lowering for {runtime} (context {context}) and verifying against the reference ...")
     report = build_artifact(pack, runtime, args.output, options=options, force=args.force, extra_report=extra)
-    v = report["verification"]
+    records = verification_records(report["verification"])
     total = sum(report["files"].values())
-    print(f"wrote {args.output} ({format_size(total)}): verified, logits rel. error {v['prompt_logits_rel_error']:.2e}, "
-          f"{v['new_tokens']} greedy tokens equal to the reference; report {args.output / 'report.json'}")
+    worst = max(max(r["prompt_logits_rel_error"], r["decode_logits_max_rel_error"]) for r in records)
+    print(f"wrote {args.output} ({format_size(total)}): {len(records)} artifact file(s) verified, logits rel. error "
+          f"<= {worst:.2e}, {min(r['new_tokens'] for r in records)} greedy tokens equal to the reference; "
+          f"report {args.output / 'report.json'}")
     return 0
+
+
+def verification_records(verification: dict) -> list[dict]:
+    """The `liftedge.verify.compare` records of a report (one, or one per artifact file)."""
+    if "passed" in verification:
+        return [verification]
+    return [v for v in verification.values() if isinstance(v, dict) and "passed" in v]
