@@ -1,1 +1,91 @@
-"""ExecuTorch target (`.pte`): lift-project custom op with a C++ kernel, stock-operator fallback."""
+"""ExecuTorch target (`.pte`): lift-project custom op with a C++ kernel, stock-operator fallback.
+
+Implements the `liftedge.lowering` contract:
+
+    NAME = "executorch"
+    OPTIONS                      option -> help (`liftedge build --target executorch`)
+    lower(pack, out, options)    writes out/model.pte, returns the report (every site's lowering)
+    verify(out, pack, report, options)   runs model.pte in executorch.runtime and compares
+                                         greedy decoding with the pack's reference model
+
+Modules: `ops` (the torch op `liftedge::lq_linear` + `.out`), `kernel` (build/cache/load
+the C++ kernel library from `kernels/`), `modules` (export-time replacements of the other
+site formats), `export` (static KV cache, torch.export, XNNPACK lowering), `runtime`
+(running and verifying a `.pte`). `CMakeLists.txt` links `kernels/` into an app's runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from liftedge.errors import ArtifactError
+
+NAME = "executorch"
+OPTIONS = {
+    "custom_ops": "true (default): lift-project layers call liftedge::lq_linear (C++ kernel library "
+                  "needed at run time); false: stock-operator fallback (bit unpack in the graph)",
+    "max_context": "KV-cache length in tokens (default 256; the build passes the device's context)",
+    "max_prefill": "longest prompt chunk one call accepts (default 128, at most max_context)",
+    "verify_tokens": "greedy tokens compared with the reference during verification (default 32)",
+}
+_DEFAULTS = {"custom_ops": True, "max_context": 256, "max_prefill": 128, "verify_tokens": 32}
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ArtifactError(f"option {name} must be true or false, got {value!r}")
+
+
+def _as_int(name: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ArtifactError(f"option {name} must be an integer, got {value!r}") from None
+
+
+def parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Options with defaults filled in and types checked; unknown names are refused."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise ArtifactError(f"unknown executorch option(s) {unknown}; known: {', '.join(sorted(OPTIONS))}")
+    merged = {**_DEFAULTS, **options}
+    out = {"custom_ops": _as_bool("custom_ops", merged["custom_ops"])}
+    for key in ("max_context", "max_prefill", "verify_tokens"):
+        out[key] = _as_int(key, merged[key])
+    out["max_prefill"] = min(out["max_prefill"], out["max_context"])
+    if out["verify_tokens"] < 1:
+        raise ArtifactError(f"verify_tokens must be >= 1, got {out['verify_tokens']}")
+    return out
+
+
+def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
+    from liftedge.targets.executorch.export import PTE_NAME, ExportOptions, lower_pack
+
+    opts = parse_options(options)
+    report = lower_pack(Path(pack), Path(out), ExportOptions(opts["custom_ops"], opts["max_context"],
+                                                             opts["max_prefill"]))
+    report["artifacts"] = {"program": PTE_NAME}
+    report["runtime"] = {"max_context": opts["max_context"], "max_prefill": opts["max_prefill"],
+                         "inputs": "(input_ids int64 [1, n], cache_position int64 [n]), 1 <= n <= max_prefill",
+                         "outputs": "logits float32 [1, n, vocab]",
+                         "kernel_library": ("targets/executorch/CMakeLists.txt (liftedge_kernels) "
+                                            "must be linked into the app" if report["requires_kernel_library"]
+                                            else "not needed: stock operators only")}
+    return report
+
+
+def verify(out: Path, pack: Path, report: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    from liftedge.targets.executorch.export import PTE_NAME
+    from liftedge.targets.executorch.runtime import verify_pte
+
+    opts = parse_options(options)
+    return verify_pte(Path(out) / PTE_NAME, Path(pack), bool(report.get("requires_kernel_library")),
+                      opts["max_prefill"], opts["max_context"], opts["verify_tokens"])

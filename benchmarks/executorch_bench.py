@@ -1,0 +1,212 @@
+"""ExecuTorch on this CPU: liftedge custom-op .pte vs fallback vs fp32 and 8da4w XNNPACK.
+
+Builds four `.pte` files of the same model (the pack's weights) and runs each in its own
+subprocess (the real ExecuTorch runtime), timing prefill and decode and reading the child's
+peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss` in the child):
+
+| variant    | linear layers                                   | embedding / head          |
+|------------|-------------------------------------------------|---------------------------|
+| custom_op  | liftedge::lq_linear (C++ kernel, packed signs)  | fp16 (as packed, tied)    |
+| fallback   | stock-op lift-project (bit unpack in the graph) | fp16                      |
+| fp32       | XNNPACK fp32 on the pack's dequantized weights  | fp32                      |
+| 8da4w      | torchao int4 g32 + int8 dynamic act, XNNPACK    | fp16 (same as custom_op)  |
+
+It also measures this machine's copy bandwidth (numpy, 256 MiB) and reports, per variant,
+the bytes read per decoded token (constant weights the decode touches: all linears and the
+head, one embedding row) and the bound bandwidth / bytes. Load average before/after each
+run is recorded and `contended` is set when another process was using the CPU.
+
+    .venv/bin/python benchmarks/executorch_bench.py [--pack /work/packs/smollm2-lq24-10]
+        [--prefill 64] [--decode 32] [--variants custom_op,fallback,fp32,8da4w]
+Writes benchmarks/results/executorch_bench.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("custom_op", "fallback", "fp32", "8da4w")
+CHILD = r'''
+import json, resource, sys, time, torch
+from pathlib import Path
+from liftedge.targets.executorch.runtime import load_method
+path, needs, prefill, decode, vocab = Path(sys.argv[1]), sys.argv[2] == "1", *map(int, sys.argv[3:6])
+method = load_method(path, needs)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, min(vocab, 1000), (1, prefill), generator=g)
+t0 = time.perf_counter(); (logits,) = method.execute([ids, torch.arange(prefill)]); t1 = time.perf_counter()
+tok = int(logits[0, -1].argmax()); times = []
+for i in range(decode):
+    s = time.perf_counter()
+    (logits,) = method.execute([torch.tensor([[tok]]), torch.tensor([prefill + i])])
+    times.append(time.perf_counter() - s); tok = int(logits[0, -1].argmax())
+times.sort()
+print(json.dumps({"prefill_s": t1 - t0, "prefill_tokens_per_s": prefill / (t1 - t0),
+                  "decode_tokens_per_s": len(times) / sum(times), "decode_median_ms": 1e3 * times[len(times) // 2],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Best of `repeats` numpy copies: (read + write) bytes / time, in GB/s."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def dense_model(pack: Path, fp16_embeddings: bool):
+    """The pack's model with every quantized site as a plain fp32 nn.Linear (dequantized)."""
+    import torch
+
+    from liftedge.packed import load_packed, read_quantized, replace_module
+    from liftedge.targets.executorch import export
+    from liftedge.targets.reference import dequantize
+
+    loaded = load_packed(pack)
+    model = loaded.model
+    for name, qt in read_quantized(pack).items():
+        old = model.get_submodule(name)
+        lin = torch.nn.Linear(qt.meta["in_features"], qt.meta["out_features"], bias=getattr(old, "bias", None) is not None)
+        with torch.no_grad():
+            lin.weight.copy_(dequantize(qt))
+            if lin.bias is not None:
+                lin.bias.copy_(old.bias)
+        replace_module(model, name, lin)
+    if fp16_embeddings:
+        export.swap_embeddings(model, {})
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    return model.eval()
+
+
+def build_variant(variant: str, pack: Path, out: Path, opts) -> dict:
+    import torch
+
+    from liftedge.targets.executorch import export
+
+    if variant in ("custom_op", "fallback"):
+        opts = export.ExportOptions(variant == "custom_op", opts.max_context, opts.max_prefill)
+        _, model, _ = export.prepare_model(pack, opts)
+    else:
+        model = dense_model(pack, fp16_embeddings=(variant == "8da4w"))
+    if variant == "8da4w":
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+
+        layers = model.get_decoder().layers
+        quantize_(layers, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                                 weight_granularity=PerGroup(32)))
+    t = time.perf_counter()
+    data, counts = export.to_pte(export.export_program(model, opts))
+    out.write_bytes(data)
+    return {"pte_bytes": len(data), "build_s": time.perf_counter() - t,
+            "custom_op_calls": sum(v for k, v in counts.items() if k.startswith("liftedge.")),
+            "delegates": counts.get("executorch_call_delegate", 0)}
+
+
+def bytes_per_token(variant: str, pack: Path, pte_bytes: int) -> int:
+    """Constant bytes one decode step reads: the program's weights less the embedding table
+    (one row of it is read), plus that table again when the head is tied to it."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(pack))
+    table = cfg.vocab_size * cfg.hidden_size * (4 if variant == "fp32" else 2)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    return pte_bytes - table + (table if tied else 0) + cfg.hidden_size * 4
+
+
+def run_child(pte: Path, needs_kernel: bool, prefill: int, decode: int, vocab: int) -> dict:
+    load0 = os.getloadavg()[0]
+    res = subprocess.run([sys.executable, "-c", CHILD, str(pte), "1" if needs_kernel else "0", str(prefill),
+                          str(decode), str(vocab)], capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        return {"error": res.stderr[-2000:]}
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["loadavg_1min_before"], out["loadavg_1min_after"] = load0, os.getloadavg()[0]
+    return out
+
+
+def main(argv=None) -> int:
+    from liftedge.targets.executorch import export
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pack", default="/work/packs/smollm2-lq24-10")
+    ap.add_argument("--prefill", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--max-context", type=int, default=256)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--workdir", default=None, help="keep the .pte files here (default: a temp folder)")
+    ap.add_argument("--reuse", action="store_true", help="reuse <workdir>/<variant>.pte files that exist")
+    ap.add_argument("--out", default=str(RESULTS / "executorch_bench"), help="results path without suffix")
+    args = ap.parse_args(argv)
+    pack = Path(args.pack)
+    opts = export.ExportOptions(True, args.max_context, max(args.prefill, 2))
+    variants = [v for v in args.variants.split(",") if v]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="et-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bandwidth = copy_bandwidth_gbs()
+    manifest = json.loads((pack / "manifest.json").read_text())
+    rows = {}
+    for v in variants:
+        pte = work / f"{v}.pte"
+        if args.reuse and pte.exists():
+            from liftedge.targets.executorch.runtime import calls_custom_op
+
+            info = {"pte_bytes": pte.stat().st_size, "reused": True, "custom_op_calls": int(calls_custom_op(pte))}
+        else:
+            info = build_variant(v, pack, pte, opts)
+        vocab = json.loads((pack / "config.json").read_text())["vocab_size"]
+        info.update(run_child(pte, info["custom_op_calls"] > 0, args.prefill, args.decode, vocab))
+        info["bytes_per_decoded_token"] = bytes_per_token(v, pack, info["pte_bytes"])
+        info["decode_bound_tokens_per_s"] = bandwidth * 1e9 / info["bytes_per_decoded_token"]
+        rows[v] = info
+        print(v, json.dumps(info), flush=True)
+    loads = [r.get(k, 0) for r in rows.values() for k in ("loadavg_1min_before", "loadavg_1min_after")]
+    result = {"pack": str(pack), "pack_totals": manifest["totals"], "prefill_tokens": args.prefill,
+              "decode_tokens": args.decode, "max_context": args.max_context, "cpu_count": os.cpu_count(),
+              "copy_bandwidth_gbs": bandwidth, "variants": rows,
+              "contended": max(loads, default=0) > 0.5 * (os.cpu_count() or 1),
+              "contention_note": "load average sampled before/after each run; contended = some sample above "
+                                 "half the cores (other processes shared the CPU: timings are not clean)"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# ExecuTorch on this CPU ({r['cpu_count']} cores{', CONTENDED' if r['contended'] else ''})", "",
+             f"Pack `{r['pack']}`; prefill {r['prefill_tokens']} tokens, decode {r['decode_tokens']}; "
+             f"copy bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s.", "",
+             "| variant | .pte MB | prefill tok/s | decode tok/s | bound tok/s | MB/token | peak RSS MB | load before/after |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v, x in r["variants"].items():
+        if "error" in x:
+            lines.append(f"| {v} | {x['pte_bytes'] / 1e6:.1f} | error | | | | | |")
+            continue
+        lines.append(f"| {v} | {x['pte_bytes'] / 1e6:.1f} | {x['prefill_tokens_per_s']:.1f} | "
+                     f"{x['decode_tokens_per_s']:.2f} | {x['decode_bound_tokens_per_s']:.1f} | "
+                     f"{x['bytes_per_decoded_token'] / 1e6:.1f} | {x['peak_rss_mb']:.0f} | "
+                     f"{x['loadavg_1min_before']:.1f}/{x['loadavg_1min_after']:.1f} |")
+    lines += ["", r["contention_note"], ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Pack -> `.pte`: swap in export modules, wrap with a static KV cache, export, lower, save.
+
+`lower_pack(pack, out, opts)` does the whole lowering and returns the report fields:
+
+1. `load_packed(pack)` gives the HF model with reference modules; each site is replaced by
+   its export module (`modules.py`, `ops.LqLinear`) and the reason is recorded per site.
+2. transformers' `TorchExportableModuleWithStaticCache` wraps the model: the KV cache is a
+   set of static buffers of `max_context` positions (sliding-window layers become full
+   static layers, so generation stops at `max_context`). Its forward takes
+   (input_ids [1, n], cache_position [n]) and returns logits [1, n, vocab]; n is a dynamic
+   dimension in [1, max_prefill], so one method serves prefill and decode.
+3. `torch.export` (strict, as DEPS.md found necessary with torch 2.13), then
+   `to_edge_transform_and_lower` with the XNNPACK partitioner (attention, norms, fp matmuls),
+   then `to_executorch`; the custom op stays outside the delegate and runs the C++ kernel.
+
+This module owns the export; the op is `ops.py`, the kernel `kernel.py`, checks `runtime.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from liftedge.errors import ArtifactError
+from liftedge.targets.executorch import modules, ops
+
+log = logging.getLogger(__name__)
+
+PTE_NAME = "model.pte"
+# Families whose HF implementation exports with transformers' static cache (tested: tests/test_executorch.py).
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gpt_neox")
+CUSTOM_OP = f"{ops.NAMESPACE}::{ops.OP}"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to build (validated): custom op or stock-op fallback, context, prefill bound."""
+
+    custom_ops: bool = True
+    max_context: int = 256
+    max_prefill: int = 128
+
+    def __post_init__(self) -> None:
+        if not (8 <= self.max_context <= 1 << 16):
+            raise ArtifactError(f"max_context must be in [8, 65536], got {self.max_context}")
+        if not (2 <= self.max_prefill <= self.max_context):
+            raise ArtifactError(f"max_prefill must be in [2, max_context={self.max_context}], got {self.max_prefill}")
+
+
+def check_family(family: str | None) -> None:
+    if family not in SUPPORTED_FAMILIES:
+        raise ArtifactError(f"the executorch target does not support model family {family!r}; "
+                            f"supported: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    from liftedge.packed import replace_module
+
+    replace_module(model, name, new)
+
+
+def swap_sites(model: nn.Module, qtensors: dict, custom_ops: bool) -> dict[str, dict[str, str]]:
+    """Replace every quantized site by its export module; return site -> {lowering, why}."""
+    sites = {}
+    for name, qt in sorted(qtensors.items()):
+        bias = getattr(model.get_submodule(name), "bias", None)
+        if qt.fmt == "liftquant":
+            _replace(model, name, ops.LqLinear(qt.tensors, bias, custom_op=custom_ops))
+            sites[name] = ({"lowering": CUSTOM_OP, "why": "lift-project layer: C++ kernel over the packed signs"}
+                           if custom_ops else
+                           {"lowering": "stock-op lift-project",
+                            "why": "custom_ops=False: bit unpack + matmuls in stock operators, signs packed"})
+        elif qt.fmt == "int":
+            _replace(model, name, modules.IntDequantLinear(qt, bias))
+            sites[name] = {"lowering": f"stock-op dequant int{qt.meta['bits']} g{qt.meta['group_size']}",
+                           "why": "packed codes unpacked in the graph: exact pack values at packed size "
+                                  "(8da4w would re-quantize to another grid)"}
+        elif qt.fmt == "fp16":
+            sites[name] = {"lowering": "xnnpack fp32 linear", "why": "fp16 site: float weights, XNNPACK"}
+        else:
+            raise ArtifactError(f"site {name}: format {qt.fmt!r} has no ExecuTorch lowering")
+    return sites
+
+
+def swap_embeddings(model: nn.Module, qtensors: dict, custom_ops: bool = True) -> dict[str, dict[str, str]]:
+    """Embedding and head as fp16 (as the pack stores them), the tied table stored once."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    emb_name = next(n for n, m in model.named_modules() if m is emb)
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    if emb_name in qtensors:
+        raise ArtifactError(f"{emb_name}: a quantized embedding has no ExecuTorch lowering yet")
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    scale = getattr(emb, "embed_scale", None)
+    new_emb = modules.Fp16Embedding(emb.weight, None if scale is None else float(scale))
+    _replace(model, emb_name, new_emb)
+    sites = {emb_name: {"lowering": "fp16 embedding (portable gather)", "why": "pack stores it fp16"}}
+    if head_name is None or head_name in qtensors:
+        return sites
+    if tied:
+        new_head = modules.Fp16Head(new_emb, "table", getattr(head, "bias", None), custom_ops)
+        why = ("tied to the embedding: one fp16 table serves both" if custom_ops else
+               "custom_ops=False: XNNPACK fp16 linear, which keeps its own copy of the tied table")
+    else:
+        holder = nn.Module()
+        holder.register_buffer("weight", head.weight.detach().to(torch.float16).clone())
+        new_head = modules.Fp16Head(holder, "weight", getattr(head, "bias", None), custom_ops)
+        new_head.holder = holder
+        why = "pack stores it fp16"
+    _replace(model, head_name, new_head)
+    sites[head_name] = {"lowering": f"{ops.NAMESPACE}::fp16_linear" if custom_ops else "xnnpack fp16 linear",
+                        "why": why}
+    return sites
+
+
+def prepare_model(pack: Path, opts: ExportOptions):
+    """The loaded pack with export modules in place, and the per-site report."""
+    from liftedge.packed import load_packed, read_manifest, read_quantized
+
+    check_family(read_manifest(pack)["source"].get("family"))  # before the (slow) load
+    loaded = load_packed(pack)
+    model = loaded.model
+    qtensors = read_quantized(pack)
+    sites = swap_sites(model, qtensors, opts.custom_ops)
+    sites.update(swap_embeddings(model, qtensors, opts.custom_ops))
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    return loaded, model.eval(), sites
+
+
+def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.ExportedProgram:
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=opts.max_context)
+    seq = torch.export.Dim("seq", min=1, max=opts.max_prefill)
+    ids = torch.zeros((1, 2), dtype=torch.long)
+    pos = torch.arange(2, dtype=torch.long)
+    with torch.no_grad():
+        return torch.export.export(wrapper, args=(), kwargs={"input_ids": ids, "cache_position": pos},
+                                   dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
+                                   strict=True)
+
+
+def to_pte(program: torch.export.ExportedProgram, partitioners: list | None = None):
+    """Lower to ExecuTorch (XNNPACK by default); returns (.pte bytes, operator counts)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    # IR validity is not checked: liftedge::lq_linear is not a core ATen op (it is ours).
+    edge = to_edge_transform_and_lower(program, partitioner=partitioners or [XnnpackPartitioner()],
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    counts = op_counts(edge.exported_program().graph_module)
+    with _fast_mutable_buffer_check():
+        return edge.to_executorch().buffer, counts
+
+
+@contextlib.contextmanager
+def _fast_mutable_buffer_check():
+    """Memory planning asks "is this placeholder a mutated buffer?" once per node, and
+    executorch 1.5.1 rebuilds the signature's input->buffer map on every call: quadratic in
+    the ~1,500 buffers of a 30-block pack (tens of minutes). Same answer, computed once."""
+    from executorch.exir import memory_planning as mp
+
+    original = mp._is_mutable_buffer
+    cache: dict[int, tuple[Any, frozenset[str]]] = {}
+
+    def is_mutable_buffer(node, graph_signature=None) -> bool:
+        if graph_signature is None or node.op != "placeholder" or not isinstance(node.target, str):
+            return False
+        key = id(graph_signature)
+        if key not in cache:
+            mutated = set(graph_signature.buffers_to_mutate.values())
+            names = frozenset(n for n, fqn in graph_signature.inputs_to_buffers.items() if fqn in mutated)
+            cache[key] = (graph_signature, names)  # the reference keeps the id from being reused
+        return node.target in cache[key][1]
+
+    mp._is_mutable_buffer = is_mutable_buffer
+    try:
+        yield
+    finally:
+        mp._is_mutable_buffer = original
+
+
+def op_counts(graph_module: torch.fx.GraphModule) -> dict[str, int]:
+    """How many nodes of each operator stay outside delegates (delegate calls included)."""
+    counts: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", str(node.target))
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def lower_pack(pack: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
+    """Write `out/model.pte`; return the report's lowering fields."""
+    loaded, model, sites = prepare_model(pack, opts)
+    program = export_program(model, opts)
+    del loaded
+    data, counts = to_pte(program)
+    (out / PTE_NAME).write_bytes(data)
+    n_custom = sum(v for k, v in counts.items() if k.startswith(f"{ops.NAMESPACE}."))
+    return {"sites": sites, "operators": counts, "custom_op_calls": n_custom,
+            "requires_kernel_library": n_custom > 0}

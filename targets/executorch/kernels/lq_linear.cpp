@@ -1,0 +1,217 @@
+// liftedge lift-project linear: portable C++ core. See lq_linear.h for the math and layout.
+#include "lq_linear.h"
+
+#include <cstring>
+
+namespace {
+
+// SIGN_PATTERN[b][j] = +1 if bit j of b is set else -1 (bit 1 = +1, LSB first).
+struct SignPattern {
+  float v[256][8];
+  SignPattern() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) v[b][j] = ((b >> j) & 1) ? 1.0f : -1.0f;
+  }
+};
+const SignPattern SIGN_PATTERN;
+
+inline int64_t n_blocks(const lq_layer* L) { return (L->in_features + L->d - 1) / L->d; }
+inline int64_t lifted_width(const lq_layer* L) { return lq_row_nbytes(L) * 8; }
+
+// v = block_scale ⊙ vec(mix1 · (in_scale ⊙ x as [n1, n2]) · mix2^T); work holds 2 n floats,
+// mix2t = mix2^T [n2, n2] (so both products are row-axpys the compiler vectorizes).
+void inverse_transform(const lq_layer* L, const float* mix2t, const float* x, float* v, float* work) {
+  const int64_t n1 = L->n1, n2 = L->n2, n = L->in_features, d = L->d;
+  float* a = work;
+  float* t = work + n;
+  for (int64_t i = 0; i < n; ++i) a[i] = x[i] * L->in_scale[i];
+  for (int64_t i = 0; i < n1; ++i) {  // t = mix1 · A   [n1, n2]
+    float* ti = t + i * n2;
+    for (int64_t j = 0; j < n2; ++j) ti[j] = 0.0f;
+    for (int64_t k = 0; k < n1; ++k) {
+      const float c = L->mix1[i * n1 + k];
+      const float* ak = a + k * n2;
+      for (int64_t j = 0; j < n2; ++j) ti[j] += c * ak[j];
+    }
+  }
+  for (int64_t i = 0; i < n1; ++i) {  // v = t · mix2^T  [n1, n2]
+    const float* ti = t + i * n2;
+    float* vi = v + i * n2;
+    for (int64_t j = 0; j < n2; ++j) vi[j] = 0.0f;
+    for (int64_t k = 0; k < n2; ++k) {
+      const float c = ti[k];
+      const float* mk = mix2t + k * n2;
+      for (int64_t j = 0; j < n2; ++j) vi[j] += c * mk[j];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) v[i] *= L->block_scale[i / d];
+}
+
+// u [lifted_width]: each block of d values of v (zero past n) times M [d, D]; tail zeroed.
+void lift(const lq_layer* L, const float* v, float* u) {
+  const int64_t d = L->d, D = L->D, n = L->in_features, nb = n_blocks(L);
+  const int64_t width = lifted_width(L);
+  for (int64_t k = 0; k < nb; ++k) {
+    float* uk = u + k * D;
+    for (int64_t j = 0; j < D; ++j) uk[j] = 0.0f;
+    for (int64_t i = 0; i < d && k * d + i < n; ++i) {
+      const float c = v[k * d + i];
+      const float* mi = L->codebook + i * D;
+      for (int64_t j = 0; j < D; ++j) uk[j] += c * mi[j];
+    }
+  }
+  for (int64_t w = nb * D; w < width; ++w) u[w] = 0.0f;
+}
+
+// LUT8: table[g][b] = Σ_j (bit j of b ? +u : -u)[8g + j], built with one add per entry.
+void build_tables(const float* u, int64_t nbytes, float* table) {
+  for (int64_t g = 0; g < nbytes; ++g) {
+    const float* ug = u + 8 * g;
+    float* tg = table + 256 * g;
+    tg[0] = -(ug[0] + ug[1] + ug[2] + ug[3] + ug[4] + ug[5] + ug[6] + ug[7]);
+    for (int b = 1; b < 256; ++b) tg[b] = tg[b & (b - 1)] + 2.0f * ug[__builtin_ctz(b)];
+  }
+}
+
+void signs_lut8(const lq_layer* L, const float* table, float* y) {
+  const int64_t nbytes = lq_row_nbytes(L);
+  for (int64_t r = 0; r < L->out_features; ++r) {
+    const uint8_t* row = L->signs + r * nbytes;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    int64_t g = 0;
+    for (; g + 4 <= nbytes; g += 4) {
+      s0 += table[256 * g + row[g]];
+      s1 += table[256 * (g + 1) + row[g + 1]];
+      s2 += table[256 * (g + 2) + row[g + 2]];
+      s3 += table[256 * (g + 3) + row[g + 3]];
+    }
+    for (; g < nbytes; ++g) s0 += table[256 * g + row[g]];
+    y[r] = L->scale[r] * ((s0 + s1) + (s2 + s3));
+  }
+}
+
+// MASK: 8 lifted values per packed byte as one 8-float vector (GCC/Clang vector extension:
+// one AVX op on x86, two NEON ops on ARM), times the byte's ±1 pattern.
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef float v8f_aligned __attribute__((vector_size(32)));
+
+struct VecPattern {
+  v8f_aligned v[256];
+  VecPattern() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) v[b][j] = SIGN_PATTERN.v[b][j];
+  }
+};
+const VecPattern VEC_PATTERN;
+
+inline float hsum(v8f_aligned a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+constexpr int TILE = 4;
+
+// T tokens per pass, so each packed byte is read once per tile (prefill).
+template <int T>
+void signs_mask_tile(const lq_layer* L, const float* u, int64_t width, float* y, int64_t ystride,
+                     int64_t r0, int64_t r1) {
+  const int64_t nbytes = lq_row_nbytes(L);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = L->signs + r * nbytes;
+    v8f_aligned acc[T] = {};
+    for (int64_t g = 0; g < nbytes; ++g) {
+      const v8f_aligned s = VEC_PATTERN.v[row[g]];
+      for (int t = 0; t < T; ++t) acc[t] += *reinterpret_cast<const v8f*>(u + t * width + 8 * g) * s;
+    }
+    for (int t = 0; t < T; ++t) y[t * ystride + r] = L->scale[r] * hsum(acc[t]);
+  }
+}
+
+// One token: four independent accumulators (bytes g..g+3) hide the multiply-add latency.
+void signs_mask_one(const lq_layer* L, const float* u, float* y, int64_t r0, int64_t r1) {
+  const int64_t nbytes = lq_row_nbytes(L);
+  const v8f* uv = reinterpret_cast<const v8f*>(u);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = L->signs + r * nbytes;
+    v8f_aligned a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    int64_t g = 0;
+    for (; g + 4 <= nbytes; g += 4) {
+      a0 += uv[g] * VEC_PATTERN.v[row[g]];
+      a1 += uv[g + 1] * VEC_PATTERN.v[row[g + 1]];
+      a2 += uv[g + 2] * VEC_PATTERN.v[row[g + 2]];
+      a3 += uv[g + 3] * VEC_PATTERN.v[row[g + 3]];
+    }
+    for (; g < nbytes; ++g) a0 += uv[g] * VEC_PATTERN.v[row[g]];
+    y[r] = L->scale[r] * hsum((a0 + a1) + (a2 + a3));
+  }
+}
+
+void signs_mask(const lq_layer* L, const float* u, int64_t m, float* y, int64_t r0, int64_t r1) {
+  const int64_t width = lifted_width(L), out = L->out_features;
+  int64_t t = 0;
+  for (; t + TILE <= m; t += TILE) signs_mask_tile<TILE>(L, u + t * width, width, y + t * out, out, r0, r1);
+  for (; t < m; ++t) signs_mask_one(L, u + t * width, y + t * out, r0, r1);
+}
+
+bool valid(const lq_layer* L) {
+  return L && L->in_features > 0 && L->out_features > 0 && L->d > 0 && L->D > 0 &&
+         L->n1 > 0 && L->n2 > 0 && L->n1 * L->n2 == L->in_features && L->signs && L->scale &&
+         L->in_scale && L->mix1 && L->mix2 && L->block_scale && L->codebook;
+}
+
+// AUTO is MASK: it measured faster than LUT8 at every shape, decode and prefill
+// (benchmarks/results/executorch_kernel_bench.md); LUT8 stays for comparison.
+int resolve(int method, int64_t) { return method == LQ_METHOD_AUTO ? LQ_METHOD_MASK : method; }
+
+// Scratch layout: [a, t, v: 3 n][mix2^T: n2 * n2][u: m * width (MASK) or width + tables (LUT8)].
+int64_t u_offset(const lq_layer* L) { return 3 * L->in_features + L->n2 * L->n2; }
+
+void prepare(const lq_layer* L, const float* x, int64_t m, float* scratch) {
+  const int64_t n = L->in_features, n2 = L->n2, width = lifted_width(L);
+  float* mix2t = scratch + 3 * n;
+  for (int64_t i = 0; i < n2; ++i)
+    for (int64_t j = 0; j < n2; ++j) mix2t[j * n2 + i] = L->mix2[i * n2 + j];
+  float* u = scratch + u_offset(L);
+  for (int64_t t = 0; t < m; ++t) {
+    inverse_transform(L, mix2t, x + t * n, scratch + 2 * n, scratch);
+    lift(L, scratch + 2 * n, u + t * width);
+  }
+}
+
+}  // namespace
+
+extern "C" int64_t lq_row_nbytes(const lq_layer* L) { return (n_blocks(L) * L->D + 7) / 8; }
+
+extern "C" int64_t lq_scratch_floats(const lq_layer* L, int64_t m, int method) {
+  if (resolve(method, m) == LQ_METHOD_LUT8) return u_offset(L) + lifted_width(L) + 256 * lq_row_nbytes(L);
+  return u_offset(L) + m * lifted_width(L);
+}
+
+extern "C" int lq_mask_prepare(const lq_layer* L, const float* x, int64_t m, float* scratch) {
+  if (!valid(L) || m < 0 || (m > 0 && (!x || !scratch))) return 1;
+  prepare(L, x, m, scratch);
+  return 0;
+}
+
+extern "C" void lq_mask_rows(const lq_layer* L, const float* scratch, int64_t m, float* y, int64_t r0, int64_t r1) {
+  signs_mask(L, scratch + u_offset(L), m, y, r0, r1);
+}
+
+extern "C" int lq_linear_f32(const lq_layer* L, const float* x, int64_t m, float* y, float* scratch, int method) {
+  if (!valid(L) || m < 0 || (m > 0 && (!x || !y || !scratch))) return 1;
+  method = resolve(method, m);
+  if (method != LQ_METHOD_LUT8 && method != LQ_METHOD_MASK) return 2;
+  if (method == LQ_METHOD_MASK) {
+    prepare(L, x, m, scratch);
+    signs_mask(L, scratch + u_offset(L), m, y, 0, L->out_features);
+    return 0;
+  }
+  const int64_t n = L->in_features;
+  float* u = scratch + u_offset(L);
+  float* table = u + lifted_width(L);
+  for (int64_t t = 0; t < m; ++t) {  // LUT8: one token at a time through its tables
+    prepare(L, x + t * n, 1, scratch);
+    build_tables(u, lq_row_nbytes(L), table);
+    signs_lut8(L, table, y + t * L->out_features);
+  }
+  return 0;
+}

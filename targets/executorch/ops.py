@@ -1,0 +1,127 @@
+"""The `liftedge::lq_linear` operator for torch: schema, eager/export implementation, `.out`.
+
+    lq_linear(Tensor x, Tensor signs, Tensor scale, Tensor in_scale, Tensor mix1, Tensor mix2,
+              Tensor block_scale, Tensor codebook) -> Tensor
+    lq_linear.out(..., *, Tensor(a!) out) -> Tensor(a!)
+    fp16_linear(Tensor x, Tensor weight) -> Tensor      (+ .out): x fp32 · W^T, W fp16 as packed
+
+x is float32 [..., in_features]; the other arguments are the stored fields of a "liftquant"
+tensor exactly as packed (signs uint8, float factors fp16), so the `.pte` holds the pack's
+bytes. The torch implementation is the reference computation (`targets/reference/liftquant.py`
+LiftLinear.forward order) in stock torch ops; ExecuTorch runs the C++ kernel (`kernels/`)
+registered under the same name. `LqLinear` is the module that replaces a reference
+`LiftLinear` before export; `unpack_signs_graph` is the stock-operator bit unpack the fallback
+lowering (`custom_ops=False`) shares with this implementation.
+
+This module owns the op's definition; building the kernel is `kernel.py`, export `export.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NAMESPACE = "liftedge"
+OP = "lq_linear"
+_ARGS = ("Tensor x, Tensor signs, Tensor scale, Tensor in_scale, Tensor mix1, Tensor mix2, "
+         "Tensor block_scale, Tensor codebook")
+FIELDS = ("signs", "scale", "in_scale", "mix1", "mix2", "block_scale", "codebook")
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+_lib.define(f"{OP}({_ARGS}) -> Tensor")
+_lib.define(f"{OP}.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def unpack_signs_graph(signs: torch.Tensor, width: int) -> torch.Tensor:
+    """uint8 [out, nbytes] -> ±1 float32 [out, width] with stock ops (bitwise_and, ne, where).
+
+    Bit j of byte k is sign column 8k + j (LSB first; `liftedge.bitpack`). Uses
+    `bitwise_and(x, mask) != 0` rather than a right shift, which is not core ATen.
+    """
+    masks = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+    bits = torch.bitwise_and(signs.unsqueeze(-1), masks) != 0
+    pm = torch.where(bits, 1.0, -1.0).reshape(signs.shape[0], -1)
+    return pm[:, :width]
+
+
+def lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook) -> torch.Tensor:
+    """The lift-project linear in stock torch ops, in LiftLinear.forward's order."""
+    f32 = torch.float32
+    d, D = codebook.shape
+    n, n1, n2 = in_scale.shape[0], mix1.shape[0], mix2.shape[0]
+    nb = block_scale.shape[0]
+    a = (x * in_scale.to(f32)).reshape(*x.shape[:-1], n1, n2)
+    a = torch.matmul(torch.matmul(mix1.to(f32), a), mix2.to(f32).t()).reshape(*x.shape[:-1], n)
+    v = a * block_scale.to(f32).repeat_interleave(d)[:n]
+    if nb * d != n:
+        v = torch.nn.functional.pad(v, (0, nb * d - n))
+    u = torch.matmul(v.reshape(*x.shape[:-1], nb, d), codebook.to(f32)).reshape(*x.shape[:-1], nb * D)
+    s = unpack_signs_graph(signs, nb * D)
+    return torch.matmul(u, s.t()) * scale.to(f32)
+
+
+@torch.library.impl(_lib, OP, "CompositeExplicitAutograd")
+def _lq_linear(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook):
+    return lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook)
+
+
+@torch.library.impl(_lib, f"{OP}.out", "CompositeExplicitAutograd")
+def _lq_linear_out(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook, *, out):
+    out.resize_(*x.shape[:-1], signs.shape[0])
+    out.copy_(lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook))
+    return out
+
+
+_lib.define("fp16_linear(Tensor x, Tensor weight) -> Tensor")
+_lib.define("fp16_linear.out(Tensor x, Tensor weight, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+@torch.library.impl(_lib, "fp16_linear", "CompositeExplicitAutograd")
+def _fp16_linear(x, weight):
+    return torch.nn.functional.linear(x, weight.to(torch.float32))
+
+
+@torch.library.impl(_lib, "fp16_linear.out", "CompositeExplicitAutograd")
+def _fp16_linear_out(x, weight, *, out):
+    out.resize_(*x.shape[:-1], weight.shape[0])
+    out.copy_(_fp16_linear(x, weight))
+    return out
+
+
+@torch.library.register_fake(f"{NAMESPACE}::fp16_linear")
+def _fp16_linear_fake(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::{OP}")
+def _lq_linear_fake(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook):
+    return x.new_empty((*x.shape[:-1], signs.shape[0]))
+
+
+def op() -> torch._ops.OpOverload:
+    return getattr(torch.ops, NAMESPACE).lq_linear.default
+
+
+def fp16_linear_op() -> torch._ops.OpOverload:
+    return getattr(torch.ops, NAMESPACE).fp16_linear.default
+
+
+class LqLinear(nn.Module):
+    """A lift-project linear over the packed fields (buffers, as stored) that calls the op.
+
+    `custom_op=False` computes the same thing with `lq_linear_math` inline (stock operators
+    only; the signs stay packed uint8 and are unpacked in the graph).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, custom_op: bool = True):
+        super().__init__()
+        for field in FIELDS:
+            self.register_buffer(field, tensors[field].detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone(),
+                                                           requires_grad=False)
+        self.custom_op = custom_op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = [getattr(self, f) for f in FIELDS]
+        y = op()(x, *args) if self.custom_op else lq_linear_math(x, *args)
+        return y if self.bias is None else y + self.bias

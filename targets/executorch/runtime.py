@@ -1,0 +1,97 @@
+"""Running a liftedge `.pte` in the real ExecuTorch runtime, and verifying it.
+
+`pte_step(path, needs_kernel)` loads the program with `executorch.runtime.Runtime` (after
+loading the kernel library when the program calls `liftedge::lq_linear`) and returns a
+`liftedge.verify` step function: `step(ids, start_pos) -> logits [len(ids), vocab]`, where a
+prompt longer than the exported prefill bound is fed in chunks. `verify_pte` runs the
+verification prompt through it and through the pack's reference model and compares.
+
+This module owns loading and running; lowering is `export.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from liftedge.errors import ArtifactError
+
+# Relative Frobenius error allowed between .pte and reference logits. Both compute in fp32
+# from the same fp16-stored values and differ in summation order (XNNPACK GEMMs, the
+# kernel's ±1 sums); the custom-op build's head (liftedge::fp16_linear) keeps fp32
+# activations. The fallback's head is XNNPACK's fp16 linear, which rounds the activation to
+# fp16: SmolLM2 with that head measured 4.8e-3 (prompt) and 8.0e-3 (decode), the tiny
+# models ~1.5e-3. 1.5e-2 leaves room for that; a wrong layout or sign gives O(1), and greedy
+# tokens must match exactly in any case.
+TOLERANCE = 1.5e-2
+
+
+def calls_custom_op(path: Path) -> bool:
+    """Whether the program names liftedge::lq_linear (operator names are stored as text)."""
+    data = Path(path).read_bytes()
+    return b"liftedge::lq_linear" in data or b"liftedge::fp16_linear" in data
+
+
+def load_method(path: Path, needs_kernel: bool):
+    """The program's `forward` method, loaded in the ExecuTorch runtime.
+
+    `needs_kernel` loads the kernel library first; without it, a program that calls the
+    custom op fails here with a message that says so (the runtime's own says "Missing operator").
+    """
+    if needs_kernel:
+        from liftedge.targets.executorch.kernel import load_library
+
+        load_library()
+    from executorch.runtime import Runtime
+
+    try:
+        return Runtime.get().load_program(str(path)).load_method("forward")
+    except Exception as exc:  # the runtime raises RuntimeError and logs details on stderr
+        hint = ""
+        if calls_custom_op(path):
+            hint = ("; the program calls liftedge::lq_linear, whose kernel library is not loaded: call "
+                    "liftedge.targets.executorch.kernel.load_library() first (in an app, link "
+                    "targets/executorch/CMakeLists.txt's liftedge_kernels)")
+        raise ArtifactError(f"ExecuTorch cannot load {path}: {exc}{hint}") from None
+
+
+def pte_step(path: Path, needs_kernel: bool, max_prefill: int, max_context: int):
+    method = load_method(path, needs_kernel)
+    position = [0]
+
+    def step(ids: list[int], start_pos: int) -> np.ndarray:
+        if start_pos + len(ids) > max_context:
+            raise ArtifactError(f"{start_pos + len(ids)} tokens exceed the program's KV cache of {max_context}; "
+                                "rebuild with a larger max_context")
+        if start_pos != position[0]:
+            raise ArtifactError(f"the .pte's cache holds {position[0]} tokens, step starts at {start_pos}")
+        chunks = []
+        for i in range(0, len(ids), max_prefill):
+            part = ids[i:i + max_prefill]
+            x = torch.tensor([part], dtype=torch.long)
+            pos = torch.arange(start_pos + i, start_pos + i + len(part), dtype=torch.long)
+            (logits,) = method.execute([x, pos])
+            chunks.append(logits[0].float().numpy())
+        position[0] = start_pos + len(ids)
+        return np.concatenate(chunks, axis=0)
+
+    return step
+
+
+def verify_pte(path: Path, pack: Path, needs_kernel: bool, max_prefill: int, max_context: int,
+               new_tokens: int, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    from liftedge.packed import load_packed
+    from liftedge.verify import compare, greedy, prompt_ids, reference_run
+
+    loaded = load_packed(pack)
+    prompt = prompt_ids(loaded.tokenizer)
+    if len(prompt) + new_tokens > max_context:
+        raise ArtifactError(f"verification needs {len(prompt)} prompt + {new_tokens} new tokens, more than "
+                            f"max_context={max_context}; raise max_context or lower verify_tokens")
+    ref = reference_run(loaded.model, prompt, new_tokens)
+    del loaded
+    got = greedy(pte_step(path, needs_kernel, max_prefill, max_context), prompt, new_tokens)
+    return compare(got, ref, tolerance, what=str(path.name))

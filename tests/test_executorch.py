@@ -1,0 +1,226 @@
+"""ExecuTorch target: the C++ lift-project kernel, the custom op in the real runtime, builds.
+
+Thresholds are relative errors against the fp32 reference (`targets/reference/liftquant.py`);
+each says why it is what it is. Builds use the tiny packs of `conftest.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+
+from conftest import make_tiny_pack  # noqa: E402
+from liftedge.errors import ArtifactError  # noqa: E402
+from liftedge.lattice import shipped_rates  # noqa: E402
+from liftedge.lowering import build_artifact  # noqa: E402
+from liftedge.targets.executorch import export, kernel, ops, parse_options, runtime  # noqa: E402
+from liftedge.targets.reference.liftquant import LiftLinear, encode_liftquant, n_blocks  # noqa: E402
+from liftedge.verify import VerificationError  # noqa: E402
+from liftedge.whiten import kron_factors  # noqa: E402
+
+# Ragged input widths: prime, not a multiple of 8 or of d, SmolLM2's 576, and tiny.
+IN_FEATURES = (7, 100, 576, 45, 130, 64)
+# fp32 kernel vs fp32 reference: only the summation order differs (bit-serial sums of ±u vs
+# a dense matmul), so errors are a few ulps times sqrt(width): 1e-5 leaves ~20x margin and
+# a wrong bit order or sign convention gives O(1).
+KERNEL_RTOL = 1e-5
+# Custom-op .pte vs stock-op fallback .pte: the decoder is the same fp32 math in other
+# operators (~1e-6), but the fallback's head is XNNPACK's fp16 linear, which rounds the
+# activation to fp16 (observed 2e-3 on the tiny model) where liftedge::fp16_linear keeps
+# fp32; 1e-2 covers that and still fails on any layout or sign error (O(1)).
+AGREE_RTOL = 1e-2
+
+
+def random_layer(out: int, n: int, D: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    nb = n_blocks(n, d)
+    n1, n2 = kron_factors(n)
+    signs = torch.randint(0, 2, (out, nb * D), generator=g) * 2 - 1
+    pos = lambda *s: torch.rand(*s, generator=g) + 0.5  # noqa: E731
+    return encode_liftquant(signs, pos(out), pos(n), torch.randn(n1, n1, generator=g) / n1 ** 0.5,
+                            torch.randn(n2, n2, generator=g) / n2 ** 0.5, pos(nb), torch.randn(d, D, generator=g))
+
+
+def rel_err(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """One kernel build for the module (the autouse fixture gives each test an empty cache)."""
+    return tmp_path_factory.mktemp("et-kernel-cache")
+
+
+@pytest.fixture(autouse=True)
+def _shared_kernel_cache(kernel_cache, monkeypatch):
+    monkeypatch.setenv("LIFTEDGE_CACHE", str(kernel_cache))
+
+
+@pytest.mark.parametrize("rate", shipped_rates(), ids=lambda r: r.slug)
+def test_kernel_matches_reference_every_rate(rate):
+    idx = rate.D * 31 + rate.d
+    n = IN_FEATURES[idx % len(IN_FEATURES)]
+    qt = random_layer(out=3 + idx % 29, n=n, D=rate.D, d=rate.d, seed=idx)
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(idx))
+    ref = LiftLinear(qt, None)(x).numpy()
+    for method in ("lut8", "mask"):
+        for rows in (x[:1], x):  # decode (m = 1) and prefill (m = 5, a ragged token tile)
+            got = kernel.run_kernel(qt.tensors, rows.numpy(), method)
+            assert rel_err(got, ref[: rows.shape[0]]) < KERNEL_RTOL, (rate, method, rows.shape)
+
+
+def test_kernel_cache_key_and_reuse():
+    first = kernel.library_path()
+    assert first.exists() and kernel.library_path() == first  # built once, then reused
+    assert kernel.library_key() in first.name
+
+
+class _Layers(torch.nn.Module):
+    """Several lift-project layers (ragged widths, several rates) over one input each."""
+
+    def __init__(self, qts, custom_op: bool):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(ops.LqLinear(qt.tensors, None, custom_op) for qt in qts)
+
+    def forward(self, *xs):
+        return tuple(layer(x) for layer, x in zip(self.layers, xs))
+
+
+@pytest.fixture(scope="module")
+def op_program(tmp_path_factory):
+    """A .pte calling liftedge::lq_linear on 4 ragged layers; inputs and reference outputs."""
+    specs = [(5, 7, 24, 10), (17, 100, 12, 4), (40, 576, 32, 20), (9, 45, 16, 6)]
+    qts = [random_layer(o, n, D, d, seed=i) for i, (o, n, D, d) in enumerate(specs)]
+    g = torch.Generator().manual_seed(1)
+    xs = tuple(torch.randn(1, 3, n, generator=g) for _, n, _, _ in specs)
+    tokens = torch.export.Dim("tokens", min=1, max=8)
+    prog = torch.export.export(_Layers(qts, True), xs, dynamic_shapes=(tuple({1: tokens} for _ in xs),), strict=True)
+    data, counts = export.to_pte(prog)
+    path = tmp_path_factory.mktemp("op") / "layers.pte"
+    path.write_bytes(data)
+    refs = [LiftLinear(qt, None)(x).numpy() for qt, x in zip(qts, xs)]
+    return path, xs, refs, counts
+
+
+def test_custom_op_runs_in_executorch_runtime(op_program):
+    path, xs, refs, counts = op_program
+    assert counts["liftedge.lq_linear.default"] == 4  # every layer calls the op (not delegated, not decomposed)
+    method = runtime.load_method(path, needs_kernel=True)
+    outs = method.execute(list(xs))
+    for got, ref in zip(outs, refs):
+        assert rel_err(got.numpy(), ref) < KERNEL_RTOL
+    outs = method.execute([x[:, :1] for x in xs])  # decode shape (m = 1, the LUT path)
+    for got, ref in zip(outs, refs):
+        assert rel_err(got.numpy(), ref[:, :1]) < KERNEL_RTOL
+
+
+def test_pte_needing_kernel_fails_clearly_without_it(op_program):
+    path = op_program[0]
+    code = ("import sys\nfrom pathlib import Path\nfrom liftedge.targets.executorch import runtime\n"
+            "try:\n    runtime.load_method(Path(sys.argv[1]), needs_kernel=False)\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert "ArtifactError" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert "liftedge::lq_linear" in res.stdout and "load_library" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def mixed_pack(tmp_path_factory):
+    """Tiny Llama with LQ-24/10, LQ-12/4 and int4 (group 32) sites."""
+    return make_tiny_pack("llama", tmp_path_factory.mktemp("et-mixed") / "pack", mixed=True)
+
+
+@pytest.fixture(scope="module")
+def builds(mixed_pack, tmp_path_factory, kernel_cache):
+    root = tmp_path_factory.mktemp("et-builds")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIFTEDGE_CACHE", str(kernel_cache))
+        return {flag: build_artifact(mixed_pack, "executorch", root / f"custom-{flag}",
+                                     options={"custom_ops": flag, "max_context": 128, "max_prefill": 64})
+                | {"out": root / f"custom-{flag}"} for flag in (True, False)}
+
+
+def test_build_llama_custom_op_verified(builds, mixed_pack):
+    report = builds[True]
+    assert report["verification"]["passed"] and report["verification"]["greedy_tokens_equal"]
+    assert report["requires_kernel_library"] is True
+    manifest = json.loads((mixed_pack / "manifest.json").read_text())
+    assert set(manifest["sites"]) <= set(report["sites"])  # every site says how it was lowered
+    lowerings = {v["lowering"] for v in report["sites"].values()}
+    assert export.CUSTOM_OP in lowerings and any(x.startswith("stock-op dequant int4") for x in lowerings)
+    assert all(v["why"] for v in report["sites"].values())
+    assert report["sites"]["lm_head"]["lowering"] == "liftedge::fp16_linear"  # fp16 head, fp32 sums
+    assert json.loads((builds[True]["out"] / "report.json").read_text())["verification"]["passed"]
+
+
+def test_fallback_needs_no_kernel_and_agrees(builds):
+    report = builds[False]
+    assert report["verification"]["passed"] and report["requires_kernel_library"] is False
+    assert report["custom_op_calls"] == 0
+    ids = torch.tensor([[5, 17, 101, 3, 250, 9, 42]])
+    pos = torch.arange(ids.shape[1])
+    logits = {}
+    for flag in (True, False):
+        method = runtime.load_method(builds[flag]["out"] / export.PTE_NAME, needs_kernel=flag)
+        logits[flag] = method.execute([ids, pos])[0].numpy()
+    assert rel_err(logits[False], logits[True]) < AGREE_RTOL
+
+
+def test_failed_verification_leaves_nothing(builds, monkeypatch, tmp_path):
+    """Lowering that writes a wrong program (another pack's) must not publish anything."""
+    import liftedge.targets.executorch as target
+
+    other = make_tiny_pack("llama", tmp_path / "other", seed=3)
+
+    monkeypatch.setattr(target, "lower", lambda pack, out, options: _copy_lower(builds, out))
+    dest = tmp_path / "artifact"
+    with pytest.raises(VerificationError):
+        build_artifact(other, "executorch", dest, options={"max_context": 128, "max_prefill": 64})
+    assert not dest.exists() and not list(tmp_path.glob(".artifact*"))
+
+
+def _copy_lower(builds, out: Path) -> dict:
+    shutil.copy(builds[True]["out"] / export.PTE_NAME, out / export.PTE_NAME)
+    return {k: builds[True][k] for k in ("sites", "requires_kernel_library", "artifacts")}
+
+
+def test_unsupported_family_and_bad_options_refused():
+    with pytest.raises(ArtifactError, match="does not support model family 'phi3'"):
+        export.check_family("phi3")
+    with pytest.raises(ArtifactError, match="unknown executorch option"):
+        parse_options({"bogus": 1})
+    with pytest.raises(ArtifactError, match="true or false"):
+        parse_options({"custom_ops": "maybe"})
+    with pytest.raises(ArtifactError, match="max_context"):
+        export.ExportOptions(max_context=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in export.SUPPORTED_FAMILIES if f != "llama"])
+def test_build_other_families(family, tmp_path):
+    pack = make_tiny_pack(family, tmp_path / "pack")
+    report = build_artifact(pack, "executorch", tmp_path / "art", options={"max_context": 128, "max_prefill": 64})
+    assert report["verification"]["passed"]
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_cmakelists_builds_against_the_wheel(tmp_path):
+    """The app-side CMakeLists configures and compiles with the executorch wheel's CMake package."""
+    src = kernel.KERNEL_DIR.parent
+    cfg = subprocess.run(["cmake", "-S", str(src), "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Release",
+                          f"-DCMAKE_PREFIX_PATH={kernel.executorch_root()}"], capture_output=True, text=True,
+                         timeout=300)
+    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
+    res = subprocess.run(["cmake", "--build", str(tmp_path), "-j2"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert list(tmp_path.glob("libliftedge_kernels.*"))
