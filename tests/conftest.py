@@ -133,6 +133,23 @@ def tiny_lq_pack(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_lq_pack(tmp_path_factory) -> Path:
+    """SmolLM2-135M at LQ-24/10 (slow tests only): $LIFTEDGE_TEST_PACK if set, else quantized here.
+
+    Quantizing takes ~15-30 min on a 2-core CPU (data-free calibration 32 x 256, 1 epoch).
+    """
+    given = os.environ.get("LIFTEDGE_TEST_PACK")
+    if given:
+        return Path(given)
+    from liftedge.cli import main
+
+    out = tmp_path_factory.mktemp("smollm2") / "pack"
+    assert main(["quantize", "default", "--method", "liftquant", "--rate", "24/10", "--samples", "32",
+                 "--seq-len", "256", "--epochs", "1", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def sample_text_file(tmp_path_factory) -> Path:
     """A plain-text file long enough for a few tiny calibration samples."""
     path = tmp_path_factory.mktemp("text") / "sample.txt"

@@ -255,8 +255,7 @@ def test_build_other_families(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/work/packs/smollm2-lq24-10").is_dir(), reason="SmolLM2 pack not present")
-def test_smollm2_build(tmp_path):
-    report = build_artifact("/work/packs/smollm2-lq24-10", "coreml", tmp_path / "art", options={"verify_tokens": 8})
+def test_smollm2_build(tmp_path, smollm2_lq_pack):
+    report = build_artifact(smollm2_lq_pack, "coreml", tmp_path / "art", options={"verify_tokens": 8})
     assert report["verification"]["passed"]
     assert abs(report["sizes"]["weight_file_over_pack"] - 1) < 0.03

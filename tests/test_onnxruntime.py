@@ -197,13 +197,11 @@ def test_tiny_family_end_to_end(family, tmp_path):
     _check_report(report)
 
 
-SMOLLM2_PACK = Path("/work/packs/smollm2-lq24-10")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2_PACK.is_dir(), reason="the SmolLM2 LQ-24/10 pack is not on this machine")
-def test_smollm2_pack_end_to_end(tmp_path):
-    report = build_artifact(SMOLLM2_PACK, "onnxruntime", tmp_path / "out")
+def test_smollm2_pack_end_to_end(tmp_path, smollm2_lq_pack):
+    report = build_artifact(smollm2_lq_pack, "onnxruntime", tmp_path / "out")
     _check_report(report)
     assert report["verification"]["onnx"]["new_tokens"] == 32
     # The graph stores exactly the pack's tensors (tied embedding once) plus the 8 KB sign

@@ -58,6 +58,9 @@ def test_ort_dequantization_matches_runtime(algo, bits, block, sym):
     assert min(fields.values()) > 0 and max(fields.values()) == w.shape[0] * k_pad * bits // 8
 
 
+# hqq is a benchmark-only dependency (not installed by .ci/setup): run with `pytest -m slow`
+# after `pip install hqq`.
+@pytest.mark.slow
 def test_hqq_bytes_and_error():
     pytest.importorskip("hqq")
     w = _weight(64, 256)
