@@ -15,8 +15,8 @@ A target is a module under `liftedge.targets` (the repository's `targets/` folde
 
 `build_artifact` runs lower + verify inside `liftedge.io.atomic_output_dir`, so a failed or
 interrupted build leaves nothing at the destination and an earlier artifact stays intact;
-`report.json` (lowering, verification, sizes, the pack's manifest summary) is written beside
-the artifact. This module owns that sequence and the registry; formats and runtimes belong
+`report.json` (lowering, verification, sizes, the pack's manifest summary) and the pack's
+tokenizer files are written beside the artifact. This module owns that sequence and the registry; formats and runtimes belong
 to the targets.
 """
 
@@ -37,6 +37,8 @@ TARGETS = {
     "coreml": "liftedge.targets.coreml",
 }
 REPORT_NAME = "report.json"
+# What an app needs beside the model to turn text into ids and back (copied from the pack).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def get_target(name: str) -> ModuleType:
@@ -55,6 +57,18 @@ def pack_summary(pack: Path) -> dict[str, Any]:
             "site_formats": {name: entry.get("fmt") for name, entry in manifest.get("sites", {}).items()}}
 
 
+def copy_tokenizer(pack: Path, out: Path) -> list[str]:
+    """Copy the pack's tokenizer files into `out`; return the names copied."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (pack / name).is_file():
+            shutil.copyfile(pack / name, out / name)
+            copied.append(name)
+    return copied
+
+
 def folder_nbytes(folder: Path) -> dict[str, int]:
     """Size of every file under `folder` (relative path -> bytes), sorted."""
     return {str(p.relative_to(folder)): p.stat().st_size
@@ -69,6 +83,9 @@ def build_artifact(pack: str | os.PathLike, target: str, out: str | os.PathLike,
     pack, options = Path(pack), dict(options or {})
     with atomic_output_dir(out, force=force) as tmp:
         report = {"target": module.NAME, "options": options, **module.lower(pack, tmp, options)}
+        artifacts = report.setdefault("artifacts", {})
+        if "tokenizer" not in artifacts:
+            artifacts["tokenizer"] = copy_tokenizer(pack, tmp)
         report["verification"] = module.verify(tmp, pack, report, options)
         report["files"] = folder_nbytes(tmp)
         report["pack"] = pack_summary(pack)

@@ -33,6 +33,8 @@ def test_build_for_a_device_writes_a_verified_artifact(tiny_llama_dir, sample_te
     records = verification_records(report["verification"])
     assert records and all(r["passed"] and r["greedy_tokens_equal"] for r in records)
     assert report["pack"]["plan"]["plan"]["derived"]["bits_per_weight"] <= 3.0
+    # an app needs the tokenizer beside the model, whatever the runtime
+    assert (out / "tokenizer.json").is_file() and "tokenizer.json" in report["artifacts"]["tokenizer"]
     # every site of the plan is in the lowering report
     assert set(report["sites"]) >= set(report["pack"]["site_formats"])
     assert "wrote" in capsys.readouterr().out

@@ -8,13 +8,10 @@ is installed (it is not a dependency).
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 from liftedge.targets.onnxruntime.graph import Shapes
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def genai_config(config, shapes: Shapes, filename: str) -> dict[str, Any]:
@@ -48,12 +45,3 @@ def genai_config(config, shapes: Shapes, filename: str) -> dict[str, Any]:
                    "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
                    "top_k": 1, "top_p": 1.0},
     }
-
-
-def copy_tokenizer(pack: Path, out: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (pack / name).is_file():
-            shutil.copyfile(pack / name, out / name)
-            copied.append(name)
-    return copied

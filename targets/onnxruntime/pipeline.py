@@ -13,6 +13,7 @@ from typing import Any
 import onnx
 
 from liftedge.errors import ArtifactError
+from liftedge.lowering import copy_tokenizer
 
 MODEL_NAME, GENAI_NAME = "model.onnx", "genai_config.json"
 
@@ -63,7 +64,7 @@ def lower_pack(pack: Path, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
     model_path = out / MODEL_NAME
     model_path.write_bytes(model.SerializeToString())
     (out / GENAI_NAME).write_text(json.dumps(genai.genai_config(config, shapes, MODEL_NAME), indent=2, sort_keys=True) + "\n")
-    tokenizer = genai.copy_tokenizer(pack, out)
+    tokenizer = copy_tokenizer(pack, out)
     init_nbytes = initializer_nbytes(model)
     pack_nbytes = manifest["totals"]["nbytes"]
     report = {
