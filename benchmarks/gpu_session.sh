@@ -6,8 +6,15 @@
 # carries at most 64 MiB; part 0 is copied to /tmp by a first call ("stage"), part 1 comes
 # with the second ("run"). liftedge is put on PYTHONPATH with targets/ and devices/ mapped as
 # `pip install` maps them. Results are written to $OUT (fetched back by the device tool).
+#
+#   gpu_session.sh stage                       copy part 0, install wheels
+#   gpu_session.sh run CONFIG...               one quality.py process -> $OUT/quality.json
+#   gpu_session.sh sens                        the sensitivity table -> $OUT/sensitivity.json
+#   gpu_session.sh par "CONFIG CONFIG" "..."   one quality.py process per group, side by side on
+#                                              the one GPU (a 135M model leaves it mostly idle)
+#                                              -> $OUT/quality_<i>.json; SAMPLES=N overrides 128
 set -euo pipefail
-step=${1:?usage: gpu_session.sh stage|run CONFIG...}
+step=${1:?usage: gpu_session.sh stage|run|sens|par ...}
 shift
 if [ "$step" = stage ]; then
   cp .devdata/smol.part00 /tmp/smol.part00
@@ -24,8 +31,29 @@ cat /tmp/smol.part00 .devdata/smol.part01 > /tmp/smol.gguf
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol.gguf" | sha256sum -c -
 pp=/tmp/pp && rm -rf $pp && mkdir -p $pp && cp -r liftedge $pp/ && cp -r targets $pp/liftedge/targets && cp -r devices $pp/liftedge/devices
 export PYTHONPATH=$pp:. LIFTEDGE_CACHE=/tmp/lecache LIFTEDGE_NO_PROGRESS=1
-args=()
-for c in "$@"; do args+=(--config "$c"); done
-python benchmarks/quality.py --model /tmp/smol.gguf --device cuda --windows 16 --ctx 2048 \
-  --samples 128 --seq-len 512 --calib .devdata/valid.tokens.txt --eval-text .devdata/wiki.test.raw \
-  "${args[@]}" --out "$OUT/quality.json"
+samples=${SAMPLES:-128}
+if [ "$step" = sens ]; then
+  python benchmarks/sensitivity.py --model /tmp/smol.gguf --device cuda --samples "$samples" --seq-len 512 \
+    --calib .devdata/valid.tokens.txt --out "$OUT/sensitivity.json"
+  cp "$OUT/sensitivity.json" /tmp/sensitivity.json
+  exit 0
+fi
+quality() {  # quality OUT CONFIG...
+  local out=$1; shift
+  local args=()
+  for c in "$@"; do args+=(--config "$c"); done
+  python benchmarks/quality.py --model /tmp/smol.gguf --device cuda --windows 16 --ctx 2048 \
+    --samples "$samples" --seq-len 512 --calib .devdata/valid.tokens.txt --eval-text .devdata/wiki.test.raw \
+    "${args[@]}" --out "$out"
+}
+if [ "$step" = par ]; then
+  i=0
+  for group in "$@"; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=${THREADS:-4} quality "$OUT/quality_$i.json" $group > "$OUT/log_$i.txt" 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  exit 0
+fi
+quality "$OUT/quality.json" "$@"

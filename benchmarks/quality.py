@@ -11,7 +11,7 @@ WikiText-2 protocol on a fixed prefix of windows, KL measured against the float 
         --out benchmarks/results/quality.json
 
 Config syntax: METHOD[:key=value...]. Methods: fp, rtn, gptq (bits, group, act_order),
-liftquant (rate, correct=0|1, epochs, mix, act_scale, block_scale, codebook=trained|uniform),
+liftquant (rate, correct=0|1, epochs, lr_t, lr_s, sched=constant|cosine, mix, act_scale, block_scale, codebook=trained|uniform),
 plan (bits = average bits/weight of a planned mixed-rate model, table=FILE a sensitivity table
 from benchmarks/sensitivity.py, else measured; correct, epochs). `--isolate` runs every
 config in its own process so that its peak RSS is its own.
@@ -67,7 +67,10 @@ def _int_config(method: str, opts: dict[str, str]):
 def _correction(opts: dict[str, str]) -> CorrectionConfig | None:
     if not _BOOL[opts.get("correct", "1")]:
         return None
-    return CorrectionConfig(epochs=int(opts.get("epochs", CorrectionConfig.epochs)))
+    return CorrectionConfig(epochs=int(opts.get("epochs", CorrectionConfig.epochs)),
+                            lr_transform=float(opts.get("lr_t", CorrectionConfig.lr_transform)),
+                            lr_signs=float(opts.get("lr_s", CorrectionConfig.lr_signs)),
+                            schedule=opts.get("sched", CorrectionConfig.schedule))
 
 
 def _plan_configs(loaded, tokens, opts: dict[str, str]) -> tuple[dict, dict]:

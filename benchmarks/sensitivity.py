@@ -42,7 +42,7 @@ def chosen_sites(names: list[str], n_sites: int) -> list[str]:
 
 def predict_sites(loaded, tokens, n_sites: int, option: str, seed: int) -> Sensitivity:
     """A table holding only the validated sites and option (same estimator as the full table)."""
-    sites = planned_sites(loaded.model)
+    sites = planned_sites(loaded.model, tables=False)  # this benchmark validates the LiftQuant linear sites
     names = set(chosen_sites([s.name for s in sites], n_sites))
     picked = [s for s in sites if s.name in names]
     stats = collect_stats(loaded, tokens, sites)
@@ -57,7 +57,8 @@ def predict_sites(loaded, tokens, n_sites: int, option: str, seed: int) -> Sensi
 
 def validate(loaded, tokens, sens, eval_ids: torch.Tensor, n_sites: int, option: str | None = None, ctx: int = 512,
              windows: int = 4) -> dict:
-    chosen = chosen_sites(list(sens.table), n_sites)
+    linear = {s.name for s in planned_sites(loaded.model, tables=False)}
+    chosen = chosen_sites([n for n in sens.table if n in linear], n_sites)  # linear sites: LiftQuant-coded below
     stats = collect_stats(loaded, tokens)
     sites = {s.name: s for s in list_sites(loaded.model)}
     batch = eval_ids[: ctx * windows].reshape(windows, ctx)
@@ -92,10 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-text", default=None)
     p.add_argument("--validate-only", action="store_true",
                    help="predict only the validated sites (skip the full table: minutes instead of an hour on CPU)")
+    p.add_argument("--device", default="cpu", help="where the table is measured (cuda on a GPU machine)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     loaded = load_model(args.model)
-    tokens = calibration_tokens(loaded.tokenizer, [Path(args.calib)], args.samples, args.seq_len, args.seed)
+    loaded.model.to(args.device)
+    tokens = calibration_tokens(loaded.tokenizer, [Path(args.calib)], args.samples, args.seq_len,
+                                args.seed).to(args.device)
     started = time.perf_counter()
     if args.validate_only:
         sens = predict_sites(loaded, tokens, args.validate, args.validate_option, args.seed)

@@ -29,6 +29,7 @@ from liftedge.types import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
+SCHEDULES = ("constant", "cosine")
 _FLOAT_FACTORS = ("scale", "in_scale", "mix1", "mix2", "block_scale", "codebook")
 
 
@@ -43,7 +44,14 @@ class CorrectionConfig:
     # that push the same way, so noise in one step cannot flip it but a consistent
     # gradient over a few dozen steps can.
     sign_margin: float = 5e-4
+    # "constant" keeps both learning rates; "cosine" (default) anneals them to zero over the block's
+    # steps, so the last passes refine instead of oscillating around the optimum.
+    schedule: str = "cosine"
     seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown correction schedule {self.schedule!r}; expected one of {SCHEDULES}")
 
 
 class _SignSTE(torch.autograd.Function):
@@ -104,6 +112,9 @@ def correct_block(block: nn.Module, block_index: int, layers: dict[str, Trainabl
         for p in layer.parameters():
             p.requires_grad_(True)
     optimizer = torch.optim.Adam(_param_groups(trainable, cfg))
+    steps = max(1, cfg.epochs * len(targets))
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                 if cfg.schedule == "cosine" else None)
     scale = torch.stack([t.pow(2).mean() for t in targets]).mean().clamp_min(1e-12)
     history = {"loss_before": _eval_loss(block, block_index, x_q, targets, scale)}
     order = torch.Generator().manual_seed(cfg.seed * 31 + block_index)
@@ -114,6 +125,8 @@ def correct_block(block: nn.Module, block_index: int, layers: dict[str, Trainabl
             loss = (out - targets[b]).pow(2).mean() / scale
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
     history["loss_after"] = _eval_loss(block, block_index, x_q, targets, scale)
     for layer in trainable:
         for p in layer.parameters():
