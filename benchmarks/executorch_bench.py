@@ -35,8 +35,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("custom_op", "fallback", "fp32", "8da4w")
 CHILD = r'''
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from pathlib import Path
+from liftedge.profile.host import peak_rss_nbytes
 from liftedge.targets.executorch.runtime import load_method
 path, needs, prefill, decode, vocab = Path(sys.argv[1]), sys.argv[2] == "1", *map(int, sys.argv[3:6])
 method = load_method(path, needs)
@@ -51,22 +52,15 @@ for i in range(decode):
 times.sort()
 print(json.dumps({"prefill_s": t1 - t0, "prefill_tokens_per_s": prefill / (t1 - t0),
                   "decode_tokens_per_s": len(times) / sum(times), "decode_median_ms": 1e3 * times[len(times) // 2],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_nbytes() / 2**20}))
 '''
 
 
 def copy_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Best of `repeats` numpy copies: (read + write) bytes / time, in GB/s."""
-    import numpy as np
+    """Best of `repeats` numpy copies: (read + write) bytes / time, in GB/s (`liftedge.profile.host`)."""
+    from liftedge.profile.host import measure_bandwidth_gbs
 
-    src = np.ones(nbytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best / 1e9
+    return measure_bandwidth_gbs("copy", nbytes, repeats)
 
 
 def dense_model(pack: Path, fp16_embeddings: bool):
@@ -124,10 +118,11 @@ def bytes_per_token(variant: str, pack: Path, pte_bytes: int) -> int:
     (one row of it is read), plus that table again when the head is tied to it."""
     from transformers import AutoConfig
 
+    from liftedge.profile.bound import pte_weight_nbytes
+
     cfg = AutoConfig.from_pretrained(str(pack))
-    table = cfg.vocab_size * cfg.hidden_size * (4 if variant == "fp32" else 2)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    return pte_bytes - table + (table if tied else 0) + cfg.hidden_size * 4
+    return pte_weight_nbytes(pte_bytes, cfg.vocab_size, cfg.hidden_size, bool(getattr(cfg, "tie_word_embeddings", False)),
+                             table_itemsize=4 if variant == "fp32" else 2)
 
 
 def run_child(pte: Path, needs_kernel: bool, prefill: int, decode: int, vocab: int) -> dict:

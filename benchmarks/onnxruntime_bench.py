@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +38,8 @@ import numpy as np
 
 def peak_rss_mb():
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the (large) parent.
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    from liftedge.profile.host import peak_rss_nbytes
+    return peak_rss_nbytes() / 2**20
 
 from liftedge.targets.onnxruntime.session import make_step, open_session
 path, prefill, decode, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -118,29 +116,16 @@ def liftedge_model(pack: Path, workdir: Path) -> Path:
 
 def read_bytes_per_token(path: Path) -> int:
     """Initializer bytes a decode step reads: all, except tables consumed only by Gather."""
-    import onnx
+    from liftedge.profile.bound import onnx_weight_nbytes
 
-    model = onnx.load(str(path), load_external_data=False)
-    users: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, set()).add(node.op_type)
-    total = 0
-    for t in model.graph.initializer:
-        if users.get(t.name) == {"Gather"} and len(t.dims) == 2 and t.dims[0] > 1000:
-            continue  # an embedding lookup reads one row
-        numel = int(np.prod(t.dims)) if t.dims else 1
-        total += numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
+    return onnx_weight_nbytes(path)
 
 
 def bandwidth_gbs() -> float:
-    a = np.ones(256 * 2**20 // 8)
-    a.sum()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a.sum()
-    return 5 * a.nbytes / (time.perf_counter() - t0) / 1e9
+    """Best of 5 numpy sums over 256 MiB (read bandwidth, GB/s; `liftedge.profile.host`)."""
+    from liftedge.profile.host import measure_bandwidth_gbs
+
+    return measure_bandwidth_gbs("read")
 
 
 def run_child(path: Path, prefill: int, decode: int, threads: int) -> dict:

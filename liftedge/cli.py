@@ -17,7 +17,7 @@ from liftedge import __version__
 from liftedge.errors import LiftedgeError
 
 # Order is the order of `liftedge --help`.
-COMMANDS = ("build", "plan", "quantize", "eval", "inspect", "lattice", "devices")
+COMMANDS = ("build", "plan", "quantize", "eval", "inspect", "lattice", "devices", "profile")
 
 
 def build_parser() -> argparse.ArgumentParser:
