@@ -12,6 +12,8 @@ from conftest import FAMILIES, tiny_config
 from liftedge.device import load_device
 from liftedge.errors import BudgetError, LiftedgeError
 from liftedge.memory import (
+    APP_BASELINE_NBYTES,
+    RUNTIME_MEASURED_NBYTES,
     RUNTIME_OVERHEAD_NBYTES,
     TOKENIZER_NBYTES_PER_TOKEN,
     ModelDims,
@@ -73,6 +75,20 @@ def test_budget_terms_add_up_and_are_flagged():
     terms = budget.terms()
     assert sum(v for _, v, _ in terms[:-1]) == terms[-1][1] == budget.weight_budget_nbytes
     assert budget.weight_budget_nbytes == budget.app_usable_nbytes - budget.fixed_nbytes
+
+
+def test_onnxruntime_counts_the_head_cast():
+    # ORT artifacts cast the fp16 head table to fp32 on every call (measured by
+    # benchmarks/runtime_overhead.py): vocab x hidden x 4 bytes, on top of the runtime's share.
+    profile = load_device("pixel-8a")
+    ort = budget_breakdown(profile, SMOLLM2, context=2048, runtime="onnxruntime")
+    et = budget_breakdown(profile, SMOLLM2, context=2048, runtime="executorch")
+    assert ort.head_cast_nbytes == 49152 * 576 * 4 and et.head_cast_nbytes == 0
+    assert ort.runtime_overhead_nbytes == APP_BASELINE_NBYTES["onnxruntime"] + RUNTIME_MEASURED_NBYTES["onnxruntime"]
+    labels = [label for label, _, _ in ort.terms()]
+    assert "fp32 cast of the fp16 head (onnxruntime)" in labels and "measured" in labels[1]
+    assert sum(v for _, v, _ in ort.terms()[:-1]) == ort.weight_budget_nbytes
+    assert "estimate" in budget_breakdown(load_device("iphone-15"), SMOLLM2).terms()[1][0]
 
 
 def test_activation_estimate_for_smollm2():
