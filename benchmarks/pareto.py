@@ -20,11 +20,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ABLATION_KEYS = ("mix=", "act_scale=", "block_scale=", "correct=", "codebook=", "epochs=")
+# Rows measured with other than the default settings (learning-rate schedule and rates,
+# calibration size) are in the table but not on the plot's default-settings curves.
+NON_DEFAULT_KEYS = ("sched=constant", "lr_t=", "lr_s=", "samples=")
 
 
 def series_of(row: dict) -> str | None:
     cfg, method = row["config"], row["method"]
-    if method == "fp":
+    if method == "fp" or any(k in cfg for k in NON_DEFAULT_KEYS):
         return None
     if method == "plan":
         return "LiftQuant, planned mixed rates" if row["options"].get("epochs", "4") == "4" else None
