@@ -13,10 +13,17 @@ whitening, without intra-block correction, which lowers every option's error by 
 factor) on `rows` output rows drawn at random, extrapolated with the Fisher weights of all rows.
 "fp16" (keep the layer unquantized) is always an option, its error the fp16 rounding error.
 
+The token embedding and an untied output head are sites too, with the options "fp16",
+"int8-g64" and "int4-g32" (`TABLE_OPTIONS`, round-to-nearest "int"): the head's error goes
+through the logits with the same formula (its input the final hidden state), the lookup's
+through the first block's input (the embedding is a linear layer over one-hot inputs, so its
+H_g is diagonal over the vocabulary), and a tied table pays both. GPT-2's position table
+stays fp16 (fixed bytes).
+
 The menu (`DEFAULT_MENU`) is the shipped rates whose encoding is fast (≤ 20 signs per block:
 exhaustive coding cost grows as 2^D), spanning 1.5 to 4 bits per weight.
 
-This module owns the menu, the option names ("lq-24-10", "fp16"), the measurement and its
+This module owns the menu, the option names ("lq-24-10", "fp16", "int8-g64"), the measurement and its
 cache; the solver is `liftedge.plan`, byte budgets `liftedge.memory`.
 """
 
@@ -34,12 +41,13 @@ import torch
 from liftedge.cache import cache_path, sha256_text
 from liftedge.errors import LiftedgeError
 from liftedge.plan import Option
+from liftedge.quantize.base import IntConfig
 from liftedge.progress import progress
 from liftedge.types import Rate, Site
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_FORMAT = "liftedge-sensitivity-2"
+SENSITIVITY_FORMAT = "liftedge-sensitivity-3"
 FP16_OPTION = "fp16"
 DEFAULT_MENU = ("12/8", "14/8", "16/8", "18/8", "24/10", "20/8", "16/6", "11/4", "12/4", "13/4", "14/4",
                 "15/4", "16/4")
@@ -48,13 +56,23 @@ DEFAULT_MENU = ("12/8", "14/8", "16/8", "18/8", "24/10", "20/8", "16/6", "11/4",
 DEFAULT_ROWS = 128
 
 
+# The integer options of embedding tables and the output head (round-to-nearest, asymmetric):
+# "int8-g64" is 8-bit codes in groups of 64 along the hidden dimension (8.375 bits/weight with
+# the fp16 scale and 8-bit zero point), "int4-g32" 4-bit codes in groups of 32 (4.625). The
+# group sizes are powers of two (ONNX Runtime's MatMulNBits needs that) that divide the usual
+# hidden sizes (576 = 9 x 64 = 18 x 32 for SmolLM2); a ragged last group is padded by the targets.
+TABLE_CONFIGS: dict[str, IntConfig] = {"int8-g64": IntConfig(bits=8, group_size=64),
+                                       "int4-g32": IntConfig(bits=4, group_size=32)}
+TABLE_OPTIONS: tuple[str, ...] = tuple(TABLE_CONFIGS)
+
+
 def option_name(rate: Rate) -> str:
     return f"lq-{rate.D}-{rate.d}"
 
 
 def option_rate(name: str) -> Rate | None:
-    """The LiftQuant rate of an option name; None for "fp16"."""
-    if name == FP16_OPTION:
+    """The LiftQuant rate of an option name; None for "fp16" and the integer table options."""
+    if name == FP16_OPTION or name in TABLE_OPTIONS:
         return None
     try:
         kind, D, d = name.split("-")
@@ -62,7 +80,26 @@ def option_rate(name: str) -> Rate | None:
             raise ValueError
         return Rate(int(D), int(d))
     except ValueError:
-        raise LiftedgeError(f"unknown option {name!r} (expected 'fp16' or 'lq-D-d')") from None
+        raise LiftedgeError(f"unknown option {name!r} (expected 'fp16', 'lq-D-d' or one of "
+                            f"{', '.join(TABLE_OPTIONS)})") from None
+
+
+def option_config(name: str, *, seed: int = 0):
+    """The quantizer config of an option: LiftQuantConfig (lq-D-d), IntConfig (table options), None (fp16)."""
+    from liftedge.quantize.liftquant import LiftQuantConfig
+
+    if name in TABLE_OPTIONS:
+        return TABLE_CONFIGS[name]
+    rate = option_rate(name)
+    return None if rate is None else LiftQuantConfig(rate, seed=seed)
+
+
+def option_code_bits(name: str) -> float:
+    """Code bits per weight of an option, before scales: D/d, the integer width, or 16 for fp16."""
+    if name in TABLE_OPTIONS:
+        return float(TABLE_CONFIGS[name].bits)
+    rate = option_rate(name)
+    return 16.0 if rate is None else rate.D / rate.d
 
 
 def parse_menu(menu: Iterable[str]) -> tuple[Rate, ...]:
@@ -86,8 +123,19 @@ def option_nbytes(site: Site, option: str) -> int:
     """Stored bytes of `site` under `option`, exactly as the pack stores it."""
     from liftedge.quantize.liftquant import lq_nbytes
 
+    if option in TABLE_OPTIONS:
+        return int_nbytes(site, TABLE_CONFIGS[option])
     rate = option_rate(option)
     return site.numel * 2 if rate is None else lq_nbytes(site.out_features, site.in_features, rate)
+
+
+def int_nbytes(site: Site, config) -> int:
+    """Bytes of the "int" fields RTN stores for `site` with `config` (its group capped at the row)."""
+    from liftedge.targets.reference import get_format
+
+    meta = dict(bits=config.bits, group_size=min(config.group_size, site.in_features), symmetric=config.symmetric,
+                in_features=site.in_features, out_features=site.out_features)
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in get_format("int").tensor_specs(meta).values())
 
 
 @dataclass
@@ -96,7 +144,7 @@ class Sensitivity:
 
     table: dict[str, list[Option]]
     numel: dict[str, int]
-    fixed_nbytes: int          # bytes stored outside the sites (embeddings, norms, biases), fp16
+    fixed_nbytes: int          # bytes stored outside the sites (position tables, norms, biases), fp16
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -115,11 +163,27 @@ class Sensitivity:
                    fixed_nbytes=int(data["fixed_nbytes"]), meta=data["meta"])
 
 
-def planned_sites(model) -> list[Site]:
-    """The sites a plan chooses for: linear layers of the decoder blocks (embeddings stay fp16)."""
-    from liftedge.quantize import default_sites
+def planned_sites(model, *, tables: bool = True) -> list[Site]:
+    """The sites a plan chooses for, in model order: the token embedding (owner of a tied head)
+    and an untied head when `tables`, and the linear layers of the decoder blocks.
 
-    return default_sites(model)
+    Position tables (GPT-2's wpe) are not planned: they stay fp16 (small, and every target
+    adds them in float).
+    """
+    from liftedge.model import get_module, list_sites
+
+    token_embedding = getattr(model, "model", model).get_input_embeddings()
+    out = []
+    for s in list_sites(model):
+        if s.kind == "linear":
+            keep = s.block is not None and s.tied_to is None
+        elif s.kind == "embedding":
+            keep = tables and get_module(model, s.name) is token_embedding
+        else:
+            keep = tables and s.tied_to is None
+        if keep:
+            out.append(s)
+    return out
 
 
 def fixed_nbytes(model, sites: list[Site]) -> int:
@@ -152,9 +216,12 @@ def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, O
     from liftedge.model import get_module
 
     device = next(model.parameters()).device
+    lookups = [s for s in sites if s.kind == "embedding"]
+    sites = [s for s in sites if s.kind != "embedding"]
     diag = {s.name: torch.zeros(s.out_features, dtype=torch.float64, device=device) for s in sites}
     gram = {s.name: torch.zeros(s.in_features, s.in_features, dtype=torch.float64, device=device) for s in sites}
     weight = {s.name: 0.0 for s in sites}
+    lookup = _LookupFisher(lookups, device)
     handles, count = [], 0
 
     def hook_for(name: str):
@@ -185,6 +252,7 @@ def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, O
             logits = model(inputs_embeds=embeds).logits[0, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
             loss.backward()
+            lookup.add(ids[0], embeds.grad[0])
             count += ids.shape[1] - 1
     finally:
         for h in handles:
@@ -192,9 +260,47 @@ def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, O
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
-    return {name: OutputFisher(diag=(diag[name] / max(count, 1)).float().cpu(),
-                               hessian=(gram[name] / max(weight[name], 1e-30)).float().cpu())
-            for name in diag}
+    out = {name: OutputFisher(diag=(diag[name] / max(count, 1)).float().cpu(),
+                              hessian=(gram[name] / max(weight[name], 1e-30)).float().cpu())
+           for name in diag}
+    out.update(lookup.result(model, count))
+    return out
+
+
+class _LookupFisher:
+    """The token embedding seen as a linear layer over one-hot inputs (out = hidden, in = vocab).
+
+    Its output is the looked-up row, whose loss gradient g_t is the gradient of the model's
+    `inputs_embeds`. F_j = E_t[g_tj^2] as for any site; the one-hot inputs make H_g diagonal:
+    H_vv = Σ_{t: id_t = v} |g_t|² / Σ_t |g_t|² (stored as a vector [vocab]), so a table error
+    ΔE costs ½ Σ_v H_vv Σ_j F_j ΔE_vj² (`lookup_error`). A scaled embedding (Gemma 3 multiplies
+    rows by sqrt(hidden)) has its scale² folded into F, so ΔE is in stored units.
+    """
+
+    def __init__(self, sites: list[Site], device):
+        if len(sites) > 1:
+            raise LiftedgeError(f"only the token embedding is measured, got {[s.name for s in sites]}")
+        self.site = sites[0] if sites else None
+        if self.site is not None:
+            self.diag = torch.zeros(self.site.in_features, dtype=torch.float64, device=device)
+            self.tokens = torch.zeros(self.site.out_features, dtype=torch.float64, device=device)
+
+    def add(self, ids: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if self.site is None or grad is None:
+            return
+        g2 = grad.detach().double().pow(2)
+        self.diag.add_(g2.sum(0))
+        self.tokens.index_add_(0, ids.to(self.tokens.device), g2.sum(1))
+
+    def result(self, model, count: int) -> dict[str, OutputFisher]:
+        if self.site is None:
+            return {}
+        from liftedge.model import get_module
+
+        scale = getattr(get_module(model, self.site.name), "embed_scale", None)
+        factor = 1.0 if scale is None else float(scale) ** 2
+        return {self.site.name: OutputFisher(diag=(self.diag * factor / max(count, 1)).float().cpu(),
+                                             hessian=(self.tokens / max(float(self.tokens.sum()), 1e-30)).float().cpu())}
 
 
 # ---------------------------------------------------------------- per-site errors
@@ -238,33 +344,78 @@ def site_errors(weight: torch.Tensor, stats, fisher_stats: "OutputFisher", rates
     return errors
 
 
+def lookup_error(dw: torch.Tensor, fisher_stats: "OutputFisher") -> float:
+    """½ Σ_v H_vv Σ_j F_j ΔE_vj² for a table error ΔE [vocab, hidden] (see `_LookupFisher`)."""
+    per_row = dw.double().pow(2) @ fisher_stats.diag.double().to(dw.device)
+    return 0.5 * float((per_row * fisher_stats.hessian.double().to(dw.device)).sum())
+
+
+def table_errors(weight: torch.Tensor, lookup: "OutputFisher | None", head: "OutputFisher | None") -> dict[str, float]:
+    """Predicted Δloss of a table [rows, hidden] stored as fp16 and as each of `TABLE_OPTIONS`.
+
+    `lookup` weighs its error as the token embedding's (through the first block's input),
+    `head` as the output head's (through the logits, the linear-site formula on every row);
+    a tied table is both, and the two add up like the errors of separate sites. The integer
+    options are quantized exactly as the pack will be (round-to-nearest, every row).
+    """
+    from liftedge.quantize import make_quantizer
+    from liftedge.targets.reference import dequantize
+
+    w = weight.detach().float()
+    errors = {}
+    for name in (FP16_OPTION, *TABLE_OPTIONS):
+        if name == FP16_OPTION:
+            dw = w.half().float() - w
+        else:
+            dw = dequantize(make_quantizer("rtn", TABLE_CONFIGS[name]).quantize(w, None)).to(w.device) - w
+        err = 0.0
+        if lookup is not None:
+            err += lookup_error(dw, lookup)
+        if head is not None:
+            err += weighted_output_error(dw, head.hessian.float().to(w.device), head.diag.to(w.device))
+        errors[name] = err
+    return errors
+
+
 def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = DEFAULT_MENU, rows: int = DEFAULT_ROWS,
-                        fisher_samples: int = 8, seed: int = 0, use_cache: bool = True) -> Sensitivity:
+                        fisher_samples: int = 8, seed: int = 0, use_cache: bool = True,
+                        tables: bool = True) -> Sensitivity:
     """The error table of every planned site of `loaded` (cached by content hash).
 
     `tokens` [n, L] are calibration sequences: all of them give H (`liftedge.calibrate`),
-    the first `fisher_samples` the Fisher diagonal (one backward pass each).
+    the first `fisher_samples` the Fisher diagonal (one backward pass each). With `tables`
+    the token embedding and an untied head are planned too (fp16 or `TABLE_OPTIONS`; a tied
+    head's error counts against its embedding's options); without, they are fixed fp16 bytes.
     """
     from liftedge.calibrate import collect_stats
-    from liftedge.model import site_weight
+    from liftedge.model import list_sites, site_weight
 
     rates = parse_menu(menu)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise LiftedgeError("sensitivity needs calibration tokens [samples, length >= 2]")
     model = loaded.model
-    sites = planned_sites(model)
+    sites = planned_sites(model, tables=tables)
     path = _cache_file(loaded, tokens, sites, rates, rows, fisher_samples, seed) if use_cache else None
     if path is not None and path.is_file():
         log.info("sensitivity read from cache %s", path)
         return Sensitivity.from_json(path.read_text())
-    stats = collect_stats(loaded, tokens, sites)
-    fisher = output_fisher(model, tokens[:fisher_samples], sites)
+    linears = [s for s in sites if s.kind == "linear"]
+    planned = {s.name for s in sites}
+    tied = {s.tied_to: s.name for s in list_sites(model) if s.tied_to in planned}  # embedding -> its tied head
+    measured = sites + [s for s in list_sites(model) if s.tied_to in planned]
+    stats = collect_stats(loaded, tokens, linears)
+    fisher = output_fisher(model, tokens[:fisher_samples], measured)
     table: dict[str, list[Option]] = {}
     for s in progress(sites, desc="sensitivity", unit="site"):
-        errors = site_errors(site_weight(model, s), stats[s.name], fisher[s.name], rates, rows, seed)
+        if s.kind == "linear":
+            errors = site_errors(site_weight(model, s), stats[s.name], fisher[s.name], rates, rows, seed)
+        else:
+            head = fisher[s.name] if s.kind == "head" else fisher.get(tied.get(s.name))
+            errors = table_errors(site_weight(model, s), fisher[s.name] if s.kind == "embedding" else None, head)
         table[s.name] = [Option(name, option_nbytes(s, name), err) for name, err in errors.items()]
     result = Sensitivity(table=table, numel={s.name: s.numel for s in sites}, fixed_nbytes=fixed_nbytes(model, sites),
                          meta={"menu": [f"{r.D}/{r.d}" for r in rates], "rows": rows, "fisher_samples": fisher_samples,
+                               "tables": list(TABLE_OPTIONS) if tables else [],
                                "seed": seed, "tokens": list(tokens.shape), "source_hash": getattr(loaded, "source_hash", None),
                                "unit": "predicted increase of the next-token loss (nats/token)"})
     if path is not None:

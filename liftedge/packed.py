@@ -14,7 +14,10 @@ A pack is a folder:
 The manifest's byte counts are the truth the planner and the reports use:
 `totals.bits_per_weight` = 8 x (bytes of every linear site in the decoder blocks, packed
 fields as stored, an unquantized one at fp16) / their weight count. Embeddings and the head
-are outside that average and are stored as fp16 unless a quantized form is given for them.
+are outside that average and are stored as fp16 unless a quantized form is given for them:
+the token embedding (or an untied head) may be an "int" site; a head tied to it then has no
+tensor of its own, and the reference model reads the embedding's stored table for both the
+lookup (decoding only the rows looked up) and the logits (`targets/reference/embedding.py`).
 
 Writing is atomic (`liftedge.io.atomic_output_dir`) and deterministic: tensors are laid out
 by safetensors in a fixed order, its metadata is one key, JSON is key-sorted, nothing records
@@ -299,11 +302,25 @@ def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> N
 
 
 def install_reference_modules(model: torch.nn.Module, qtensors: Mapping[str, QuantizedTensor]) -> None:
-    """Replace each quantized site by its format's reference module (keeping the site's bias)."""
-    from liftedge.targets.reference import make_module
+    """Replace each quantized site by its format's reference module (keeping the site's bias).
 
+    A quantized embedding becomes a lookup that decodes only the rows it gathers; a head tied
+    to it becomes a `TiedHead` over the same stored table (one copy, as packed).
+    """
+    from liftedge.model import list_sites
+    from liftedge.targets.reference import TiedHead, make_embedding, make_module
+
+    sites = {s.name: s for s in list_sites(model)}  # before any swap: tying is read from the weights
     for name, qt in qtensors.items():
-        replace_module(model, name, make_module(qt, getattr(model.get_submodule(name), "bias", None)))
+        old = model.get_submodule(name)
+        if name in sites and sites[name].kind == "embedding":
+            scale = getattr(old, "embed_scale", None)
+            emb = make_embedding(qt, None if scale is None else float(scale))
+            replace_module(model, name, emb)
+            for head in (s for s in sites.values() if s.tied_to == name):
+                replace_module(model, head.name, TiedHead(emb, getattr(model.get_submodule(head.name), "bias", None)))
+        else:
+            replace_module(model, name, make_module(qt, getattr(old, "bias", None)))
 
 
 def _load_tokenizer(path: Path):

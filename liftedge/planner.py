@@ -6,12 +6,17 @@ each site's options; the solver (`liftedge.plan`) picks them. Exactly one budget
 
     device (+ ram, context, runtime)  -> weights budget = app-usable RAM - overheads
     lam                               -> position on the menu (0 smallest, 1 most precise)
-    bits                              -> average stored bits per weight over the planned sites
+    bits                              -> average stored bits per weight over the decoder linear
+                                         layers (as the pack's totals count them); the tables
+                                         then stay fp16, fixed bytes
     weights_budget                    -> bytes of all stored weights (embeddings, norms included)
 
 The last three may come with a device: the device then picks the runtime and context, and
 when its RAM is known the plan must also fit it.
-Every budget includes the fixed bytes (embeddings, norms, biases at fp16), so a plan's
+The token embedding and an untied head are planned sites (fp16, int8-g64, int4-g32; a tied
+head follows its embedding, stored once); the options a runtime cannot lower are withheld
+(each target declares its `TABLE_OPTIONS`). Every budget includes the fixed bytes (norms,
+biases, position tables at fp16), so a plan's
 `total_nbytes` is the model's stored weight bytes. A device budget below the smallest plan is a
 `BudgetError` stating the RAM the smallest plan needs. `plan_configs` turns a plan into the
 per-site LiftQuant configs the quantizer takes. Printing belongs to `liftedge.commands.plan`.
@@ -24,7 +29,7 @@ from typing import Any
 
 from liftedge.device import DeviceProfile
 from liftedge.errors import BudgetError, LiftedgeError
-from liftedge.measure import FP16_OPTION, Sensitivity, option_rate
+from liftedge.measure import FP16_OPTION, TABLE_OPTIONS, Sensitivity, option_config
 from liftedge.memory import MemoryBudget, ModelDims, budget_breakdown, min_ram_for, require_fit
 from liftedge.plan import Plan, budget_for_bits, budget_for_lambda, plan_bounds, solve
 from liftedge.sizes import format_size
@@ -103,8 +108,58 @@ def _left(nbytes: int) -> str:
     return f"only {format_size(nbytes)} is left" if nbytes > 0 else f"nothing is left ({format_size(-nbytes)} short)"
 
 
+def target_table_options(runtime: str | None) -> tuple[str, ...]:
+    """The embedding / head options the target of `runtime` lowers (all of them when unknown).
+
+    Each target module declares `TABLE_OPTIONS` (a subset of `liftedge.measure.TABLE_OPTIONS`
+    plus "fp16"); a target without the declaration lowers fp16 tables only.
+    """
+    if runtime is None:
+        return (FP16_OPTION, *TABLE_OPTIONS)
+    from liftedge.lowering import get_target
+
+    return tuple(getattr(get_target(runtime), "TABLE_OPTIONS", (FP16_OPTION,)))
+
+
+def restrict_tables(sens: Sensitivity, allowed: tuple[str, ...]) -> Sensitivity:
+    """`sens` without the table options outside `allowed` (fp16 always stays)."""
+    drop = set(TABLE_OPTIONS) - set(allowed)
+    if not drop:
+        return sens
+    table = {site: [o for o in opts if o.name not in drop] for site, opts in sens.table.items()}
+    return replace(sens, table=table, meta={**sens.meta, "tables_not_lowered": sorted(drop)})
+
+
+def fix_tables(sens: Sensitivity) -> Sensitivity:
+    """`sens` with the table sites (embedding, head) taken out of the plan and their fp16 bytes
+    added to the fixed bytes: the table as it was before tables were planned."""
+    allowed = {FP16_OPTION, *TABLE_OPTIONS}
+    tables = {s for s, opts in sens.table.items() if {o.name for o in opts} <= allowed}
+    if not tables:
+        return sens
+    fp16 = sum(next(o.nbytes for o in sens.table[s] if o.name == FP16_OPTION) for s in tables)
+    return replace(sens, table={s: o for s, o in sens.table.items() if s not in tables},
+                   numel={s: n for s, n in sens.numel.items() if s not in tables},
+                   fixed_nbytes=sens.fixed_nbytes + fp16)
+
+
+def _runtime_of(req: BudgetRequest, mem: MemoryBudget | None) -> str | None:
+    if mem is not None:
+        return mem.runtime
+    if req.runtime is not None:
+        return req.runtime
+    return None if req.device is None else req.device.default_runtime
+
+
 def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method: str = "exact") -> PlanResult:
-    """Solve for the least predicted error within the requested budget (and the device's memory)."""
+    """Solve for the least predicted error within the requested budget (and the device's memory).
+
+    Table options (int8/int4 embeddings and head) the request's runtime cannot lower are not
+    offered to the solver.
+    """
+    sens = restrict_tables(sens, target_table_options(_runtime_of(req, None)))
+    if req.bits is not None:  # bits per weight of the decoder linears, as the pack counts them
+        sens = fix_tables(sens)
     numel = sum(sens.numel.values())
     mem = None
     if req.device is not None and req.device.ram_nbytes is not None:
@@ -129,8 +184,6 @@ def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method:
 
 
 def plan_configs(plan: Plan, *, seed: int = 0) -> dict[str, Any]:
-    """Site -> LiftQuantConfig for every site the plan quantizes ("fp16" sites are left out)."""
-    from liftedge.quantize.liftquant import LiftQuantConfig
-
-    return {c.site: LiftQuantConfig(option_rate(c.option), seed=seed)
-            for c in plan.choices if c.option != FP16_OPTION}
+    """Site -> quantizer config for every site the plan quantizes ("fp16" sites are left out):
+    a LiftQuantConfig for a linear layer, an IntConfig for an embedding / head table option."""
+    return {c.site: option_config(c.option, seed=seed) for c in plan.choices if c.option != FP16_OPTION}

@@ -4,7 +4,8 @@
 where its decoder blocks, embeddings and output head live. `list_sites` walks a model with
 it: the embedding(s), then every linear layer of every decoder block in module order, then
 the head. A head that shares its weight with the input embedding (tied) is listed with
-`tied_to` set and is not a separate quantization unit: its owner is the embedding.
+`tied_to` set and is not a separate quantization unit: its owner is the embedding (in a
+loaded pack, a head module exposing `tied_embedding` is tied to that module).
 GPT-2's `Conv1D` stores its weight as [in, out]; its sites are marked `transposed` and
 `site_weight` always returns [out, in].
 
@@ -110,9 +111,23 @@ def _unwrap(model):
     return getattr(model, "model", model) if not isinstance(model, nn.Module) else model
 
 
+def _table_shape(module: nn.Module) -> tuple[int, int]:
+    """[rows, cols] of an embedding or head: its weight's, or a packed reference module's own."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return tuple(weight.shape)
+    for rows, cols in (("num_embeddings", "embedding_dim"), ("out_features", "in_features")):
+        if hasattr(module, rows):
+            return getattr(module, rows), getattr(module, cols)
+    owner = getattr(module, "tied_embedding", None)
+    if owner is not None:
+        return _table_shape(owner)
+    raise ModelLoadError(f"{type(module).__name__} has neither a weight nor a table shape")
+
+
 def _embedding_site(model: nn.Module, name: str) -> Site:
-    weight = get_module(model, name).weight
-    return Site(name=name, kind="embedding", out_features=weight.shape[0], in_features=weight.shape[1])
+    rows, cols = _table_shape(get_module(model, name))
+    return Site(name=name, kind="embedding", out_features=rows, in_features=cols)
 
 
 def _stored_transposed(module: nn.Module) -> bool | None:
@@ -131,7 +146,9 @@ def _linear_site(name: str, module: nn.Module, block: int, transposed: bool) -> 
 
 
 def _head_site(model: nn.Module, family: Family) -> Site:
-    weight = get_module(model, family.head).weight
-    tied_to = next((e for e in family.embeddings if get_module(model, e).weight is weight), None)
-    return Site(name=family.head, kind="head", out_features=weight.shape[0], in_features=weight.shape[1],
-                tied_to=tied_to)
+    head = get_module(model, family.head)
+    weight, owner = getattr(head, "weight", None), getattr(head, "tied_embedding", None)
+    tied_to = next((e for e in family.embeddings if get_module(model, e) is owner
+                    or (weight is not None and getattr(get_module(model, e), "weight", None) is weight)), None)
+    rows, cols = _table_shape(head)
+    return Site(name=family.head, kind="head", out_features=rows, in_features=cols, tied_to=tied_to)

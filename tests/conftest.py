@@ -89,12 +89,15 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
-def make_tiny_pack(family: str, path: Path, *, rate: str = "24/10", mixed: bool = False, seed: int = 0) -> Path:
+def make_tiny_pack(family: str, path: Path, *, rate: str = "24/10", mixed: bool = False, seed: int = 0,
+                   embedding: str | None = None) -> Path:
     """A LiftQuant pack of a tiny random `family` model at `path` (no correction: fast).
 
     `mixed=True` makes the pack look like a planner's: odd blocks' MLP down projections
     become 4-bit integers (RTN, group 32) and the key projections use LQ-12/4, so targets
-    see every site format and more than one rate.
+    see every site format and more than one rate. `embedding` (a table option of
+    `liftedge.measure.TABLE_OPTIONS`, e.g. "int8-g64") stores the token embedding with it,
+    and an untied head too (a tied head follows the embedding).
     """
     from liftedge.model import list_sites, load_model, site_weight
     from liftedge.packed import save_packed
@@ -119,6 +122,12 @@ def make_tiny_pack(family: str, path: Path, *, rate: str = "24/10", mixed: bool 
                 ints[s.name] = make_quantizer("rtn", IntConfig(bits=4, group_size=32)).quantize(weight, None)
             elif s.name.endswith(("k_proj", "c_attn", "query_key_value")):
                 configs[s.name] = LiftQuantConfig(Rate(12, 4))
+    if embedding is not None:
+        from liftedge.measure import option_config, planned_sites
+
+        for s in planned_sites(loaded.model):
+            if s.kind != "linear":
+                configs[s.name], methods[s.name] = option_config(embedding), "rtn"
     tokens = torch.randint(0, loaded.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(seed))
     qtensors, _ = quantize_streaming(loaded, tokens, configs)
     qtensors.update(ints)

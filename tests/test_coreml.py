@@ -198,6 +198,22 @@ def test_mixed_pack_build_verifies(tmp_path):
     assert report["verification"]["weights_bit_exact"]["int_fields"] > 0
 
 
+@pytest.mark.parametrize("family,option", [("qwen3", "int8-g64"), ("llama", "int4-g32")])
+def test_int_embedding_and_head_build_verifies(family, option, tmp_path):
+    """The table as one constexpr_blockwise_shift_scale: gathered from, and (tied) the head's matrix."""
+    pack = make_tiny_pack(family, tmp_path / "pack", mixed=True, embedding=option)
+    report = build_artifact(pack, "coreml", tmp_path / "art", options=BUILD)
+    _check_report(report)
+    emb, head = report["sites"]["model.embed_tokens"], report["sites"]["lm_head"]
+    assert emb["format"] == head["format"] == "int"
+    assert emb["lowering"].startswith("gather from constexpr_blockwise_shift_scale")
+    assert ("tied" in head["lowering"]) == (family == "qwen3")
+    # one constexpr per stored int site: the tied head adds none (checked by the read-back too)
+    n_int = sum(1 for e in json.loads((pack / "manifest.json").read_text())["sites"].values() if e["fmt"] == "int")
+    ops = report["verification"]["structure"]["op_counts"]
+    assert ops["constexpr_blockwise_shift_scale"] == n_int
+
+
 def _package_digest(folder: Path) -> dict[str, str]:
     return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted(folder.rglob("*")) if f.is_file()}

@@ -205,6 +205,29 @@ def test_unsupported_family_and_bad_options_refused():
         export.ExportOptions(max_context=4)
 
 
+# qwen3 ties its head to the embedding; llama does not. The head is the C++ kernel with custom
+# ops (default) and stock-op dequantization without.
+@pytest.mark.parametrize("family,option,custom_ops", [("qwen3", "int8-g64", True), ("llama", "int4-g32", False),
+                                                      ("llama", "int8-g64", True)])
+def test_int_embedding_and_head_verified(family, option, custom_ops, tmp_path, kernel_cache, monkeypatch):
+    monkeypatch.setenv("LIFTEDGE_CACHE", str(kernel_cache))
+    pack = make_tiny_pack(family, tmp_path / "pack", mixed=True, embedding=option)
+    report = build_artifact(pack, "executorch", tmp_path / "art",
+                            options={"max_context": 128, "max_prefill": 64, "custom_ops": custom_ops})
+    assert report["verification"]["passed"] and report["verification"]["greedy_tokens_equal"]
+    assert report["sites"]["model.embed_tokens"]["lowering"].startswith("stock-op int")
+    head = report["sites"]["lm_head"]["lowering"]
+    if custom_ops:  # the kernel reads the packed codes: no per-call float table
+        assert head.startswith(f"{ops.NAMESPACE}::int_linear") and report["requires_kernel_library"]
+    else:
+        assert head.startswith("stock-op dequant int") and not report["requires_kernel_library"]
+    # the .pte holds the table's codes exactly once (a tied head reads the embedding's buffer)
+    from liftedge.packed import read_weights
+
+    codes = read_weights(pack)["model.embed_tokens.codes"].numpy().tobytes()
+    assert (tmp_path / "art" / export.PTE_NAME).read_bytes().count(codes) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in export.SUPPORTED_FAMILIES if f != "llama"])
 def test_build_other_families(family, tmp_path):

@@ -189,6 +189,28 @@ def test_same_pack_same_bytes(mixed_qwen3_pack, tmp_path):
         assert outs[0][name] == outs[1][name], name
 
 
+# qwen3 ties its head to the embedding (int8: Gather + MatMulNBits over one set of codes);
+# llama does not (the int4 head is an ordinary MatMulNBits site beside the int4 lookup).
+@pytest.mark.parametrize("family,option", [("qwen3", "int8-g64"), ("llama", "int4-g32")])
+def test_int_embedding_and_head_end_to_end(family, option, tmp_path):
+    pack = make_tiny_pack(family, tmp_path / "pack", mixed=True, embedding=option)
+    report = build_artifact(pack, "onnxruntime", tmp_path / "out")
+    for key in ("onnx", "ort"):  # ORT and .ort logits within TOLERANCE of the pack's reference
+        assert report["verification"][key]["passed"] and report["verification"][key]["greedy_tokens_equal"]
+    # beyond the pack: the 8 KB sign table and small constants only (a second copy of the
+    # table would add its 10-20 KB of codes)
+    assert report["weights"]["initializer_nbytes"] - report["weights"]["pack_nbytes"] < 8192 + 2048
+    emb, head = report["sites"]["model.embed_tokens"], report["sites"]["lm_head"]
+    assert emb["format"] == head["format"] == "int"
+    assert emb["lowering"].startswith("Gather") and "MatMulNBits" in head["lowering"]
+    import onnx
+
+    names = [t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer]
+    # the table is stored once: one set of embedding codes, and a tied head adds none of its own
+    assert names.count("model.embed_tokens.codes") == 1
+    assert any(n.startswith("lm_head.") for n in names) == (family == "llama")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3_text", "gpt2", "gpt_neox"])
 def test_tiny_family_end_to_end(family, tmp_path):

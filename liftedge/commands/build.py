@@ -8,6 +8,7 @@ default (android -> ExecuTorch, ios -> Core ML) unless --runtime names another.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from liftedge.commands.budget_args import add_budget_arguments, budget_request, calibration_and_sensitivity
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     check_destination(args.output, args.force)  # fail before the long work
     request = budget_request(args)
     runtime = args.runtime or (request.device.default_runtime if request.device else "executorch")
+    request = dataclasses.replace(request, runtime=runtime)  # the plan takes only options this runtime lowers
     extra = {}
     if is_pack(args.model):
         pack = Path(args.model)

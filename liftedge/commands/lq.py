@@ -64,7 +64,8 @@ def quantize_and_save(loaded, tokens, calibration: dict, configs: dict[str, Lift
     from liftedge.quantize.pipeline import quantize_streaming
 
     check_destination(output, force)  # fail before the long work, not after
-    for config in set(configs.values()):
+    lq_configs = {k: c for k, c in configs.items() if isinstance(c, LiftQuantConfig)}
+    for config in set(lq_configs.values()):
         lattice.load_codebook(config.rate)  # an unknown rate fails here, listing the shipped ones
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
@@ -75,11 +76,13 @@ def quantize_and_save(loaded, tokens, calibration: dict, configs: dict[str, Lift
     loaded.model.to(torch_device)
     qtensors, report = quantize_streaming(loaded, tokens.to(torch_device), configs, correction, checkpoint_dir=ckpt)
     loaded.model.to("cpu")
-    rates = sorted({str(c.rate) for c in configs.values()})
+    rates = sorted({str(c.rate) for c in lq_configs.values()})
+    tables = {k: _as_dict(c) for k, c in configs.items() if k not in lq_configs}  # embedding / head: RTN "int"
     quantizer = {"method": "liftquant", "correction": _as_dict(correction), "blocks": report.blocks,
-                 "config": _as_dict(next(iter(configs.values()))) if len(set(configs.values())) == 1 else None,
-                 "rates": rates}
-    manifest = save_packed(output, loaded, qtensors, method="liftquant", quantizer=quantizer,
+                 "config": _as_dict(next(iter(lq_configs.values()))) if len(set(lq_configs.values())) == 1 else None,
+                 "rates": rates, **({"tables": tables} if tables else {})}
+    methods = {k: "liftquant" if k in lq_configs else "rtn" for k in qtensors}
+    manifest = save_packed(output, loaded, qtensors, method=methods, quantizer=quantizer,
                            calibration=calibration, plan=plan, force=force)
     shutil.rmtree(ckpt, ignore_errors=True)
     return manifest

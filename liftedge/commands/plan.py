@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_plan(result) -> None:
-    from liftedge.measure import option_rate
+    from liftedge.measure import option_code_bits
     from liftedge.sizes import format_size
 
     plan, mem = result.plan, result.memory
@@ -57,10 +57,10 @@ def print_plan(result) -> None:
         for label, nbytes, estimate in mem.terms():
             print(f"  {label:<44} {'-' if nbytes < 0 else ' '}{format_size(abs(nbytes)):>11}"
                   f"{'  (estimate)' if estimate and 'RAM' not in label and 'weight' not in label else ''}")
-        print("  (the weight budget covers the quantized layers; the unquantized tables are the fp16 "
-              "embeddings, norms and biases)")
-    print(f"plan: λ = {plan.lam:.3f}, {plan.bits_per_weight:.3f} bits/weight over {len(plan.choices)} layers, "
-          f"{format_size(plan.total_nbytes)} of weights in all ({format_size(plan.sites_nbytes)} in the layers), "
+        print("  (the weight budget covers the planned sites: the linear layers, the token embedding and an "
+              "untied head; the unquantized tables are norms, biases and position tables at fp16)")
+    print(f"plan: λ = {plan.lam:.3f}, {plan.bits_per_weight:.3f} bits/weight over {len(plan.choices)} sites, "
+          f"{format_size(plan.total_nbytes)} of weights in all ({format_size(plan.sites_nbytes)} in the planned sites), "
           f"budget {format_size(plan.budget_nbytes)} ({plan.total_nbytes / plan.budget_nbytes:.1%} used)")
     print(f"predicted loss increase {plan.predicted_error:.4f} nats/token "
           f"(bound {plan.lower_bound_error:.4f}; solver {plan.method}{', optimal' if plan.exact else ''})")
@@ -70,6 +70,4 @@ def print_plan(result) -> None:
     print("rates: " + ", ".join(f"{o} x{n}" for o, n in sorted(counts.items())))
     print(f"{'SITE':<44} {'OPTION':<9} {'BITS':>6} {'BYTES':>10} {'PRED. ERROR':>12}")
     for c in plan.choices:
-        rate = option_rate(c.option)
-        bits = 16.0 if rate is None else rate.D / rate.d
-        print(f"{c.site:<44} {c.option:<9} {bits:>6.3f} {c.nbytes:>10} {c.error:>12.3e}")
+        print(f"{c.site:<44} {c.option:<9} {option_code_bits(c.option):>6.3f} {c.nbytes:>10} {c.error:>12.3e}")

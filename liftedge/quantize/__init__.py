@@ -6,8 +6,9 @@ Each method lives in its own module and registers itself with `@register_quantiz
 importing this package imports them all (`METHOD_MODULES`).
 
 Which sites are quantized: by default every linear site inside a decoder block
-(`default_sites`). Embeddings and the output head stay fp16 (they are stored as ordinary
-parameters by `liftedge.packed`). A per-site config map (site name -> config) quantizes
+(`default_sites`). Embeddings and the output head stay fp16 here (they are stored as ordinary
+parameters by `liftedge.packed`); a plan may quantize them to "int" through
+`liftedge.quantize.pipeline.quantize_streaming`. A per-site config map (site name -> config) quantizes
 exactly the sites it names, each with its own config, which is how a plan assigns rates.
 
 This package owns the methods and the site loop; statistics come from

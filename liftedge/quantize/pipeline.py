@@ -18,7 +18,8 @@ its quantized tensors are saved to `checkpoint_dir`; a rerun with the same input
 finished blocks from there (forward passes only) and continues where it stopped, with
 identical results because every random choice is seeded per block.
 
-This module owns the loop. Coding a layer is `liftquant.py`, training a block `correct.py`,
+The token embedding and an untied head may be quantized too ("int", round-to-nearest, before
+the blocks; block 0 then sees the quantized rows). This module owns the loop. Coding a layer is `liftquant.py`, training a block `correct.py`,
 storing the result `liftedge.packed`.
 """
 
@@ -44,6 +45,7 @@ from liftedge.correct import CorrectionConfig, TrainableLift, correct_block
 from liftedge.model import decoder_blocks, list_sites, set_site_weight, site_weight
 from liftedge.packed import replace_module
 from liftedge.progress import progress
+from liftedge.quantize.base import IntConfig, make_quantizer
 from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
 from liftedge.stream import BlockInputs, capture_block_inputs, run_block
 from liftedge.targets.reference import dequantize
@@ -146,26 +148,72 @@ def _correct(model, block, i, block_sites, qts, x_q, targets, cfg: CorrectionCon
     return qts, {**history, "kept": False}
 
 
-def quantize_streaming(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuantConfig],
+def quantize_streaming(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuantConfig | IntConfig],
                        correction: CorrectionConfig | None = None, *, checkpoint_dir: Path | None = None,
                        batch_size: int = 4) -> tuple[dict[str, QuantizedTensor], StreamReport]:
-    """LiftQuant every site named in `configs` (linear sites of decoder blocks), block by block.
+    """Quantize every site named in `configs`, block by block.
 
+    Linear sites of decoder blocks take a `LiftQuantConfig`. The token embedding and an
+    untied output head may take an `IntConfig` ("int" format, round-to-nearest: a table's
+    rows have no calibration statistics to exploit); a head tied to the embedding follows
+    the embedding's format and cannot be named. GPT-2's position table (wpe) stays fp16.
     Returns the packed tensors per site and a per-block report. `loaded.model` is modified
     in place: its quantized sites end up holding their decoded weights (copy the model
     first if the float model is still needed).
     """
     model = loaded.model
-    sites = [s for s in list_sites(model) if s.name in configs]
+    tables = _table_configs(model, configs)
+    configs = {k: v for k, v in configs.items() if k not in {s.name for s in tables}}
+    sites = [s for s in list_sites(model) if s.name in configs and s.kind == "linear" and s.block is not None]
     unknown = set(configs) - {s.name for s in sites}
     if unknown:
         raise ValueError(f"LiftQuant applies to decoder-block linear sites; not such: {sorted(unknown)[:5]}")
+    bad = sorted(n for n, c in configs.items() if not isinstance(c, LiftQuantConfig))
+    if bad:
+        raise ValueError(f"decoder-block linear sites take a LiftQuantConfig; {bad[:3]} got another config")
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     blocks = decoder_blocks(model)
     x_fp = capture_block_inputs(model, tokens, batch_size)
-    x_q = x_fp.with_hidden([h.clone() for h in x_fp.hidden])
-    return _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q)
+    table_qts = _quantize_tables(model, tables)
+    if any(s.kind == "embedding" for s in tables):  # block 0 sees the quantized embedding's rows
+        x_q = capture_block_inputs(model, tokens, batch_size)
+    else:
+        x_q = x_fp.with_hidden([h.clone() for h in x_fp.hidden])
+    result, report = _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q)
+    return {**table_qts, **result}, report
+
+
+def _table_configs(model, configs) -> dict[Site, IntConfig]:
+    """The embedding / head entries of `configs`, checked: token embedding or untied head, IntConfig."""
+    by_name = {s.name: s for s in list_sites(model)}
+    token_embedding = model.get_input_embeddings()
+    out = {}
+    for name, cfg in configs.items():
+        site = by_name.get(name)
+        if site is None or site.kind == "linear":
+            continue
+        if site.tied_to is not None:
+            raise ValueError(f"{name} is tied to {site.tied_to}: quantize {site.tied_to} and the head follows it")
+        if site.kind == "embedding" and model.get_submodule(name) is not token_embedding:
+            raise ValueError(f"{name} is a position table; only the token embedding and the head are quantized "
+                             "(position tables stay fp16)")
+        if not isinstance(cfg, IntConfig):
+            raise ValueError(f"{name} ({site.kind}) takes an IntConfig (int8/int4 round-to-nearest), "
+                             f"got {type(cfg).__name__}")
+        out[site] = cfg
+    return out
+
+
+@torch.no_grad()
+def _quantize_tables(model, tables: dict[Site, IntConfig]) -> dict[str, QuantizedTensor]:
+    """RTN-quantize the embedding / head tables and install their decoded values (a tied head follows)."""
+    out = {}
+    for site, cfg in tables.items():
+        qt = make_quantizer("rtn", cfg).quantize(site_weight(model, site).float(), None)
+        set_site_weight(model, site, dequantize(qt).to(_device(model)))
+        out[site.name] = qt
+    return out
 
 
 def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q):

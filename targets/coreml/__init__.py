@@ -27,6 +27,8 @@ from typing import Any
 from liftedge.errors import ArtifactError
 
 NAME = "coreml"
+# Embedding / head storage options this target lowers (`liftedge.planner` offers no others).
+TABLE_OPTIONS = ("fp16", "int8-g64", "int4-g32")
 OPTIONS = {
     "max_context": "KV-cache length in tokens (state shape; default 256)",
     "max_prefill": "longest prompt chunk one call accepts (default 64, at most max_context)",

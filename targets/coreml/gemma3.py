@@ -57,7 +57,7 @@ def build_program(config, tensors, qtensors, s: Shapes):
 
     def main(input_ids, position, *caches):
         pos = Positions(input_ids, position, s, None, 1.0)
-        embed = mb.const(val=tensors["model.embed_tokens.weight"].numpy(), name="model_embed_tokens_weight")
+        embed = w.table("model.embed_tokens")
         h = mb.cast(x=mb.gather(x=embed, indices=input_ids, axis=0), dtype="fp32")
         h = mb.mul(x=h, y=np.float32(s.hidden ** 0.5))
         for i in range(s.layers):

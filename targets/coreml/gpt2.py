@@ -42,7 +42,7 @@ def build_program(config, tensors, qtensors, s: Shapes):
 
     def main(input_ids, position, *caches):
         pos = Positions(input_ids, position, s, None, 1.0)
-        wte = mb.const(val=tensors["transformer.wte.weight"].numpy(), name="transformer_wte_weight")
+        wte = w.table("transformer.wte")
         wpe = mb.const(val=tensors["transformer.wpe.weight"].numpy(), name="transformer_wpe_weight")
         positions = mb.squeeze(x=pos.q_col, axes=[1])
         h = mb.add(x=mb.cast(x=mb.gather(x=wte, indices=input_ids, axis=0), dtype="fp32"),
@@ -50,9 +50,7 @@ def build_program(config, tensors, qtensors, s: Shapes):
         for i in range(s.layers):
             h = block(h, f"transformer.h.{i}", w, s, pos, caches[2 * i], caches[2 * i + 1])
         h = norm(h, w, "transformer.ln_f", s.eps)
-        w.sites["lm_head"] = {"format": "fp16", "lowering": "matmul with the wte const (tied)",
-                              "why": "GPT-2 ties its head to the token embedding"}
-        logits = mb.matmul(x=h, y=mb.cast(x=wte, dtype="fp32", name="lm_head_weight_f32"), transpose_y=True)
+        logits = w.tied_head(h, wte, "GPT-2 ties its head to the token embedding")
         return mb.cast(x=logits, dtype="fp32", name="logits")
 
     return _program(main, io_specs(s)), w.sites, s

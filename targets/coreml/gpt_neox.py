@@ -37,7 +37,7 @@ def build_program(config, tensors, qtensors, s: Shapes):
 
     def main(input_ids, position, *caches):
         pos = Positions(input_ids, position, s, inv_freq, rope_scale)
-        embed = mb.const(val=tensors["gpt_neox.embed_in.weight"].numpy(), name="gpt_neox_embed_in_weight")
+        embed = w.table("gpt_neox.embed_in")
         h = mb.cast(x=mb.gather(x=embed, indices=input_ids, axis=0), dtype="fp32")
         for i in range(s.layers):
             h = block(h, f"gpt_neox.layers.{i}", w, s, pos, rot, parallel, caches[2 * i], caches[2 * i + 1])

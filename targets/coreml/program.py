@@ -115,6 +115,7 @@ class Weights:
     def __init__(self, tensors: dict[str, torch.Tensor], qtensors: dict):
         self.tensors, self.qtensors = tensors, qtensors
         self.sites: dict[str, dict[str, Any]] = {}
+        self.table_fmt = "fp16"  # the token embedding's stored format (set by `table`)
 
     def plain(self, name: str, shape=None):
         """An fp16 parameter (norm weight, bias) as an fp32 value."""
@@ -155,6 +156,32 @@ class Weights:
     def _record(self, site: str, fmt: str, lowering: str, why: str) -> None:
         self.sites[site] = {"format": fmt, "lowering": lowering, "why": why}
 
+    def table(self, site: str):
+        """The token embedding table [vocab, hidden] as the pack stores it: an fp16 const, or
+        for an "int" site the `constexpr_blockwise_shift_scale` of its codes (cast to fp32).
+        The one value serves the gather and a tied head (stored once)."""
+        from coremltools.converters.mil.mil import Builder as mb
+
+        qt = self.qtensors.get(site)
+        self.table_fmt = "fp16" if qt is None else qt.fmt
+        if qt is None:
+            return mb.const(val=self.tensors[f"{site}.weight"].numpy(), name=f"{site.replace('.', '_')}_weight")
+        if qt.fmt != "int":
+            raise ArtifactError(f"{site}: a {qt.fmt!r} embedding has no Core ML lowering (fp16 or int)")
+        m = qt.meta
+        self._record(site, "int", f"gather from constexpr_blockwise_shift_scale(uint{m['bits']})",
+                     f"int{m['bits']} group {m['group_size']} table; a tied head multiplies by the same constexpr")
+        return layers.int_weight(site, qt.tensors, m)
+
+    def tied_head(self, h, embed, why: str):
+        """Logits h @ embed^T over the embedding's own table value (recorded as the lm_head site)."""
+        from coremltools.converters.mil.mil import Builder as mb
+
+        kind = "const" if self.table_fmt == "fp16" else "constexpr"
+        self.sites["lm_head"] = {"format": self.table_fmt, "lowering": f"matmul with the embedding {kind} (tied)",
+                                 "why": why}
+        return mb.matmul(x=h, y=mb.cast(x=embed, dtype="fp32", name="lm_head_weight_f32"), transpose_y=True)
+
 
 # Family.decoder -> module whose build_program(config, tensors, qtensors, shapes) writes that
 # graph ("llama" is `build_llama` below).
@@ -183,7 +210,7 @@ def build_llama(config, tensors: dict[str, torch.Tensor], qtensors: dict, s: Sha
 
     def main(input_ids, position, *caches):
         pos = Positions(input_ids, position, s, inv_freq, rope_scale)
-        embed = mb.const(val=tensors["model.embed_tokens.weight"].numpy(), name="model_embed_tokens_weight")
+        embed = w.table("model.embed_tokens")
         h = mb.cast(x=mb.gather(x=embed, indices=input_ids, axis=0), dtype="fp32")
         for i in range(s.layers):
             h = decoder_block(h, i, w, family, s, pos, caches[2 * i], caches[2 * i + 1], win[i])
@@ -221,15 +248,11 @@ def _program(main, specs: dict):
 
 def head(h, w: Weights, embed, config):
     """Logits: the lm_head site, or the (tied) embedding matrix."""
-    from coremltools.converters.mil.mil import Builder as mb
-
     if "lm_head" in w.qtensors or "lm_head.weight" in w.tensors:
         return w.linear(h, "lm_head")
     if not getattr(config, "tie_word_embeddings", False):
         raise ArtifactError("the pack has no lm_head weight and the config does not tie it to the embedding")
-    w.sites["lm_head"] = {"format": "fp16", "lowering": "matmul with the embedding const (tied)",
-                          "why": "tie_word_embeddings: one fp16 matrix serves gather and head"}
-    return mb.matmul(x=h, y=mb.cast(x=embed, dtype="fp32", name="lm_head_weight_f32"), transpose_y=True)
+    return w.tied_head(h, embed, "tie_word_embeddings: one stored table serves gather and head")
 
 
 class Positions:

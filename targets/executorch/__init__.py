@@ -8,9 +8,9 @@ Implements the `liftedge.lowering` contract:
     verify(out, pack, report, options)   runs model.pte in executorch.runtime and compares
                                          greedy decoding with the pack's reference model
 
-Modules: `ops` (the torch op `liftedge::lq_linear` + `.out`), `kernel` (build/cache/load
-the C++ kernel library from `kernels/`), `modules` (export-time replacements of the other
-site formats), `export` (static KV cache, torch.export, XNNPACK lowering), `runtime`
+Modules: `ops` (the torch ops `liftedge::lq_linear`, `fp16_linear`, `int_linear` + `.out`),
+`kernel` (build/cache/load the C++ kernel library from `kernels/`), `modules` (export-time
+replacements of the other site formats, int8/int4 embedding tables included), `export` (static KV cache, torch.export, XNNPACK lowering), `runtime`
 (running and verifying a `.pte`). `CMakeLists.txt` links `kernels/` into an app's runtime.
 """
 
@@ -22,6 +22,8 @@ from typing import Any
 from liftedge.errors import ArtifactError
 
 NAME = "executorch"
+# Embedding / head storage options this target lowers (`liftedge.planner` offers no others).
+TABLE_OPTIONS = ("fp16", "int8-g64", "int4-g32")
 OPTIONS = {
     "custom_ops": "true (default): lift-project layers call liftedge::lq_linear (C++ kernel library "
                   "needed at run time); false: stock-operator fallback (bit unpack in the graph)",

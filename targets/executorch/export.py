@@ -29,6 +29,7 @@ from torch import nn
 
 from liftedge.errors import ArtifactError
 from liftedge.targets.executorch import modules, ops
+from liftedge.targets.reference import TiedHead
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def swap_sites(model: nn.Module, qtensors: dict, custom_ops: bool) -> dict[str, dict[str, str]]:
     """Replace every quantized site by its export module; return site -> {lowering, why}."""
     sites = {}
+    embedding = model.get_input_embeddings()
     for name, qt in sorted(qtensors.items()):
+        if model.get_submodule(name) is embedding:
+            continue  # a lookup table, not a linear: `swap_embeddings`
         bias = getattr(model.get_submodule(name), "bias", None)
         if qt.fmt == "liftquant":
             _replace(model, name, ops.LqLinear(qt.tensors, bias, custom_op=custom_ops))
@@ -77,10 +81,17 @@ def swap_sites(model: nn.Module, qtensors: dict, custom_ops: bool) -> dict[str, 
                            {"lowering": "stock-op lift-project",
                             "why": "custom_ops=False: bit unpack + matmuls in stock operators, signs packed"})
         elif qt.fmt == "int":
-            _replace(model, name, modules.IntDequantLinear(qt, bias))
-            sites[name] = {"lowering": f"stock-op dequant int{qt.meta['bits']} g{qt.meta['group_size']}",
-                           "why": "packed codes unpacked in the graph: exact pack values at packed size "
-                                  "(8da4w would re-quantize to another grid)"}
+            layer = modules.IntDequantLinear(qt, bias)
+            kind = f"int{qt.meta['bits']} g{qt.meta['group_size']}"
+            if custom_ops and model.get_submodule(name) is model.get_output_embeddings() and layer.kernel_supported:
+                layer.custom_op = True  # the head: the vocabulary-sized table read in place by the kernel
+                sites[name] = {"lowering": f"{ops.NAMESPACE}::int_linear ({kind})",
+                               "why": "output head: C++ kernel over the packed codes, no per-call dequantized table"}
+            else:
+                sites[name] = {"lowering": f"stock-op dequant {kind}",
+                               "why": "packed codes unpacked in the graph: exact pack values at packed size "
+                                      "(8da4w would re-quantize to another grid)"}
+            _replace(model, name, layer)
         elif qt.fmt == "fp16":
             sites[name] = {"lowering": "xnnpack fp32 linear", "why": "fp16 site: float weights, XNNPACK"}
         else:
@@ -89,34 +100,64 @@ def swap_sites(model: nn.Module, qtensors: dict, custom_ops: bool) -> dict[str, 
 
 
 def swap_embeddings(model: nn.Module, qtensors: dict, custom_ops: bool = True) -> dict[str, dict[str, str]]:
-    """Embedding and head as fp16 (as the pack stores them), the tied table stored once."""
+    """Embedding and head as the pack stores them (fp16 or "int"), the tied table stored once."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     emb_name = next(n for n, m in model.named_modules() if m is emb)
     head_name = next((n for n, m in model.named_modules() if m is head), None)
-    if emb_name in qtensors:
-        raise ArtifactError(f"{emb_name}: a quantized embedding has no ExecuTorch lowering yet")
-    tied = head is not None and getattr(head, "weight", None) is emb.weight
     scale = getattr(emb, "embed_scale", None)
-    new_emb = modules.Fp16Embedding(emb.weight, None if scale is None else float(scale))
+    scale = None if scale is None else float(scale)
+    # tied: the HF head shares the fp16 embedding's weight, or the reference head reads the int table
+    tied = head is not None and (isinstance(head, TiedHead) or getattr(head, "weight", None) is getattr(emb, "weight", 0))
+    if emb_name in qtensors:
+        new_emb, sites = _int_embedding(emb_name, qtensors[emb_name], scale)
+    else:
+        new_emb = modules.Fp16Embedding(emb.weight, scale)
+        sites = {emb_name: {"lowering": "fp16 embedding (portable gather)", "why": "pack stores it fp16"}}
     _replace(model, emb_name, new_emb)
-    sites = {emb_name: {"lowering": "fp16 embedding (portable gather)", "why": "pack stores it fp16"}}
-    if head_name is None or head_name in qtensors:
+    if head_name is None or head_name in qtensors:  # no head, or a quantized untied head (`swap_sites`)
         return sites
-    if tied:
-        new_head = modules.Fp16Head(new_emb, "table", getattr(head, "bias", None), custom_ops)
+    bias = getattr(head, "bias", None)
+    if tied and isinstance(new_emb, modules.IntEmbedding):
+        new_head, sites[head_name] = _int_tied_head(new_emb, bias, custom_ops)
+    elif tied:
+        new_head = modules.Fp16Head(new_emb, "table", bias, custom_ops)
         why = ("tied to the embedding: one fp16 table serves both" if custom_ops else
                "custom_ops=False: XNNPACK fp16 linear, which keeps its own copy of the tied table")
     else:
         holder = nn.Module()
         holder.register_buffer("weight", head.weight.detach().to(torch.float16).clone())
-        new_head = modules.Fp16Head(holder, "weight", getattr(head, "bias", None), custom_ops)
+        new_head = modules.Fp16Head(holder, "weight", bias, custom_ops)
         new_head.holder = holder
         why = "pack stores it fp16"
+    if head_name not in sites:
+        sites[head_name] = {"lowering": f"{ops.NAMESPACE}::fp16_linear" if custom_ops else "xnnpack fp16 linear",
+                            "why": why}
     _replace(model, head_name, new_head)
-    sites[head_name] = {"lowering": f"{ops.NAMESPACE}::fp16_linear" if custom_ops else "xnnpack fp16 linear",
-                        "why": why}
     return sites
+
+
+def _int_embedding(name: str, qt, scale: float | None):
+    """An "int" embedding: the looked-up rows of codes gathered, then dequantized."""
+    if qt.fmt != "int":
+        raise ArtifactError(f"{name}: a {qt.fmt!r} embedding has no ExecuTorch lowering (fp16 or int)")
+    kind = f"int{qt.meta['bits']} g{qt.meta['group_size']}"
+    return modules.IntEmbedding(qt, scale), {name: {
+        "lowering": f"stock-op {kind} lookup (index_select of code rows + dequant)",
+        "why": "only the looked-up rows are dequantized"}}
+
+
+def _int_tied_head(emb: modules.IntEmbedding, bias, custom_ops: bool):
+    """The head over an `IntEmbedding`'s table (stored once): the C++ kernel, or stock-op dequant."""
+    kind = f"int{emb.meta['bits']} g{emb.meta['group_size']}"
+    kernel = custom_ops and emb.kernel_supported
+    site = ({"lowering": f"{ops.NAMESPACE}::int_linear ({kind}) over the tied table",
+             "why": "tied: one stored table serves both; the C++ kernel reads the packed codes"}
+            if kernel else
+            {"lowering": f"stock-op dequant {kind} of the tied table + linear",
+             "why": "tied: one stored table serves both; custom_ops=False (or a layout the kernel does not "
+                    "read): the table is dequantized per call, exact, packed on disk"})
+    return modules.IntTiedHead(emb, bias, kernel), site
 
 
 def prepare_model(pack: Path, opts: ExportOptions):

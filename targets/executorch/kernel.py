@@ -1,4 +1,5 @@
-"""Build, cache and load the liftedge ExecuTorch kernel library (`liftedge::lq_linear.out`).
+"""Build, cache and load the liftedge ExecuTorch kernel library (`liftedge::lq_linear.out`, and
+the head kernels `liftedge::fp16_linear.out` and `liftedge::int_linear.out`).
 
 The sources in `kernels/` are compiled at first use with the system C++ compiler
 (`$LIFTEDGE_CXX`, default `g++`) against the headers and `libexecutorch.so` that the
@@ -32,7 +33,7 @@ from liftedge.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
-SOURCES = ("lq_linear.cpp", "lq_linear_et.cpp", "fp16_linear_et.cpp")
+SOURCES = ("lq_linear.cpp", "lq_linear_et.cpp", "head_linear_et.cpp")
 HEADERS = ("lq_linear.h",)
 # -march=native: the library is built on, and cached for, the machine that runs it.
 OPT_FLAGS = ("-O3", "-march=native", "-std=c++17")

@@ -8,6 +8,11 @@
 | fp16 linear / norms  | unchanged (fp32)        | XNNPACK                                            |
 | embedding (fp16)     | `Fp16Embedding`         | gather rows of the fp16 table, cast to fp32        |
 | head (fp16, maybe tied) | `Fp16Head`           | fp16 linear on the same fp16 table, cast to fp32   |
+| embedding ("int")    | `IntEmbedding`          | index_select of code/scale/zero rows, dequantized  |
+| head tied to it      | `IntTiedHead`           | `liftedge::int_linear` over the embedding's codes   |
+|                      |                         | (custom_ops=False: stock-op dequant + linear)      |
+| untied "int" head    | `IntDequantLinear`      | `liftedge::int_linear` (custom_ops=False: as any   |
+|                      |  (custom_op=True)       | "int" linear)                                       |
 
 The "int" dequantization is stock operators on the pack's own codes (any bit width, ragged
 groups), so the artifact reproduces the pack's values exactly and stays at packed size;
@@ -46,20 +51,75 @@ class IntDequantLinear(nn.Module):
         cols = torch.arange(self.meta["in_features"]) // self.meta["group_size"]
         self.register_buffer("cols", cols, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.custom_op = False  # decoder-block sites: stock ops; an output head may set it (`export.swap_sites`)
 
     def weight(self) -> torch.Tensor:
-        m = self.meta
-        codes = unpack_codes_graph(self.codes, m["bits"], m["in_features"])
-        ng = self.scale.shape[1]
-        if m["symmetric"]:
-            zero = torch.full_like(self.scale, float(1 << (m["bits"] - 1)), dtype=torch.float32)
-        else:
-            zero = unpack_codes_graph(self.zero, m["bits"], ng)
-        scale = self.scale.to(torch.float32)
-        return (codes - zero[:, self.cols]) * scale[:, self.cols]
+        return dequant_rows(self, self.codes, self.scale, getattr(self, "zero", None))
+
+    @property
+    def kernel_supported(self) -> bool:
+        """Whether liftedge::int_linear reads this table (4/8-bit codes with stored zero points)."""
+        from liftedge.targets.executorch.ops import INT_LINEAR_BITS
+
+        return self.meta["bits"] in INT_LINEAR_BITS and not self.meta["symmetric"]
+
+    def linear(self, x: torch.Tensor, custom_op: bool, bias: torch.Tensor | None) -> torch.Tensor:
+        """x · W^T (+ bias): the C++ kernel over the packed fields, or stock-op dequant + linear."""
+        if custom_op and self.kernel_supported:
+            from liftedge.targets.executorch.ops import int_linear_op
+
+            y = int_linear_op()(x, self.codes, self.scale, self.zero, self.meta["bits"], self.meta["group_size"])
+            return y if bias is None else y + bias
+        return nn.functional.linear(x, self.weight(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight(), self.bias)
+        return self.linear(x, self.custom_op, self.bias)
+
+
+def dequant_rows(table: "IntDequantLinear", codes: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None) -> torch.Tensor:
+    """(code - zero) * scale per group for packed rows `codes` [r, nbytes] of `table`'s format
+    (scale [r, ng] fp16, zero [r, packed ng] or None when symmetric): float32 [r, in]."""
+    m = table.meta
+    values = unpack_codes_graph(codes, m["bits"], m["in_features"])
+    if zero is None:
+        z = torch.full_like(scale, float(1 << (m["bits"] - 1)), dtype=torch.float32)
+    else:
+        z = unpack_codes_graph(zero, m["bits"], scale.shape[1])
+    s = scale.to(torch.float32)
+    return (values - z[:, table.cols]) * s[:, table.cols]
+
+
+class IntEmbedding(IntDequantLinear):
+    """An "int" embedding table: the looked-up rows of codes, scales and zero points are
+    gathered (index_select on the packed uint8 rows) and only they are dequantized."""
+
+    def __init__(self, qt: QuantizedTensor, scale: float | None = None):
+        super().__init__(qt, None)
+        self.embed_scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        pick = lambda t: torch.index_select(t, 0, flat)  # noqa: E731
+        zero = getattr(self, "zero", None)
+        rows = dequant_rows(self, pick(self.codes), pick(self.scale), None if zero is None else pick(zero))
+        rows = rows.reshape(*ids.shape, self.meta["in_features"])
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+
+class IntTiedHead(nn.Module):
+    """The head tied to an `IntEmbedding`, over its table (registered on the embedding only, so
+    stored once): liftedge::int_linear with `custom_op`, else stock-op dequant + float linear
+    (exact, but the whole table is dequantized per call)."""
+
+    def __init__(self, owner: IntEmbedding, bias: torch.Tensor | None, custom_op: bool = True):
+        super().__init__()
+        self._owner = [owner]  # not a submodule: the table is registered once, on its owner
+        self.custom_op = custom_op
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._owner[0].linear(x, self.custom_op, self.bias)
 
 
 class Fp16Embedding(nn.Module):

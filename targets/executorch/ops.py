@@ -4,6 +4,8 @@
               Tensor block_scale, Tensor codebook) -> Tensor
     lq_linear.out(..., *, Tensor(a!) out) -> Tensor(a!)
     fp16_linear(Tensor x, Tensor weight) -> Tensor      (+ .out): x fp32 · W^T, W fp16 as packed
+    int_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group_size) -> Tensor
+                                                        (+ .out): the same for an "int" (4/8-bit) W
 
 x is float32 [..., in_features]; the other arguments are the stored fields of a "liftquant"
 tensor exactly as packed (signs uint8, float factors fp16), so the `.pte` holds the pack's
@@ -88,6 +90,41 @@ def _fp16_linear_out(x, weight, *, out):
     return out
 
 
+_lib.define("int_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group_size) -> Tensor")
+_lib.define("int_linear.out(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, *, "
+            "Tensor(a!) out) -> Tensor(a!)")
+# The kernel reads 4- and 8-bit codes with stored (asymmetric) zero points: the table options.
+INT_LINEAR_BITS = (4, 8)
+
+
+def int_linear_math(x, codes, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+    """x · W^T for an "int" weight as packed (`targets/reference/integer.py`), in torch ops."""
+    from liftedge.targets.reference.integer import unpack_codes
+
+    f32, n = torch.float32, x.shape[-1]
+    cols = torch.arange(n, device=x.device) // group_size
+    c = unpack_codes(codes, bits, n).to(f32)
+    z = unpack_codes(zero, bits, scale.shape[1]).to(f32)
+    return torch.nn.functional.linear(x, (c - z[:, cols]) * scale.to(f32)[:, cols])
+
+
+@torch.library.impl(_lib, "int_linear", "CompositeExplicitAutograd")
+def _int_linear(x, codes, scale, zero, bits, group_size):
+    return int_linear_math(x, codes, scale, zero, bits, group_size)
+
+
+@torch.library.impl(_lib, "int_linear.out", "CompositeExplicitAutograd")
+def _int_linear_out(x, codes, scale, zero, bits, group_size, *, out):
+    out.resize_(*x.shape[:-1], codes.shape[0])
+    out.copy_(int_linear_math(x, codes, scale, zero, bits, group_size))
+    return out
+
+
+@torch.library.register_fake(f"{NAMESPACE}::int_linear")
+def _int_linear_fake(x, codes, scale, zero, bits, group_size):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
 @torch.library.register_fake(f"{NAMESPACE}::fp16_linear")
 def _fp16_linear_fake(x, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -104,6 +141,10 @@ def op() -> torch._ops.OpOverload:
 
 def fp16_linear_op() -> torch._ops.OpOverload:
     return getattr(torch.ops, NAMESPACE).fp16_linear.default
+
+
+def int_linear_op() -> torch._ops.OpOverload:
+    return getattr(torch.ops, NAMESPACE).int_linear.default
 
 
 class LqLinear(nn.Module):

@@ -15,6 +15,8 @@ from typing import Any
 from liftedge.errors import LiftedgeError
 
 NAME = "onnxruntime"
+# Embedding / head storage options this target lowers (`liftedge.planner` offers no others).
+TABLE_OPTIONS = ("fp16", "int8-g64", "int4-g32")
 OPTIONS = {
     "ort": "write model.ort for ORT Mobile too: 'yes' (default) or 'no'",
     "threads": "intra-op threads for verification sessions (default: ONNX Runtime's choice)",

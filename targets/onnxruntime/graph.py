@@ -13,8 +13,9 @@ others. Inputs and outputs follow onnxruntime-genai:
 | `logits`                      | float32 | [batch_size, sequence_length, vocab]    |
 | `present.{i}.key/.value`      | float32 | [batch_size, kv_heads, total_sequence_length, head_dim] |
 
-The embedding is stored once in fp16 (as in the pack) and serves both the input Gather and,
-when tied, the output head (cast to float32 per call, so no float copy is kept). Quantized
+The embedding is stored once, as in the pack, and serves both the input Gather and, when
+tied, the output head: fp16 (cast to float32 per call, so no float copy is kept), or "int"
+codes (a Gather of code rows dequantized in the graph; MatMulNBits over the same codes). Quantized
 sites are emitted by `layers.emit_linear`; an unquantized linear is an fp16 site. This
 module owns the decoder wiring; per-site patterns belong to `layers`.
 """
@@ -135,7 +136,14 @@ class DecoderBuilder:
         past = [(b.add_input(f"past_key_values.{i}.key", FLOAT, kv_shape),
                  b.add_input(f"past_key_values.{i}.value", FLOAT, kv_shape)) for i in range(s.layers)]
         self.ctx = layers.make_context(b)
-        self.emb = b.initializer(self.EMBED, self.params[self.EMBED].astype(np.float16))
+        self.emb_site = self.EMBED.removesuffix(".weight")
+        qt = self.sites.get(self.emb_site)
+        if qt is None:
+            self.emb, self.emb_int = b.initializer(self.EMBED, self.params[self.EMBED].astype(np.float16)), None
+        elif qt.fmt == "int":
+            self.emb, self.emb_int = None, layers.int_inputs(self.ctx, self.emb_site, qt)
+        else:
+            raise ArtifactError(f"{self.emb_site}: a {qt.fmt!r} embedding has no ONNX Runtime lowering (fp16 or int)")
         x = self.embed(ids, pos)
         self.positions(pos)
         masks = {w: self.attention_mask(mask, past[0][0], ids, w) for w in sorted(set(s.windows), key=str)}
@@ -146,6 +154,12 @@ class DecoderBuilder:
         return b.model(doc=f"liftedge {self.config.model_type} decoder (onnxruntime-genai I/O)")
 
     def embed(self, ids: str, pos: str) -> str:
+        if self.emb_int is not None:
+            qt = self.sites[self.emb_site]
+            self.report[self.emb_site] = {
+                "format": "int", "lowering": f"Gather of int{qt.meta['bits']} code rows + stock-op dequant",
+                "why": "only the looked-up rows are dequantized; the codes are shared with a tied head's MatMulNBits"}
+            return layers.emit_int_lookup(self.ctx, ids, self.emb_site, qt, self.emb_int)
         return self.b.op("Cast", [self.b.op("Gather", [self.emb, ids], name="embed")], name="embed/float", to=FLOAT)
 
     def positions(self, pos: str) -> None:
@@ -285,6 +299,11 @@ class DecoderBuilder:
         if "lm_head" in self.sites:
             return self.linear(x, "lm_head")
         tied = "lm_head.weight" not in self.params
+        if tied and self.emb_int is not None:
+            qt = self.sites[self.emb_site]
+            self.report["lm_head"] = {"format": "int", "lowering": f"com.microsoft.MatMulNBits (int{qt.meta['bits']}) "
+                                      "over the tied embedding's codes", "why": "tied: one stored table serves both"}
+            return layers.emit_int(self.ctx, x, "lm_head", qt, self.emb_int)
         w = self.emb if tied else b.initializer("lm_head.weight", self.params["lm_head.weight"].astype(np.float16))
         self.report["lm_head"] = {"lowering": "MatMul on the fp16 weight cast at run time"
                                   + (" (the tied embedding, stored once)" if tied else ""), "format": "fp16",

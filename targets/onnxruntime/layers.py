@@ -12,6 +12,10 @@ is refused with the reason). The three patterns:
 | `int`       | MatMulNBits (bits 2/4/8, block = group size, a power of two >= 16); 3 bits refused |
 | `fp16`      | MatMul with the fp16 weight cast to fp32                                            |
 
+An "int" embedding table (`emit_int_lookup`) is a Gather of its code rows + stock-op
+dequantization (BitwiseAnd/BitShift for 4 bits); a head tied to it is MatMulNBits over the
+very same initializers (`IntInputs`), so the table is stored once in the file.
+
 Why the packed signs pass through a runtime view: ORT folds constant subgraphs when a
 session starts (and bakes the result into a Fixed-style `.ort`), which would turn every
 packed sign matrix into a float matrix 32x its size. Each site reshapes its signs through a
@@ -119,7 +123,17 @@ def _unpacked_signs_t(ctx: LayerContext, site: str, signs: np.ndarray, x: str) -
     return b.op("Transpose", [s], name=f"{site}/sign_t", perm=[1, 0])
 
 
-def emit_int(ctx: LayerContext, x: str, site: str, qt: QuantizedTensor) -> str:
+@dataclass(frozen=True)
+class IntInputs:
+    """The initializers of an "int" site in MatMulNBits' layout, shared by every use of them
+    (a tied table's lookup and head read the same ones: stored once)."""
+
+    codes: str          # uint8 [out, n_groups, blob]: each row padded to whole blocks
+    scale: str          # float32 [out * n_groups] (the fp16 scales, cast)
+    zero: str | None    # uint8 [out * ceil(n_groups * bits / 8)] packed zero points; None if symmetric
+
+
+def int_inputs(ctx: LayerContext, site: str, qt: QuantizedTensor) -> IntInputs:
     b, m, f = ctx.b, qt.meta, _fields(qt)
     bits, g, n, out = m["bits"], m["group_size"], m["in_features"], m["out_features"]
     if bits not in MATMULNBITS_BITS:
@@ -131,12 +145,73 @@ def emit_int(ctx: LayerContext, x: str, site: str, qt: QuantizedTensor) -> str:
     blob = g * bits // 8
     codes = np.zeros((out, ng * blob), np.uint8)  # pad each row to whole blocks (zeros are ignored past K)
     codes[:, : f["codes"].shape[1]] = f["codes"]
-    inputs = [b.initializer(f"{site}.codes", codes.reshape(out, ng, blob)),
-              _f32(b, f"{site}.scale", f["scale"].reshape(-1))]
-    if not m["symmetric"]:  # the pack's zero rows are MatMulNBits' zero_points layout (LSB first)
-        inputs.append(b.initializer(f"{site}.zero", f["zero"].reshape(-1)))
-    return b.op("MatMulNBits", [x, *inputs], name=f"{site}/matmulnbits", domain=MS_DOMAIN,
-                K=n, N=out, bits=bits, block_size=g)
+    # the pack's zero rows are MatMulNBits' zero_points layout (LSB first)
+    zero = None if m["symmetric"] else b.initializer(f"{site}.zero", f["zero"].reshape(-1))
+    return IntInputs(b.initializer(f"{site}.codes", codes.reshape(out, ng, blob)),
+                     _f32(b, f"{site}.scale", f["scale"].reshape(-1)), zero)
+
+
+def emit_int(ctx: LayerContext, x: str, site: str, qt: QuantizedTensor, inputs: IntInputs | None = None) -> str:
+    """MatMulNBits over `inputs` (made here unless given: a tied head passes its embedding's)."""
+    m = qt.meta
+    inputs = inputs or int_inputs(ctx, site, qt)
+    names = [inputs.codes, inputs.scale] + ([inputs.zero] if inputs.zero is not None else [])
+    return ctx.b.op("MatMulNBits", [x, *names], name=f"{site}/matmulnbits", domain=MS_DOMAIN,
+                    K=m["in_features"], N=m["out_features"], bits=m["bits"], block_size=m["group_size"])
+
+
+def _unpack_graph(b: GraphBuilder, packed: str, bits: int, tag: str) -> str:
+    """uint8 [..., k] -> uint8 [..., k * 8 / bits] codes (LSB first): identity for 8 bits,
+    BitwiseAnd / BitShift nibbles interleaved for 4 (`liftedge.bitpack` layout)."""
+    if bits == 8:
+        return packed
+    if bits != 4:
+        raise ArtifactError(f"{tag}: an int{bits} table has no lookup lowering (4 or 8 bits)")
+    lo = b.op("BitwiseAnd", [packed, b.const(15, np.uint8)], name=f"{tag}/lo")
+    hi = b.op("BitShift", [packed, b.const(4, np.uint8)], name=f"{tag}/hi", direction="RIGHT")
+    pair = b.op("Concat", [b.op("Unsqueeze", [lo, b.const([-1])], name=f"{tag}/lo1"),
+                           b.op("Unsqueeze", [hi, b.const([-1])], name=f"{tag}/hi1")], name=f"{tag}/pair", axis=-1)
+    shape = b.op("Concat", [b.op("Shape", [packed], name=f"{tag}/lead", end=-1), b.const([-1])],
+                 name=f"{tag}/shape", axis=0)
+    return b.op("Reshape", [pair, shape], name=f"{tag}/codes")
+
+
+def _gather_rows(b: GraphBuilder, flat: str, ids: str, width: int, tag: str) -> str:
+    """Rows `ids` [B, S] of a flat [rows * width] tensor as [B, S, width]. Indexing the flat
+    tensor (ids * width + 0..width-1) instead of reshaping it keeps ORT from folding a second,
+    reshaped copy of the constant (MatMulNBits takes the flat one)."""
+    base = b.op("Mul", [b.op("Unsqueeze", [ids, b.const([-1])], name=f"{tag}/ids"), b.const(width)], name=f"{tag}/base")
+    return b.op("Gather", [flat, b.op("Add", [base, b.const(np.arange(width))], name=f"{tag}/index")], name=tag)
+
+
+def emit_int_lookup(ctx: LayerContext, ids: str, site: str, qt: QuantizedTensor, inputs: IntInputs) -> str:
+    """Rows `ids` [B, S] of an "int" table, dequantized: float32 [B, S, in].
+
+    Gathers only the looked-up rows of the codes (and of their scales and zero points), then
+    (code - zero) * scale per group, as `targets/reference/integer.py` decodes; the table is
+    never expanded to float.
+    """
+    b, m = ctx.b, qt.meta
+    bits, g, n = m["bits"], m["group_size"], m["in_features"]
+    ng = -(-n // g)
+    codes = _unpack_graph(b, b.op("Gather", [inputs.codes, ids], name=f"{site}/gather_codes"), bits, f"{site}/codes")
+    codes = b.op("Cast", [codes], name=f"{site}/codes_f32", to=FLOAT)                    # [B, S, ng, g]
+    scale = b.op("Unsqueeze", [_gather_rows(b, inputs.scale, ids, ng, f"{site}/gather_scale"), b.const([-1])],
+                 name=f"{site}/scale_col")                                               # [B, S, ng, 1]
+    if inputs.zero is None:
+        centred = b.op("Sub", [codes, b.const(float(1 << (bits - 1)), np.float32)], name=f"{site}/centre")
+    else:
+        zero = _gather_rows(b, inputs.zero, ids, -(-ng * bits // 8), f"{site}/gather_zero")
+        zero = _unpack_graph(b, zero, bits, f"{site}/zero")
+        zero = b.op("Slice", [zero, b.const([0]), b.const([ng]), b.const([-1])], name=f"{site}/zero_groups")
+        zero = b.op("Unsqueeze", [b.op("Cast", [zero], name=f"{site}/zero_f32", to=FLOAT), b.const([-1])],
+                    name=f"{site}/zero_col")
+        centred = b.op("Sub", [codes, zero], name=f"{site}/centre")
+    rows = b.op("Reshape", [b.op("Mul", [centred, scale], name=f"{site}/dequant"), b.const([0, 0, ng * g])],
+                name=f"{site}/rows")
+    if ng * g != n:
+        rows = b.op("Slice", [rows, b.const([0]), b.const([n]), b.const([-1])], name=f"{site}/unpad")
+    return rows
 
 
 def emit_fp16(ctx: LayerContext, x: str, site: str, qt: QuantizedTensor) -> str:

@@ -34,3 +34,6 @@ class Fp16Format(Format):
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
         return qt.tensors["weight"].to(torch.float32)
+
+    def dequantize_rows(self, qt: QuantizedTensor, rows: torch.Tensor) -> torch.Tensor:
+        return qt.tensors["weight"][rows].to(torch.float32)

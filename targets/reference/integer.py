@@ -58,17 +58,27 @@ def encode_int(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return QuantizedTensor("int", tensors, meta)
 
 
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """`liftedge.bitpack.unpack_bits`, with torch fast paths for 8 and 4 bits (the widths of
+    embedding tables, decoded per call by the reference head); same values, uint8 [..., n]."""
+    if bits == 8:
+        return packed[..., :n]
+    if bits == 4:
+        return torch.stack((packed & 15, packed >> 4), -1).reshape(*packed.shape[:-1], -1)[..., :n]
+    return unpack_bits(packed, bits, n)
+
+
 def decode_int(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unpack (codes [out, in], scale [out, ng] float32, zero [out, ng] float32)."""
     m = qt.meta
     bits, out_features, in_features = m["bits"], m["out_features"], m["in_features"]
     ng = n_groups(in_features, m["group_size"])
-    codes = unpack_bits(qt.tensors["codes"], bits, in_features)
+    codes = unpack_codes(qt.tensors["codes"], bits, in_features)
     scale = qt.tensors["scale"].to(torch.float32)
     if m["symmetric"]:
         zero = torch.full((out_features, ng), float(symmetric_zero(bits)))
     else:
-        zero = unpack_bits(qt.tensors["zero"], bits, ng).to(torch.float32)
+        zero = unpack_codes(qt.tensors["zero"], bits, ng).to(torch.float32)
     return codes, scale, zero
 
 
@@ -97,3 +107,11 @@ class IntFormat(Format):
         g = qt.meta["group_size"]
         cols = torch.arange(qt.meta["in_features"]) // g
         return (codes.to(torch.float32) - zero[:, cols]) * scale[:, cols]
+
+    def dequantize_rows(self, qt: QuantizedTensor, rows: torch.Tensor) -> torch.Tensor:
+        # Rows are independent (each packed row starts on a byte): gather the stored rows of
+        # every field, then decode that small tensor exactly as a whole weight is decoded.
+        flat = rows.reshape(-1).to(torch.int64).cpu()
+        picked = QuantizedTensor("int", {k: v[flat] for k, v in qt.tensors.items()},
+                                 {**qt.meta, "out_features": int(flat.numel())})
+        return self.dequantize(picked).reshape(*rows.shape, qt.meta["in_features"])

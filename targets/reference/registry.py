@@ -76,6 +76,13 @@ class Format:
         """A module computing x @ W^T + b, W decoded from the stored tensors."""
         return DequantLinear(qt, bias)
 
+    def dequantize_rows(self, qt: QuantizedTensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (int64, any shape) of the weight as float32 [*rows.shape, in_features],
+        decoding only those rows: what an embedding lookup needs. Formats that cannot serve as
+        an embedding table (their rows are not independent) refuse."""
+        raise ArtifactError(f"format {self.name!r} cannot store an embedding table (no row-wise decoding); "
+                            "embedding tables take 'fp16' or 'int'")
+
     def check(self, qt: QuantizedTensor) -> None:
         """Raise ArtifactError if `qt`'s tensors do not match what its meta promises."""
         specs = self.tensor_specs(qt.meta)
