@@ -48,6 +48,9 @@ from liftedge.types import Rate, Site
 log = logging.getLogger(__name__)
 
 SENSITIVITY_FORMAT = "liftedge-sensitivity-3"
+# Tables of the previous format list the linear layers only (embeddings in `fixed_nbytes`);
+# they still load and plan, with the tables kept fp16 (benchmarks/results keeps such tables).
+LINEARS_ONLY_FORMAT = "liftedge-sensitivity-2"
 FP16_OPTION = "fp16"
 DEFAULT_MENU = ("12/8", "14/8", "16/8", "18/8", "24/10", "20/8", "16/6", "11/4", "12/4", "13/4", "14/4",
                 "15/4", "16/4")
@@ -156,7 +159,7 @@ class Sensitivity:
     @classmethod
     def from_json(cls, text: str) -> "Sensitivity":
         data = json.loads(text)
-        if data.get("format") != SENSITIVITY_FORMAT:
+        if data.get("format") not in (SENSITIVITY_FORMAT, LINEARS_ONLY_FORMAT):
             raise LiftedgeError(f"not a {SENSITIVITY_FORMAT} table")
         table = {s: [Option(n, int(b), float(e)) for n, b, e in opts] for s, opts in data["table"].items()}
         return cls(table=table, numel={k: int(v) for k, v in data["numel"].items()},

@@ -99,6 +99,24 @@ def test_cached_table_is_identical(setup):
     assert first.to_json() == second.to_json()
 
 
+def test_linears_only_tables_of_the_previous_format_still_load(setup):
+    # Format-2 tables (linear layers only, embeddings in the fixed bytes) are kept in
+    # benchmarks/results; they load with the same entries, and unknown formats are refused.
+    import json
+
+    from liftedge.measure import LINEARS_ONLY_FORMAT, Sensitivity
+
+    loaded, calib, _ = setup
+    data = json.loads(measure_sensitivity(loaded, calib, menu=MENU).to_json())
+    data["format"] = LINEARS_ONLY_FORMAT
+    data["table"] = {k: v for k, v in data["table"].items() if ".layers." in k}
+    old = Sensitivity.from_json(json.dumps(data))
+    assert set(old.table) == set(data["table"]) and old.fixed_nbytes == data["fixed_nbytes"]
+    data["format"] = "liftedge-sensitivity-1"
+    with pytest.raises(LiftedgeError, match="not a liftedge-sensitivity-3 table"):
+        Sensitivity.from_json(json.dumps(data))
+
+
 def test_bad_menu_and_tokens_are_clear_errors(setup):
     loaded, calib, _ = setup
     with pytest.raises(LiftedgeError, match="not shipped"):
