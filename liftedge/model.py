@@ -13,6 +13,9 @@ refused (unpickling runs arbitrary code), so is remote code (`auto_map`); a miss
 `config.json`, invalid JSON, a missing or truncated safetensors file, a shard listed in the
 index but absent, and an unsupported `model_type` (the message lists the supported ones).
 After loading, every weight must be finite and none may be missing from the checkpoint.
+The weights stay a memory map of the safetensors file (transformers 5); the pages the
+finiteness check reads are given back (`liftedge.pages`), so a loaded model is resident
+only where it is used.
 
 The model comes back in eval mode, on CPU, without gradients. This module does not
 enumerate sites (see `liftedge.sites`, re-exported here) and does not download anything
@@ -36,6 +39,7 @@ from liftedge import fetch
 from liftedge.cache import sha256_file, sha256_text
 from liftedge.errors import ModelLoadError
 from liftedge.io import atomic_output_dir, read_json_object
+from liftedge.pages import release_clean_pages
 from liftedge.sites import (  # noqa: F401  (re-exported: the public API lives here)
     FAMILIES,
     SUPPORTED_FAMILIES,
@@ -396,6 +400,9 @@ def _check_finite(model: torch.nn.Module, source: str) -> None:
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
                 raise ModelLoadError(f"{source}: tensor {name} has {bad} non-finite values (NaN or Inf)")
+        # The check read every page of the memory-mapped weights; without this the loaded
+        # model would stay resident in full although callers use it a block at a time.
+        release_clean_pages([tensor])
 
 
 def _hash_files(root: Path, paths: list[Path]) -> str:

@@ -17,7 +17,10 @@ Typical use (a quantizer carrying the quantized model's activations):
     for i, block in enumerate(decoder_blocks(model)):
         targets = run_block(block, inputs, i)                # full-precision block outputs
         ...quantize `block`; train it with forward_block(block, inputs, i, k) vs targets[k]...
-        inputs = inputs.with_hidden(run_block(block, inputs, i))  # carry the quantized outputs
+        advance_block(block, inputs, i)                      # carry the quantized outputs
+
+`advance_block` replaces the carried batches one by one, so a stream costs one copy of the
+activations, not two; streams that start equal may share tensors (nothing writes into them).
 """
 
 from __future__ import annotations
@@ -156,3 +159,14 @@ def forward_block(block: nn.Module, inputs: BlockInputs, block_index: int, batch
 def run_block(block: nn.Module, inputs: BlockInputs, block_index: int) -> list[torch.Tensor]:
     """`block`'s outputs for every carried batch: the next block's inputs."""
     return [forward_block(block, inputs, block_index, k) for k in range(len(inputs.hidden))]
+
+
+@torch.no_grad()
+def advance_block(block: nn.Module, inputs: BlockInputs, block_index: int) -> None:
+    """Replace each carried batch of `inputs` by `block`'s output on it, in place.
+
+    The same values as `run_block`, but a batch's input is released as soon as its output
+    exists: one batch of extra activations instead of a second copy of the whole stream.
+    """
+    for k in range(len(inputs.hidden)):
+        inputs.hidden[k] = forward_block(block, inputs, block_index, k)

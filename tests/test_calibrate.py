@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from liftedge.calibrate import collect_stats
 from liftedge.model import LoadedModel, decoder_blocks, get_module, list_sites, load_model
-from liftedge.stream import capture_block_inputs, final_norm, run_block
+from liftedge.stream import advance_block, capture_block_inputs, final_norm, run_block
 
 
 def _tiny_loaded(family: str, **overrides) -> LoadedModel:
@@ -88,6 +88,18 @@ def test_stream_reproduces_model_hidden_states(family):
         got = final_norm(loaded.model)(torch.cat(inputs.hidden))
     # The same float32 operations on the same inputs: equal up to batch-split rounding.
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_advance_block_equals_run_block_and_leaves_shared_inputs_alone():
+    loaded = _tiny_loaded("llama")
+    inputs = capture_block_inputs(loaded.model, _tokens(3, 24), batch_size=2)
+    original = [h.clone() for h in inputs.hidden]
+    carried = inputs.with_hidden(list(inputs.hidden))  # shares the tensors, as the quantizer's streams do
+    for i, block in enumerate(decoder_blocks(loaded.model)):
+        expected = run_block(block, carried, i)
+        advance_block(block, carried, i)
+        assert all(torch.equal(a, b) for a, b in zip(carried.hidden, expected))
+    assert all(torch.equal(a, b) for a, b in zip(inputs.hidden, original))
 
 
 def test_stats_cached_second_call_runs_no_model(tiny_llama_dir):

@@ -111,6 +111,29 @@ def test_high_rate_model_stays_close_to_float_and_beats_low_rate(tiny_llama_dir)
     assert high < errors[_cheapest_rate()], errors
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_without_keep_decoded_the_model_is_unchanged_and_the_result_identical(family, tmp_path):
+    from conftest import make_tiny_model_dir
+    from liftedge.quantize import IntConfig
+
+    model_dir = make_tiny_model_dir(family, tmp_path / family)
+    results = {}
+    for keep in (True, False):
+        loaded = load_model(model_dir)
+        tokens = torch.randint(0, loaded.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+        embedding = next(s.name for s in list_sites(loaded.model) if s.kind == "embedding")
+        configs = {**_configs(loaded.model, _cheapest_rate()), embedding: IntConfig(bits=8, group_size=32)}
+        results[keep], _ = quantize_streaming(loaded, tokens, configs, CorrectionConfig(epochs=1),
+                                              keep_decoded=keep)
+        unchanged = all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())
+        assert unchanged != keep, f"keep_decoded={keep}"
+    assert results[True].keys() == results[False].keys()
+    for name, qt in results[True].items():
+        for field, tensor in qt.tensors.items():
+            assert torch.equal(tensor, results[False][name].tensors[field]), (name, field)
+
+
 def test_correction_lowers_block_error_and_is_recorded(tiny_llama_dir):
     loaded, tokens = _tiny_setup(tiny_llama_dir)
     _, report = quantize_streaming(loaded, tokens, _configs(loaded.model, _cheapest_rate()),

@@ -74,7 +74,10 @@ def quantize_and_save(loaded, tokens, calibration: dict, configs: dict[str, Lift
     if ckpt.is_dir() and any(ckpt.iterdir()):
         print(f"resuming from {len(list(ckpt.iterdir()))} finished block(s) in {ckpt}")
     loaded.model.to(torch_device)
-    qtensors, report = quantize_streaming(loaded, tokens.to(torch_device), configs, correction, checkpoint_dir=ckpt)
+    # keep_decoded=False: the pack needs only the packed tensors, and the float model stays
+    # a memory map that is resident a block at a time (peak RSS well below the float model's size).
+    qtensors, report = quantize_streaming(loaded, tokens.to(torch_device), configs, correction, checkpoint_dir=ckpt,
+                                          keep_decoded=False)
     loaded.model.to("cpu")
     rates = sorted({str(c.rate) for c in lq_configs.values()})
     tables = {k: _as_dict(c) for k, c in configs.items() if k not in lq_configs}  # embedding / head: RTN "int"

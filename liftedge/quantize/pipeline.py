@@ -7,16 +7,24 @@ For each decoder block i, in order:
 3. each of its sites is coded with its own `LiftQuantConfig` (a per-site rate map);
 4. optionally the block is corrected (`liftedge.correct`); a correction that does not
    lower the block's output error is discarded;
-5. the block's weights are overwritten in place by their decoded (dequantized) values,
-   the quantized block runs on x_q, and both streams move on.
+5. the block's decoded (dequantized) weights are swapped in, the quantized block runs on
+   x_q, and both streams move on.
 
-Peak memory is the model plus two streams of one block's activations: no second copy
-of any weight is kept, and when the call returns `loaded.model` *is* the quantized model
-(in float; the packed form is the returned tensors). The decoded weight equals the
-lift-project layer's output map (`targets/reference/liftquant.py`, tested to 1e-5). After each block
-its quantized tensors are saved to `checkpoint_dir`; a rerun with the same inputs replays
-finished blocks from there (forward passes only) and continues where it stopped, with
-identical results because every random choice is seeded per block.
+Memory: a model loaded from safetensors is a private memory map of the file
+(`liftedge.pages`). Its weights are never written to (decoded weights are new tensors), and
+after each block the pages read so far are given back, so only the block at work is
+resident. With `keep_decoded` (the default) `loaded.model` ends as the quantized model in
+float, which costs a whole decoded model in memory by the end; without, each block's float
+weights come back once the quantized stream has passed it and `loaded.model` ends as it
+began. The two streams are carried one batch at a time (`stream.advance_block`) and share
+their tensors until they differ. Peak memory is then about one block's weights and working
+set plus two copies of one block's input activations.
+
+The decoded weight equals the lift-project layer's output map (`targets/reference/liftquant.py`,
+tested to 1e-5). After each block its quantized tensors are saved to `checkpoint_dir`; a
+rerun with the same inputs replays finished blocks from there (forward passes only) and
+continues where it stopped, with identical results because every random choice is seeded
+per block.
 
 The token embedding and an untied head may be quantized too ("int", round-to-nearest, before
 the blocks; block 0 then sees the quantized rows). This module owns the loop. Coding a layer is `liftquant.py`, training a block `correct.py`,
@@ -25,6 +33,7 @@ storing the result `liftedge.packed`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -42,12 +51,13 @@ from torch import nn
 
 from liftedge.calibrate import _Accumulator, _hooked
 from liftedge.correct import CorrectionConfig, TrainableLift, correct_block
-from liftedge.model import decoder_blocks, list_sites, set_site_weight, site_weight
+from liftedge.model import decoder_blocks, get_module, list_sites, site_weight
 from liftedge.packed import replace_module
+from liftedge.pages import release_clean_pages
 from liftedge.progress import progress
 from liftedge.quantize.base import IntConfig, make_quantizer
 from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
-from liftedge.stream import BlockInputs, capture_block_inputs, run_block
+from liftedge.stream import BlockInputs, advance_block, capture_block_inputs, forward_block
 from liftedge.targets.reference import dequantize
 from liftedge.types import QuantizedTensor, Site
 
@@ -61,6 +71,36 @@ class StreamReport:
     blocks: list[dict] = field(default_factory=list)
 
 
+# glibc's M_MMAP_THRESHOLD option number (malloc.h).
+_M_MMAP_THRESHOLD = -3
+# Allocations from this size up get their own mapping, returned to the OS when freed.
+_MMAP_THRESHOLD_NBYTES = 256 << 10
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def _map_large_allocations() -> None:
+    """Give every tensor of 256 KiB or more its own mapping, for the rest of the process.
+
+    glibc raises its mmap threshold (up to 32 MB) each time a mapped chunk is freed, so after
+    the first block the correction's 1-40 MB tensors come from the heap, whose free space
+    fragments and stays resident: measured on SmolLM2, the process held ~290 MB more than
+    its live tensors during a block. A fixed threshold also turns the raising off. The values
+    computed are unchanged; each large allocation costs a map and page faults (~5% of a block).
+    """
+    if os.environ.get("LIFTEDGE_NO_TRIM"):
+        return
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):  # not glibc: its own allocator policy stands
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_NBYTES)
+
+
 def _release_memory() -> None:
     """Return freed heap memory to the OS between blocks.
 
@@ -71,12 +111,14 @@ def _release_memory() -> None:
     gc.collect()
     if os.environ.get("LIFTEDGE_NO_TRIM"):
         return
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: nothing to trim
-            pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # not glibc: nothing to trim
+        libc.malloc_trim(0)
+
+
+def _release_weights(model: nn.Module) -> int:
+    """Give back the pages of the memory-mapped weights read so far (values unchanged)."""
+    return release_clean_pages(model.parameters())
 
 
 def _bias(model: nn.Module, site: Site) -> torch.Tensor | None:
@@ -88,7 +130,8 @@ def _bias(model: nn.Module, site: Site) -> torch.Tensor | None:
 def _block_stats(model, block, i, x_q: BlockInputs, sites: list[Site]) -> dict:
     accs = {s.name: _Accumulator(s.in_features) for s in sites}
     with _hooked(model, sites, accs):
-        run_block(block, x_q, i)
+        for k in range(len(x_q.hidden)):  # outputs dropped batch by batch: only the hooks' sums matter
+            forward_block(block, x_q, i, k)
     return {name: acc.result() for name, acc in accs.items()}
 
 
@@ -125,11 +168,26 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-@torch.no_grad()
-def _install(model, block_sites, qts) -> None:
-    """Overwrite each site's weight with its decoded value (same storage, no new module)."""
-    for s in block_sites:
-        set_site_weight(model, s, dequantize(qts[s.name]).to(_device(model)))
+@contextlib.contextmanager
+def _decoded(model, sites: list[Site], qts: dict[str, QuantizedTensor], *, keep: bool):
+    """Inside the `with`, the sites' weights hold their decoded values; after it, the float
+    ones again, unless `keep`.
+
+    The decoded weight is a new tensor swapped in, not written over the float one: the float
+    weights are pages of the memory-mapped checkpoint, and a write would turn each page into
+    private memory that stays resident to the end of the run.
+    """
+    params = [get_module(model, s.name).weight for s in sites]
+    floats = [p.data for p in params]
+    try:
+        for p, s in zip(params, sites):
+            w = dequantize(qts[s.name]).to(device=p.device, dtype=p.dtype)
+            p.data = (w.t() if s.transposed else w).contiguous()
+        yield
+    finally:
+        if not keep:
+            for p, f in zip(params, floats):
+                p.data = f
 
 
 def _correct(model, block, i, block_sites, qts, x_q, targets, cfg: CorrectionConfig):
@@ -150,16 +208,19 @@ def _correct(model, block, i, block_sites, qts, x_q, targets, cfg: CorrectionCon
 
 def quantize_streaming(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuantConfig | IntConfig],
                        correction: CorrectionConfig | None = None, *, checkpoint_dir: Path | None = None,
-                       batch_size: int = 4) -> tuple[dict[str, QuantizedTensor], StreamReport]:
+                       batch_size: int = 4, keep_decoded: bool = True,
+                       ) -> tuple[dict[str, QuantizedTensor], StreamReport]:
     """Quantize every site named in `configs`, block by block.
 
     Linear sites of decoder blocks take a `LiftQuantConfig`. The token embedding and an
     untied output head may take an `IntConfig` ("int" format, round-to-nearest: a table's
     rows have no calibration statistics to exploit); a head tied to the embedding follows
     the embedding's format and cannot be named. GPT-2's position table (wpe) stays fp16.
-    Returns the packed tensors per site and a per-block report. `loaded.model` is modified
-    in place: its quantized sites end up holding their decoded weights (copy the model
-    first if the float model is still needed).
+    Returns the packed tensors per site and a per-block report. With `keep_decoded`,
+    `loaded.model` ends holding the decoded weights of its quantized sites (new tensors: the
+    float model as loaded is not written to); without, it ends as it began, each block
+    holding its decoded weights only while it carries the quantized stream, and the run
+    needs about one block's weights instead of a whole decoded model in memory.
     """
     model = loaded.model
     tables = _table_configs(model, configs)
@@ -174,13 +235,16 @@ def quantize_streaming(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuan
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     blocks = decoder_blocks(model)
+    _map_large_allocations()
     x_fp = capture_block_inputs(model, tokens, batch_size)
     table_qts = _quantize_tables(model, tables)
     if any(s.kind == "embedding" for s in tables):  # block 0 sees the quantized embedding's rows
-        x_q = capture_block_inputs(model, tokens, batch_size)
-    else:
-        x_q = x_fp.with_hidden([h.clone() for h in x_fp.hidden])
-    result, report = _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q)
+        with _decoded(model, list(tables), table_qts, keep=keep_decoded):
+            x_q = capture_block_inputs(model, tokens, batch_size)
+    else:  # the same tensors: advance_block replaces them batch by batch, never writes into them
+        x_q = x_fp.with_hidden(list(x_fp.hidden))
+    _release_weights(model)  # the embedding rows looked up
+    result, report = _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q, keep_decoded)
     return {**table_qts, **result}, report
 
 
@@ -207,22 +271,19 @@ def _table_configs(model, configs) -> dict[Site, IntConfig]:
 
 @torch.no_grad()
 def _quantize_tables(model, tables: dict[Site, IntConfig]) -> dict[str, QuantizedTensor]:
-    """RTN-quantize the embedding / head tables and install their decoded values (a tied head follows)."""
-    out = {}
-    for site, cfg in tables.items():
-        qt = make_quantizer("rtn", cfg).quantize(site_weight(model, site).float(), None)
-        set_site_weight(model, site, dequantize(qt).to(_device(model)))
-        out[site.name] = qt
-    return out
+    """RTN-quantize the embedding / head tables (a tied head follows the embedding)."""
+    return {site.name: make_quantizer("rtn", cfg).quantize(site_weight(model, site).float(), None)
+            for site, cfg in tables.items()}
 
 
-def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q):
+def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q, keep_decoded):
     result: dict[str, QuantizedTensor] = {}
     report = StreamReport()
     for i in progress(range(len(blocks)), desc="LiftQuant", unit="block"):
         started = time.perf_counter()
         block_sites = [s for s in sites if s.block == i]
-        targets = run_block(blocks[i], x_fp, i)
+        advance_block(blocks[i], x_fp, i)  # the full-precision outputs replace its inputs
+        targets = list(x_fp.hidden)
         ckpt = _checkpoint_path(checkpoint_dir, i)
         if ckpt is not None and ckpt.is_file():
             qts, record = _load_checkpoint(ckpt)
@@ -232,12 +293,12 @@ def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q
             record["seconds"] = round(time.perf_counter() - started, 3)
             if ckpt is not None:
                 _save_checkpoint(ckpt, qts, record)
-        _install(model, block_sites, qts)
+        with _decoded(model, block_sites, qts, keep=keep_decoded):
+            advance_block(blocks[i], x_q, i)
         result.update(qts)
         report.blocks.append({"block": i, **record})
-        x_q = x_q.with_hidden(run_block(blocks[i], x_q, i))
-        x_fp = x_fp.with_hidden(targets)
         _release_memory()
+        _release_weights(model)
     return result, report
 
 
