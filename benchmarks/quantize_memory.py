@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FIELDS = ("VmRSS", "RssAnon", "RssFile")
 FLOAT_MODEL = Path("~/.cache/liftedge/models/SmolLM2-135M-Instruct.Q4_1.float32-b179c9523d0e/model.safetensors")
+_RESUMED = "!resumed"
 _BAR = re.compile(r"LiftQuant:.*?\|\s*(\d+)/(\d+)")
 
 
@@ -57,6 +58,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores; torch {_torch_version()}",
         "measured_with": "benchmarks/quantize_memory.py (getrusage peak; /proc/PID/status sampled each second)",
         "exit_code": run["exit_code"],
+        "resumed_from_checkpoint": any(name == _RESUMED for _, name in run["events"]),
         "wall_seconds": round(run["wall"], 1),
         "user_seconds": round(run["usage"].ru_utime, 1),
         "cpu_percent": round(100 * (run["usage"].ru_utime + run["usage"].ru_stime) / run["wall"]),
@@ -128,6 +130,8 @@ def _read_markers(stream, events: list, started: float) -> None:
         for chunk in re.split(r"[\r\n]", raw.decode("utf-8", "replace")):
             if chunk.startswith("loaded "):
                 events.append((t, "load"))
+            if chunk.startswith("resuming from"):  # finished blocks replayed from a checkpoint: not a full run
+                events.append((t, _RESUMED))
             bar = _BAR.search(chunk)
             if bar and int(bar.group(1)) > seen:
                 done = int(bar.group(1))
@@ -139,6 +143,8 @@ def _phases(samples: list[dict], events: list, wall: float) -> list[dict]:
     """Per phase: its seconds and the peak of each sampled field (MiB)."""
     bounds, start = [], 0.0
     for t, name in events:
+        if name == _RESUMED:
+            continue
         bounds.append((name, start, t))
         start = t
     bounds.append(("write pack + exit", start, wall))
