@@ -46,6 +46,7 @@ def main() -> int:
     cmd = [str(ROOT / ".venv" / "bin" / "liftedge"), "quantize", args.model, "--method", "liftquant",
            "--rate", args.rate, "--calib", *args.calib, "-o", str(args.output), "--force", *args.extra]
     previous = _previous(args.json)
+    commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
     run = _run(cmd)
     phases = _phases(run["samples"], run["events"], run["wall"])
     blocks = [p["seconds"] for p in phases if p["phase"].startswith("block")]
@@ -53,8 +54,8 @@ def main() -> int:
         "command": " ".join(["liftedge", *cmd[1:]]).replace(str(args.output), "OUT"),
         "settings": {"calibration": "64 x 512 tokens (default)", "correction_epochs": 4, "rate": f"LQ-{args.rate}",
                      **({"extra_args": args.extra} if args.extra else {})},
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": commit,  # taken before the run: the code that ran
+        "git_dirty": dirty,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores; torch {_torch_version()}",
         "measured_with": "benchmarks/quantize_memory.py (getrusage peak; /proc/PID/status sampled each second)",
         "exit_code": run["exit_code"],
