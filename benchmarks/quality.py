@@ -11,9 +11,10 @@ WikiText-2 protocol on a fixed prefix of windows, KL measured against the float 
         --out benchmarks/results/quality.json
 
 Config syntax: METHOD[:key=value...]. Methods: fp, rtn, gptq (bits, group, act_order),
-liftquant (rate, correct=0|1, epochs, lr_t, lr_s, sched=constant|cosine, mix, act_scale, block_scale, codebook=trained|uniform),
+liftquant (rate, correct=0|1, epochs, lr_t, lr_s, sched=constant|cosine, mix, act_scale, block_scale, codebook=trained|uniform,
+ft=N end-to-end fine-tuning epochs after the blocks (liftedge.finetune), ft_lr_t, ft_lr_s),
 plan (bits = average bits/weight of a planned mixed-rate model, table=FILE a sensitivity table
-from benchmarks/sensitivity.py, else measured; correct, epochs). `--isolate` runs every
+from benchmarks/sensitivity.py, else measured; correct, epochs, ft, ft_lr_t, ft_lr_s). `--isolate` runs every
 config in its own process so that its peak RSS is its own.
 """
 
@@ -36,6 +37,7 @@ import torch
 
 from liftedge.correct import CorrectionConfig
 from liftedge.evaluate import evaluate
+from liftedge.finetune import FinetuneConfig, finetune, teacher_topk
 from liftedge.model import load_model
 from liftedge.packed import load_packed, save_packed
 from liftedge.quantize import GPTQConfig, IntConfig, default_sites, quantize_model
@@ -71,6 +73,14 @@ def _correction(opts: dict[str, str]) -> CorrectionConfig | None:
                             lr_transform=float(opts.get("lr_t", CorrectionConfig.lr_transform)),
                             lr_signs=float(opts.get("lr_s", CorrectionConfig.lr_signs)),
                             schedule=opts.get("sched", CorrectionConfig.schedule))
+
+
+def _finetune_config(opts: dict[str, str]) -> FinetuneConfig | None:
+    epochs = int(opts.get("ft", 0))
+    if epochs == 0:
+        return None
+    return FinetuneConfig(epochs=epochs, lr_transform=float(opts.get("ft_lr_t", FinetuneConfig.lr_transform)),
+                          lr_scale=float(opts.get("ft_lr_s", FinetuneConfig.lr_scale)))
 
 
 def _plan_configs(loaded, tokens, opts: dict[str, str]) -> tuple[dict, dict]:
@@ -126,8 +136,12 @@ def quantize_to_pack(args, shared: Shared, method: str, opts: dict[str, str], ou
             (configs, plan), correction = _plan_configs(loaded, tokens, opts), _correction(opts)
         else:
             configs, correction = _lq_configs(loaded, opts)
+        ft = _finetune_config(opts)
+        teacher = teacher_topk(loaded.model, tokens) if ft else None
         qtensors, report = quantize_streaming(loaded, tokens, configs, correction, batch_size=args.batch_size)
         quantizer = {"method": "liftquant", "options": opts, "blocks": report.blocks}
+        if ft:
+            qtensors, quantizer["finetune"] = finetune(loaded.model, qtensors, tokens, teacher, ft)
     else:
         from liftedge.calibrate import collect_stats
 

@@ -70,3 +70,16 @@ def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float3
     """Inverse of `pack_signs`: uint8 rows -> +1/-1 values of `dtype`, shape [..., n]."""
     bits = unpack_bits(packed, 1, n)
     return bits.to(dtype) * 2 - 1
+
+
+def unpack_signs_torch(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """`unpack_signs` in torch operators only (float32 ±1 [rows, n]), on `packed`'s device.
+
+    Bit j of byte k is sign column 8k + j (LSB first, as `pack_signs` writes). Uses
+    `bitwise_and(x, mask) != 0` rather than a right shift, which is not a core ATen operator,
+    so the same function serves exported graphs (the ExecuTorch fallback) and training on GPU.
+    """
+    masks = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=packed.device)
+    bits = torch.bitwise_and(packed.unsqueeze(-1), masks) != 0
+    return torch.where(bits, 1.0, -1.0).reshape(packed.shape[0], -1)[:, :n]
+

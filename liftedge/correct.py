@@ -17,12 +17,15 @@ and the choice of what to quantize belong to `liftedge.quantize.pipeline`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from liftedge.bitpack import unpack_signs_torch
+from liftedge.packed import replace_module
 from liftedge.stream import BlockInputs, forward_block
 from liftedge.targets.reference.liftquant import encode_liftquant, factors, weight_from_factors
 from liftedge.types import QuantizedTensor
@@ -65,29 +68,59 @@ class _SignSTE(torch.autograd.Function):
 
 
 class TrainableLift(nn.Module):
-    """A lift-project linear whose signs (via STE) and float factors are parameters."""
+    """A lift-project linear whose float factors are parameters, and its signs too (via STE).
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, sign_margin: float):
+    With `sign_margin=None` the signs are frozen: they stay bit-packed (uint8, 1 bit per
+    sign) and are unpacked on each call, so a whole model of such layers costs no more
+    memory than its pack (end-to-end fine-tuning, `liftedge.finetune`).
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, sign_margin: float | None):
         super().__init__()
         f = factors(qt)
         self.meta = dict(qt.meta)
-        self.latent = nn.Parameter(f["signs"] * sign_margin)
+        self.sign_width = f["signs"].shape[1]
+        if sign_margin is None:
+            self.latent = None
+            self.register_buffer("packed_signs", qt.tensors["signs"].clone())
+        else:
+            self.latent = nn.Parameter(f["signs"] * sign_margin)
+            self.packed_signs = None
         for name in _FLOAT_FACTORS:
             setattr(self, name, nn.Parameter(f[name].clone()))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
 
+    def signs(self) -> torch.Tensor:
+        """±1 [out, n_blocks * D]: the STE of the latent signs, or the frozen unpacked ones."""
+        if self.latent is None:
+            return unpack_signs_torch(self.packed_signs, self.sign_width)
+        return _SignSTE.apply(self.latent)
+
     def weight(self) -> torch.Tensor:
-        signs = _SignSTE.apply(self.latent)
-        return weight_from_factors(signs, *(getattr(self, n) for n in _FLOAT_FACTORS))
+        return weight_from_factors(self.signs(), *(getattr(self, n) for n in _FLOAT_FACTORS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight(), self.bias)
 
     def export(self) -> QuantizedTensor:
-        signs = torch.where(self.latent.detach() >= 0, 1.0, -1.0)
+        with torch.no_grad():
+            signs = torch.where(self.signs() >= 0, 1.0, -1.0)
         qt = encode_liftquant(signs, *(getattr(self, n).detach() for n in _FLOAT_FACTORS))
         qt.meta.update({k: v for k, v in self.meta.items() if k not in qt.meta})
         return qt
+
+
+@contextlib.contextmanager
+def installed(model: nn.Module, layers: dict[str, nn.Module]):
+    """Put `layers` where the model's submodules of those names are; put the originals back after."""
+    originals = {name: model.get_submodule(name) for name in layers}
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+    try:
+        yield
+    finally:
+        for name, module in originals.items():
+            replace_module(model, name, module)
 
 
 def _param_groups(layers: list[TrainableLift], cfg: CorrectionConfig) -> list[dict]:

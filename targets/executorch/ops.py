@@ -12,7 +12,7 @@ tensor exactly as packed (signs uint8, float factors fp16), so the `.pte` holds 
 bytes. The torch implementation is the reference computation (`targets/reference/liftquant.py`
 LiftLinear.forward order) in stock torch ops; ExecuTorch runs the C++ kernel (`kernels/`)
 registered under the same name. `LqLinear` is the module that replaces a reference
-`LiftLinear` before export; `unpack_signs_graph` is the stock-operator bit unpack the fallback
+`LiftLinear` before export; `liftedge.bitpack.unpack_signs_torch` is the stock-operator bit unpack the fallback
 lowering (`custom_ops=False`) shares with this implementation.
 
 This module owns the op's definition; building the kernel is `kernel.py`, export `export.py`.
@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from liftedge.bitpack import unpack_signs_torch
+
 NAMESPACE = "liftedge"
 OP = "lq_linear"
 _ARGS = ("Tensor x, Tensor signs, Tensor scale, Tensor in_scale, Tensor mix1, Tensor mix2, "
@@ -32,18 +34,6 @@ FIELDS = ("signs", "scale", "in_scale", "mix1", "mix2", "block_scale", "codebook
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(f"{OP}({_ARGS}) -> Tensor")
 _lib.define(f"{OP}.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
-
-
-def unpack_signs_graph(signs: torch.Tensor, width: int) -> torch.Tensor:
-    """uint8 [out, nbytes] -> ±1 float32 [out, width] with stock ops (bitwise_and, ne, where).
-
-    Bit j of byte k is sign column 8k + j (LSB first; `liftedge.bitpack`). Uses
-    `bitwise_and(x, mask) != 0` rather than a right shift, which is not core ATen.
-    """
-    masks = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
-    bits = torch.bitwise_and(signs.unsqueeze(-1), masks) != 0
-    pm = torch.where(bits, 1.0, -1.0).reshape(signs.shape[0], -1)
-    return pm[:, :width]
 
 
 def lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook) -> torch.Tensor:
@@ -58,7 +48,7 @@ def lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook)
     if nb * d != n:
         v = torch.nn.functional.pad(v, (0, nb * d - n))
     u = torch.matmul(v.reshape(*x.shape[:-1], nb, d), codebook.to(f32)).reshape(*x.shape[:-1], nb * D)
-    s = unpack_signs_graph(signs, nb * D)
+    s = unpack_signs_torch(signs, nb * D)
     return torch.matmul(u, s.t()) * scale.to(f32)
 
 
