@@ -27,7 +27,11 @@ from torch import nn
 from liftedge.bitpack import unpack_signs_torch
 from liftedge.packed import replace_module
 from liftedge.stream import BlockInputs, forward_block
-from liftedge.targets.reference.liftquant import encode_liftquant, factors, weight_from_factors
+from liftedge.targets.reference.liftquant import (
+    encode_liftquant,
+    factors,
+    weight_from_factors,
+)
 from liftedge.types import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,34 @@ def installed(model: nn.Module, layers: dict[str, nn.Module]):
             replace_module(model, name, module)
 
 
+@contextlib.contextmanager
+def trainable_only(module: nn.Module, layers: list[nn.Module]):
+    """Inside the `with`, only the parameters of `layers` (installed in `module`) take gradients.
+
+    Every other parameter of `module` that took gradients is frozen and thawed again after;
+    the layers' parameters end frozen (they are exported, not trained further).
+    """
+    own = {id(p) for layer in layers for p in layer.parameters()}
+    others = [p for p in module.parameters() if p.requires_grad and id(p) not in own]
+    for p in others:
+        p.requires_grad_(False)
+    for layer in layers:
+        layer.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.requires_grad_(False)
+        for p in others:
+            p.requires_grad_(True)
+
+
+def module_bias(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The bias of the submodule `name` (detached), or None: what a replacement layer keeps."""
+    bias = getattr(model.get_submodule(name), "bias", None)
+    return None if bias is None else bias.detach()
+
+
 def _param_groups(layers: list[TrainableLift], cfg: CorrectionConfig) -> list[dict]:
     signs = [layer.latent for layer in layers]
     rest = [getattr(layer, n) for layer in layers for n in _FLOAT_FACTORS]
@@ -137,33 +169,25 @@ def correct_block(block: nn.Module, block_index: int, layers: dict[str, Trainabl
     block's outputs (one tensor per batch). Every other parameter of the block is frozen.
     """
     torch.manual_seed(cfg.seed * 7919 + block_index)
-    frozen = [p for p in block.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     trainable = list(layers.values())
-    for layer in trainable:
-        for p in layer.parameters():
-            p.requires_grad_(True)
-    optimizer = torch.optim.Adam(_param_groups(trainable, cfg))
-    steps = max(1, cfg.epochs * len(targets))
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-                 if cfg.schedule == "cosine" else None)
-    scale = torch.stack([t.pow(2).mean() for t in targets]).mean().clamp_min(1e-12)
-    history = {"loss_before": _eval_loss(block, block_index, x_q, targets, scale)}
-    order = torch.Generator().manual_seed(cfg.seed * 31 + block_index)
-    for _ in range(cfg.epochs):
-        for b in torch.randperm(len(targets), generator=order).tolist():
-            optimizer.zero_grad(set_to_none=True)
-            out = forward_block(block, x_q, block_index, b)
-            loss = (out - targets[b]).pow(2).mean() / scale
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-    history["loss_after"] = _eval_loss(block, block_index, x_q, targets, scale)
-    for layer in trainable:
-        for p in layer.parameters():
-            p.requires_grad_(False)
+    with trainable_only(block, trainable):
+        optimizer = torch.optim.Adam(_param_groups(trainable, cfg))
+        steps = max(1, cfg.epochs * len(targets))
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                     if cfg.schedule == "cosine" else None)
+        scale = torch.stack([t.pow(2).mean() for t in targets]).mean().clamp_min(1e-12)
+        history = {"loss_before": _eval_loss(block, block_index, x_q, targets, scale)}
+        order = torch.Generator().manual_seed(cfg.seed * 31 + block_index)
+        for _ in range(cfg.epochs):
+            for b in torch.randperm(len(targets), generator=order).tolist():
+                optimizer.zero_grad(set_to_none=True)
+                out = forward_block(block, x_q, block_index, b)
+                loss = (out - targets[b]).pow(2).mean() / scale
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+        history["loss_after"] = _eval_loss(block, block_index, x_q, targets, scale)
     log.debug("block %d correction: relative MSE %.4g -> %.4g", block_index,
               history["loss_before"], history["loss_after"])
     return history

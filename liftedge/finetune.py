@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from liftedge.correct import TrainableLift, installed
+from liftedge.correct import TrainableLift, installed, module_bias, trainable_only
 from liftedge.progress import progress
 from liftedge.sites import decoder_blocks, list_sites, set_site_weight
 from liftedge.targets.reference import dequantize
@@ -108,8 +108,9 @@ def finetune(model: nn.Module, qtensors: dict[str, QuantizedTensor], tokens: tor
     if not lq_sites:
         return qtensors, {"kept": False, "why": "no liftquant site"}
     device = next(model.parameters()).device
-    layers = {s.name: TrainableLift(qtensors[s.name], _bias(model, s.name), None).to(device) for s in lq_sites}
-    with installed(model, layers), _frozen(model), _checkpointed(decoder_blocks(model)):
+    layers = {s.name: TrainableLift(qtensors[s.name], module_bias(model, s.name), None).to(device) for s in lq_sites}
+    with installed(model, layers), trainable_only(model, list(layers.values())), \
+            _checkpointed(decoder_blocks(model)):
         record = _train(model, list(layers.values()), tokens, teacher, cfg)
         new = {name: layer.export() for name, layer in layers.items()}
     if record["kl_after"] >= record["kl_before"]:
@@ -121,9 +122,6 @@ def finetune(model: nn.Module, qtensors: dict[str, QuantizedTensor], tokens: tor
 
 
 def _train(model, layers: list[TrainableLift], tokens, teacher: TeacherTargets, cfg: FinetuneConfig) -> dict:
-    for layer in layers:
-        for p in layer.parameters():
-            p.requires_grad_(True)
     optimizer = torch.optim.Adam([
         {"params": [getattr(layer, n) for layer in layers for n in _SCALES], "lr": cfg.lr_scale},
         {"params": [getattr(layer, n) for layer in layers for n in _TRANSFORM], "lr": cfg.lr_transform}])
@@ -136,16 +134,12 @@ def _train(model, layers: list[TrainableLift], tokens, teacher: TeacherTargets, 
         for i in progress(torch.randperm(tokens.shape[0], generator=order).tolist(),
                           desc=f"fine-tune {epoch + 1}/{cfg.epochs}", unit="sample"):
             optimizer.zero_grad(set_to_none=True)
-            loss = coarse_kl(_logits(model, tokens[i:i + 1]), teacher.index[i:i + 1].to(tokens.device),
-                             teacher.logprob[i:i + 1].to(tokens.device))
+            loss = _sample_kl(model, tokens, teacher, i)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total += float(loss.detach())
         record["epochs"].append(total / tokens.shape[0])
-    for layer in layers:
-        for p in layer.parameters():
-            p.requires_grad_(False)
     record["kl_after"] = _eval_kl(model, tokens, teacher)
     log.info("fine-tune: calibration KL %.4f -> %.4f", record["kl_before"], record["kl_after"])
     return record
@@ -155,31 +149,19 @@ def _train(model, layers: list[TrainableLift], tokens, teacher: TeacherTargets, 
 def _eval_kl(model, tokens, teacher: TeacherTargets) -> float:
     total = 0.0
     for i in range(tokens.shape[0]):
-        total += float(coarse_kl(_logits(model, tokens[i:i + 1]), teacher.index[i:i + 1].to(tokens.device),
-                                 teacher.logprob[i:i + 1].to(tokens.device)))
+        total += float(_sample_kl(model, tokens, teacher, i))
     return total / tokens.shape[0]
+
+
+def _sample_kl(model, tokens, teacher: TeacherTargets, i: int) -> torch.Tensor:
+    """The divergence on calibration sample i (a batch of one)."""
+    device = tokens.device
+    return coarse_kl(_logits(model, tokens[i:i + 1]), teacher.index[i:i + 1].to(device),
+                     teacher.logprob[i:i + 1].to(device))
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
-
-
-def _bias(model, name: str) -> torch.Tensor | None:
-    bias = getattr(model.get_submodule(name), "bias", None)
-    return None if bias is None else bias.detach()
-
-
-@contextlib.contextmanager
-def _frozen(model: nn.Module):
-    """No gradient for the model's own parameters (norms, tables) while the lifts train."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 def _run_checkpointed(forward, *args, **kwargs):

@@ -50,14 +50,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from liftedge.calibrate import _Accumulator, _hooked
-from liftedge.correct import CorrectionConfig, TrainableLift, correct_block
+from liftedge.correct import (
+    CorrectionConfig,
+    TrainableLift,
+    correct_block,
+    installed,
+    module_bias,
+)
 from liftedge.model import decoder_blocks, get_module, list_sites, site_weight
-from liftedge.packed import replace_module
 from liftedge.pages import release_clean_pages
 from liftedge.progress import progress
 from liftedge.quantize.base import IntConfig, make_quantizer
 from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
-from liftedge.stream import BlockInputs, advance_block, capture_block_inputs, forward_block
+from liftedge.stream import (
+    BlockInputs,
+    advance_block,
+    capture_block_inputs,
+    forward_block,
+)
 from liftedge.targets.reference import dequantize
 from liftedge.types import QuantizedTensor, Site
 
@@ -119,11 +129,6 @@ def _release_memory() -> None:
 def _release_weights(model: nn.Module) -> int:
     """Give back the pages of the memory-mapped weights read so far (values unchanged)."""
     return release_clean_pages(model.parameters())
-
-
-def _bias(model: nn.Module, site: Site) -> torch.Tensor | None:
-    bias = getattr(model.get_submodule(site.name), "bias", None)
-    return None if bias is None else bias.detach()
 
 
 @torch.no_grad()
@@ -191,16 +196,10 @@ def _decoded(model, sites: list[Site], qts: dict[str, QuantizedTensor], *, keep:
 
 
 def _correct(model, block, i, block_sites, qts, x_q, targets, cfg: CorrectionConfig):
-    layers = {s.name: TrainableLift(qts[s.name], _bias(model, s), cfg.sign_margin).to(_device(model))
+    layers = {s.name: TrainableLift(qts[s.name], module_bias(model, s.name), cfg.sign_margin).to(_device(model))
               for s in block_sites}
-    originals = {name: model.get_submodule(name) for name in layers}
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
-    try:
+    with installed(model, layers):
         history = correct_block(block, i, layers, x_q, targets, cfg)
-    finally:
-        for name, module in originals.items():
-            replace_module(model, name, module)
     if history["loss_after"] < history["loss_before"]:
         return {name: layer.export() for name, layer in layers.items()}, {**history, "kept": True}
     return qts, {**history, "kept": False}
