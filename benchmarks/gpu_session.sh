@@ -12,7 +12,8 @@
 #   gpu_session.sh sens                        the sensitivity table -> $OUT/sensitivity.json
 #   gpu_session.sh par "CONFIG CONFIG" "..."   one quality.py process per group, side by side on
 #                                              the one GPU (a 135M model leaves it mostly idle)
-#                                              -> $OUT/quality_<i>.json; SAMPLES=N overrides 128
+#                                              -> $OUT/quality_<i>.json; SAMPLES=N overrides 128;
+#                                              PP=DIR keeps two trees run at once apart
 set -euo pipefail
 step=${1:?usage: gpu_session.sh stage|run|sens|par ...}
 shift
@@ -29,7 +30,7 @@ if [ "$step" = stage ]; then
 fi
 cat /tmp/smol.part00 .devdata/smol.part01 > /tmp/smol.gguf
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol.gguf" | sha256sum -c -
-pp=/tmp/pp && rm -rf $pp && mkdir -p $pp && cp -r liftedge $pp/ && cp -r targets $pp/liftedge/targets && cp -r devices $pp/liftedge/devices
+pp=${PP:-/tmp/pp} && rm -rf $pp && mkdir -p $pp && cp -r liftedge $pp/ && cp -r targets $pp/liftedge/targets && cp -r devices $pp/liftedge/devices
 export PYTHONPATH=$pp:. LIFTEDGE_CACHE=/tmp/lecache LIFTEDGE_NO_PROGRESS=1
 samples=${SAMPLES:-128}
 if [ "$step" = sens ]; then

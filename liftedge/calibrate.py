@@ -24,7 +24,7 @@ from torch import nn
 from liftedge.cache import cache_path, sha256_text
 from liftedge.model import list_sites
 from liftedge.progress import progress
-from liftedge.stream import capture_block_inputs, decoder_blocks, final_norm, forward_block
+from liftedge.stream import advance_block, capture_block_inputs, decoder_blocks, final_norm
 from liftedge.types import Site
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ def _stream_stats(model: nn.Module, tokens: torch.Tensor, sites: list[Site], bat
     blocks = decoder_blocks(model)
     for i in progress(range(len(blocks)), desc="calibration statistics", unit="block"):
         with _hooked(model, by_block.get(i, []), accs):
-            for k in range(len(inputs.hidden)):
-                inputs.hidden[k] = forward_block(blocks[i], inputs, i, k)
+            advance_block(blocks[i], inputs, i)
     norm = final_norm(model)
     for s in sites:
         if s.kind == "head":

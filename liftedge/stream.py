@@ -21,6 +21,12 @@ Typical use (a quantizer carrying the quantized model's activations):
 
 `advance_block` replaces the carried batches one by one, so a stream costs one copy of the
 activations, not two; streams that start equal may share tensors (nothing writes into them).
+
+A stream may be *stored* narrower than blocks compute (`storage=torch.float16`): each batch is
+cast up when a block reads it and down when it is stored, which halves the memory of a
+carried stream. A batch whose values do not fit fp16 (|x| > 65504, e.g. a model with massive
+residual activations) stays in the compute dtype, so storage never changes a value's range,
+only rounds it (relative 2^-11, far below a quantized model's own error).
 """
 
 from __future__ import annotations
@@ -67,6 +73,18 @@ class BlockInputs:
 
     hidden: list[torch.Tensor]
     calls: dict[tuple[int, int], list[BlockCall]] = field(default_factory=dict)
+    # The dtype blocks take and return; `hidden` may hold a narrower copy (see `store`).
+    compute_dtype: torch.dtype | None = None
+    storage: torch.dtype | None = None
+
+    def batch(self, k: int) -> torch.Tensor:
+        """Batch k in the dtype the blocks compute in."""
+        h = self.hidden[k]
+        return h if self.compute_dtype is None else h.to(self.compute_dtype)
+
+    def store(self, k: int, value: torch.Tensor) -> None:
+        """Make `value` batch k, narrowed to the storage dtype where every value fits it."""
+        self.hidden[k] = narrow(value, self.storage)
 
     def call_args(self, block_index: int, batch: int) -> BlockCall:
         """Block `block_index`'s extra (args, kwargs) for batch number `batch`."""
@@ -77,11 +95,19 @@ class BlockInputs:
         """The same block arguments with new carried states (e.g. a block's outputs)."""
         if [h.shape[:2] for h in hidden] != [h.shape[:2] for h in self.hidden]:
             raise ValueError("new hidden states must keep the batch shapes")
-        return BlockInputs(hidden=hidden, calls=self.calls)
+        return BlockInputs(hidden=hidden, calls=self.calls, compute_dtype=self.compute_dtype, storage=self.storage)
 
     @property
     def ntokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def narrow(value: torch.Tensor, storage: torch.dtype | None) -> torch.Tensor:
+    """`value` cast to `storage` if that keeps every value finite, else `value` unchanged."""
+    if storage is None or value.dtype == storage:
+        return value
+    narrowed = value.to(storage)
+    return narrowed if bool(torch.isfinite(narrowed).all()) else value
 
 
 class _Stop(Exception):
@@ -92,9 +118,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> BlockInputs:
+def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
+                         storage: torch.dtype | None = None) -> BlockInputs:
     """Block 0's inputs for `tokens` [n, L] in batches, plus every block's call arguments.
+
+    `storage` narrows the carried states (see `BlockInputs.store`); None keeps the model's dtype.
 
     Each block's `forward` is replaced, for the duration of one model call per batch, by a
     recorder that stores its arguments and passes the hidden states through unchanged; the
@@ -109,9 +142,9 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start : start + batch_size].to(device)
         recorded = _record(model, blocks, batch)
-        hidden.append(recorded[0][0])
+        hidden.append(narrow(recorded[0][0], storage))
         calls.setdefault(tuple(batch.shape), [(args, kwargs) for _, args, kwargs in recorded])
-    return BlockInputs(hidden=hidden, calls=calls)
+    return BlockInputs(hidden=hidden, calls=calls, compute_dtype=_model_dtype(model), storage=storage)
 
 
 def _record(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> list[tuple]:
@@ -150,7 +183,7 @@ def forward_block(block: nn.Module, inputs: BlockInputs, block_index: int, batch
                   hidden: torch.Tensor | None = None) -> torch.Tensor:
     """One batch through one block (gradients follow the caller's grad mode)."""
     args, kwargs = inputs.call_args(block_index, batch)
-    h = inputs.hidden[batch] if hidden is None else hidden
+    h = inputs.batch(batch) if hidden is None else hidden
     out = block(h, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -169,4 +202,4 @@ def advance_block(block: nn.Module, inputs: BlockInputs, block_index: int) -> No
     exists: one batch of extra activations instead of a second copy of the whole stream.
     """
     for k in range(len(inputs.hidden)):
-        inputs.hidden[k] = forward_block(block, inputs, block_index, k)
+        inputs.store(k, forward_block(block, inputs, block_index, k))
