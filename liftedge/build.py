@@ -35,7 +35,7 @@ def is_pack(path: str | Path) -> bool:
         return False
 
 
-def pack_key(loaded, tokens: torch.Tensor, plan_options: dict[str, str], correction) -> str:
+def pack_key(loaded, tokens: torch.Tensor, plan_options: dict[str, str], correction, finetune=None) -> str:
     import dataclasses
 
     h = hashlib.sha256()
@@ -43,17 +43,19 @@ def pack_key(loaded, tokens: torch.Tensor, plan_options: dict[str, str], correct
     h.update(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes())
     h.update(json.dumps([sorted(plan_options.items()), None if correction is None else dataclasses.asdict(correction)],
                         default=str).encode())
+    if finetune is not None:  # (without, the key of packs cached before fine-tuning existed)
+        h.update(json.dumps(dataclasses.asdict(finetune), sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
 def planned_pack(loaded, tokens: torch.Tensor, calibration: dict[str, Any], plan_result, correction, *,
-                 device: str = "cpu", seed: int = 0) -> Path:
+                 device: str = "cpu", seed: int = 0, finetune=None) -> Path:
     """The pack of `plan_result` (quantized now, or reused from the cache)."""
     from liftedge.commands.lq import quantize_and_save
     from liftedge.planner import plan_configs
 
     plan = plan_result.plan
-    path = cache_path("packs", pack_key(loaded, tokens, plan.options_by_site(), correction))
+    path = cache_path("packs", pack_key(loaded, tokens, plan.options_by_site(), correction, finetune))
     if is_pack(path):
         print(f"reusing the quantized pack {path}")
         return path
@@ -65,7 +67,7 @@ def planned_pack(loaded, tokens: torch.Tensor, calibration: dict[str, Any], plan
         save_packed(path, loaded, {}, method="fp16", calibration=calibration, plan=plan_result.to_dict(), force=True)
         return path
     quantize_and_save(loaded, tokens, calibration, configs, correction, path, force=True, device=device,
-                      plan=plan_result.to_dict())
+                      plan=plan_result.to_dict(), finetune=finetune)
     return path
 
 

@@ -82,3 +82,31 @@ def test_finetune_is_deterministic(tiny_llama_dir):
         new, _ = finetune(loaded.model, qtensors, tokens, teacher, FinetuneConfig(lr_transform=1e-3, lr_scale=1e-3))
         runs.append(new)
     assert all(torch.equal(runs[0][n].tensors[k], runs[1][n].tensors[k]) for n in runs[0] for k in runs[0][n].tensors)
+
+
+def test_quantize_cli_finetunes_on_request_and_records_it(tiny_llama_dir, sample_text_file, tmp_path, capsys):
+    from liftedge.cli import main
+    from liftedge.packed import read_manifest, read_quantized
+
+    first = lattice.shipped_rates()[0]
+    rate = f"{first.D}/{first.d}"
+    common = ["quantize", str(tiny_llama_dir), "--method", "liftquant", "--rate", rate, "--calib", str(sample_text_file),
+              "--samples", "4", "--seq-len", "32", "--epochs", "1"]
+    assert main([*common, "-o", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--finetune-epochs", "3", "--finetune-lr-transform", "1e-3", "--finetune-lr-scale", "1e-3",
+                 "-o", str(tmp_path / "tuned")]) == 0
+    record = read_manifest(tmp_path / "tuned")["quantizer"]["finetune"]
+    assert record["config"]["epochs"] == 3 and record["config"]["lr_scale"] == 1e-3
+    # As in the library test above: at the cheapest rate three epochs must lower the KL.
+    assert record["kept"] and record["kl_after"] < record["kl_before"], record
+    assert "finetune" not in read_manifest(tmp_path / "plain")["quantizer"]
+    plain, tuned = read_quantized(tmp_path / "plain"), read_quantized(tmp_path / "tuned")
+    assert plain.keys() == tuned.keys()
+    # Same blocks, then only the float factors trained: signs equal, some scales moved.
+    assert all(torch.equal(plain[n].tensors["signs"], tuned[n].tensors["signs"]) for n in plain)
+    assert any(not torch.equal(plain[n].tensors["scale"], tuned[n].tensors["scale"]) for n in plain)
+
+    capsys.readouterr()
+    assert main([*common, "--finetune-epochs", "-1", "-o", str(tmp_path / "bad")]) == 2
+    assert "--finetune-epochs must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

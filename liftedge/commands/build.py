@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from liftedge.commands.budget_args import add_budget_arguments, budget_request, calibration_and_sensitivity
+from liftedge.commands.lq import add_training_arguments, correction_from_args, finetune_from_args
 
 
 def register(subparsers) -> None:
@@ -24,8 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="a Hugging Face folder, a .gguf file, 'default', or a pack folder")
     add_budget_arguments(p)
     q = p.add_argument_group("quantization")
-    q.add_argument("--no-correct", dest="correct", action="store_false", help="skip intra-block correction")
-    q.add_argument("--epochs", type=int, default=None, help="correction passes over the calibration set")
+    add_training_arguments(q)
     q.add_argument("--device", default="cpu", help="torch device for quantization (cpu, cuda)")
     t = p.add_argument_group("artifact")
     t.add_argument("--max-context", dest="max_context", type=int, default=None,
@@ -36,18 +36,6 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.set_defaults(func=run)
-
-
-def _correction(args: argparse.Namespace):
-    from liftedge.correct import CorrectionConfig
-    from liftedge.errors import LiftedgeError
-
-    if not args.correct:
-        return None
-    epochs = args.epochs if args.epochs is not None else CorrectionConfig.epochs
-    if epochs < 1:
-        raise LiftedgeError(f"--epochs must be >= 1, got {epochs}")
-    return CorrectionConfig(epochs=epochs, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,14 +56,15 @@ def run(args: argparse.Namespace) -> int:
         pack = Path(args.model)
         extra["memory"] = check_pack_fits(pack, request) if request.device else None
     else:
-        correction = _correction(args)
+        correction, finetune = correction_from_args(args), finetune_from_args(args)
         loaded = load_model(args.model)
         tokens, calib, sens = calibration_and_sensitivity(loaded, args)
         result = make_plan(sens, ModelDims.from_config(loaded.config), request)
         plan = result.plan
         print(f"plan: λ = {plan.lam:.3f}, {plan.bits_per_weight:.3f} bits/weight, {format_size(plan.total_nbytes)} "
               f"of weights ({plan.total_nbytes / plan.budget_nbytes:.1%} of the budget)")
-        pack = planned_pack(loaded, tokens, calib, result, correction, device=args.device, seed=args.seed)
+        pack = planned_pack(loaded, tokens, calib, result, correction, device=args.device, seed=args.seed,
+                            finetune=finetune)
         extra["memory"] = None if result.memory is None else result.memory.to_dict()
         del loaded
     context = args.max_context or args.context or (request.device.default_context if request.device else 512)

@@ -21,6 +21,7 @@ DEFAULT_SEQ_LEN = 512
 
 
 def register(subparsers) -> None:
+    from liftedge.commands.lq import add_training_arguments
     from liftedge.quantize import QUANTIZERS
 
     p = subparsers.add_parser(
@@ -46,9 +47,7 @@ def register(subparsers) -> None:
                    help=f"tokens per calibration sample (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     lq = p.add_argument_group("liftquant")
-    lq.add_argument("--no-correct", dest="correct", action="store_false",
-                    help="skip intra-block correction (faster, less accurate)")
-    lq.add_argument("--epochs", type=int, default=None, help="correction passes over the calibration set")
+    add_training_arguments(lq)
     lq.add_argument("--no-mix", dest="mix", action="store_false", help="ablation: no Kronecker mixing")
     lq.add_argument("--no-act-scale", dest="act_scale", action="store_false", help="ablation: no s1 scale")
     lq.add_argument("--no-block-scale", dest="block_scale", action="store_false", help="ablation: no s2 scale")
@@ -85,13 +84,14 @@ def run(args: argparse.Namespace) -> int:
         from liftedge.commands import lq
 
         config, correction = lq.configs_from_args(args)
+        finetune = lq.finetune_from_args(args)
         loaded = load_model(args.model)
         tokens, calib = calibration(loaded, args)
         from liftedge.quantize import default_sites
 
         configs = {s.name: config for s in default_sites(loaded.model)}
         manifest = lq.quantize_and_save(loaded, tokens, calib, configs, correction, args.output, force=args.force,
-                                        device=args.device)
+                                        device=args.device, finetune=finetune)
         lq.print_written(args.output, manifest, str(config.rate), correction)
         return 0
     if args.bits is None or args.rate is not None or args.bits != int(args.bits):
