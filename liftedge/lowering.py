@@ -16,8 +16,9 @@ A target is a module under `liftedge.targets` (the repository's `targets/` folde
 `build_artifact` runs lower + verify inside `liftedge.io.atomic_output_dir`, so a failed or
 interrupted build leaves nothing at the destination and an earlier artifact stays intact;
 `report.json` (lowering, verification, sizes, the pack's manifest summary) and the pack's
-tokenizer files are written beside the artifact. This module owns that sequence and the registry; formats and runtimes belong
-to the targets.
+tokenizer files are written beside the artifact. This module owns that sequence, the registry
+and the parsing of target options (`parse_target_options`); formats and runtimes belong to the
+targets.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from liftedge.errors import LiftedgeError
+from liftedge.errors import ArtifactError, LiftedgeError
 from liftedge.io import atomic_output_dir, atomic_write_json
 
 TARGETS = {
@@ -92,3 +93,31 @@ def build_artifact(pack: str | os.PathLike, target: str, out: str | os.PathLike,
         report.update(extra_report or {})
         atomic_write_json(tmp / REPORT_NAME, report)
     return report
+
+
+def parse_target_options(target: str, options: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A target's options with its defaults filled in; unknown names are refused.
+
+    Each value is read as its default's type: a bool default takes true/false, yes/no, on/off
+    or 1/0; any other default (an int, or None for "the runtime's choice") takes an integer.
+    Range checks beyond that belong to the target.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ArtifactError(f"unknown {target} option(s) {unknown}; known: {', '.join(sorted(defaults))}")
+    return {key: _as_type(key, options.get(key, default), default) for key, default in defaults.items()}
+
+
+def _as_type(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value if isinstance(value, bool) else text in ("1", "true", "yes", "on")
+        raise ArtifactError(f"option {name} must be true or false, got {value!r}")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ArtifactError(f"option {name} must be an integer, got {value!r}") from None

@@ -65,7 +65,8 @@ DEFAULT_PREFILL_CHUNK = 128
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The shape numbers of a decoder LM that its memory use depends on.
+    """The shape numbers of a decoder LM: what its memory use depends on, and what the
+    targets' graph builders read (one reading of each family's config for both).
 
     `sliding_layers` of the `layers` keep only `sliding_window` positions of KV cache
     (Gemma 3 local layers, Mistral); the rest keep the whole context.
@@ -80,6 +81,7 @@ class ModelDims:
     vocab: int
     sliding_window: int | None = None
     sliding_layers: int = 0
+    norm_eps: float | None = None  # the layer norms' epsilon (None where not read from a config)
 
     def __post_init__(self) -> None:
         for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
@@ -130,27 +132,33 @@ def _sliding(config: Any) -> dict:
     return dict(sliding_window=window if count else None, sliding_layers=count)
 
 
+def _norm_eps(config: Any) -> float | None:
+    eps = next((_cfg(config, k) for k in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
+                if _cfg(config, k) is not None), None)
+    return None if eps is None else float(eps)
+
+
 def _llama_like(config: Any) -> dict:
     hidden, heads = _cfg(config, "hidden_size"), _cfg(config, "num_attention_heads")
     return dict(layers=_cfg(config, "num_hidden_layers"), hidden=hidden, heads=heads,
                 kv_heads=_cfg(config, "num_key_value_heads", heads),
                 head_dim=_cfg(config, "head_dim", hidden // heads),
                 intermediate=_cfg(config, "intermediate_size"), vocab=_cfg(config, "vocab_size"),
-                **_sliding(config))
+                norm_eps=_norm_eps(config), **_sliding(config))
 
 
 def _gpt2(config: Any) -> dict:
     hidden, heads = _cfg(config, "n_embd"), _cfg(config, "n_head")
     return dict(layers=_cfg(config, "n_layer"), hidden=hidden, heads=heads, kv_heads=heads,
                 head_dim=hidden // heads, intermediate=_cfg(config, "n_inner", 4 * hidden),
-                vocab=_cfg(config, "vocab_size"))
+                vocab=_cfg(config, "vocab_size"), norm_eps=_norm_eps(config))
 
 
 def _gpt_neox(config: Any) -> dict:
     hidden, heads = _cfg(config, "hidden_size"), _cfg(config, "num_attention_heads")
     return dict(layers=_cfg(config, "num_hidden_layers"), hidden=hidden, heads=heads, kv_heads=heads,
                 head_dim=hidden // heads, intermediate=_cfg(config, "intermediate_size"),
-                vocab=_cfg(config, "vocab_size"))
+                vocab=_cfg(config, "vocab_size"), norm_eps=_norm_eps(config))
 
 
 _CONFIG_READERS: dict[str, Callable[[Any], dict]] = {

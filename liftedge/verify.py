@@ -72,6 +72,17 @@ def greedy(step: StepFn, prompt: list[int], new_tokens: int) -> Run:
     return run
 
 
+def in_chunks(run_chunk: StepFn, ids: list[int], start_pos: int,
+              max_prefill: int) -> np.ndarray:
+    """Logits [len(ids), vocab] of `ids` fed at most `max_prefill` tokens per engine call.
+
+    `run_chunk(part, position of its first token)` runs one call and returns [len(part), vocab];
+    artifacts with a fixed prompt-chunk size (ExecuTorch, Core ML) build their steps on this.
+    """
+    return np.concatenate([np.asarray(run_chunk(ids[i:i + max_prefill], start_pos + i), np.float32)
+                           for i in range(0, len(ids), max_prefill)], axis=0)
+
+
 def reference_step(model: torch.nn.Module) -> StepFn:
     """A step function over a Hugging Face causal LM with its own KV cache (the oracle)."""
     from transformers import DynamicCache

@@ -45,8 +45,11 @@ def test_kv_cache_matches_transformers_static_cache(family):
 
 
 def test_dims_from_configs():
-    assert ModelDims.from_config(tiny_config("llama")) == ModelDims(2, 64, 4, 2, 16, 96, 320)
-    assert ModelDims.from_config(tiny_config("gpt2")).intermediate == 4 * 64  # n_inner=None means 4 x hidden
+    llama = tiny_config("llama")
+    assert ModelDims.from_config(llama) == ModelDims(2, 64, 4, 2, 16, 96, 320, norm_eps=llama.rms_norm_eps)
+    gpt2 = tiny_config("gpt2")
+    assert ModelDims.from_config(gpt2).intermediate == 4 * 64  # n_inner=None means 4 x hidden
+    assert ModelDims.from_config(gpt2).norm_eps == gpt2.layer_norm_epsilon  # each family's own key
     assert ModelDims.from_config(tiny_config("gpt_neox")).kv_heads == 4  # no GQA
     gemma = ModelDims.from_config(tiny_config("gemma3_text"))
     assert (gemma.sliding_window, gemma.sliding_layers) == (32, 2)

@@ -281,15 +281,7 @@ def lower_with_etrecord(program, pte: Path, etrecord: Path, partitioners: list |
     exported module stack (`model.layers.3.mlp.down_proj`): that is what groups the table by
     layer. It costs one more serialisation of the graph at export time; the `.pte` is unchanged.
     """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from liftedge.targets.executorch.export import to_pte
 
-    from liftedge.targets.executorch.export import _fast_mutable_buffer_check
-
-    edge = to_edge_transform_and_lower(program, partitioner=partitioners or [XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                                       generate_etrecord=True)
-    with _fast_mutable_buffer_check():
-        manager = edge.to_executorch()
-    Path(pte).write_bytes(manager.buffer)
-    manager.get_etrecord().save(str(etrecord))
+    data, _ = to_pte(program, partitioners, etrecord=Path(etrecord))
+    Path(pte).write_bytes(data)

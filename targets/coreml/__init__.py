@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from liftedge.errors import ArtifactError
+from liftedge.lowering import parse_target_options
 
 NAME = "coreml"
 # Embedding / head storage options this target lowers (`liftedge.planner` offers no others).
@@ -38,20 +39,9 @@ OPTIONS = {
 _DEFAULTS = {"max_context": 256, "max_prefill": 64, "verify_tokens": 32}
 
 
-def _as_int(name: str, value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ArtifactError(f"option {name} must be an integer, got {value!r}") from None
-
-
 def parse_options(options: dict[str, Any] | None) -> dict[str, int]:
     """Options with defaults filled in and checked; unknown names are refused."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(_DEFAULTS))
-    if unknown:
-        raise ArtifactError(f"unknown coreml option(s) {unknown}; known: {', '.join(sorted(OPTIONS))}")
-    out = {k: _as_int(k, v) for k, v in {**_DEFAULTS, **options}.items()}
+    out = parse_target_options(NAME, options, _DEFAULTS)
     for key, value in out.items():
         if value < 1:
             raise ArtifactError(f"option {key} must be >= 1, got {value}")

@@ -32,6 +32,7 @@ import torch
 from liftedge.targets.coreml import layers
 
 from liftedge.errors import ArtifactError
+from liftedge.memory import ModelDims
 
 PACKAGE_NAME = "model.mlpackage"
 MASKED = np.float32(-1e9)  # added to disallowed scores: exp underflows to exactly 0 in fp32
@@ -79,16 +80,12 @@ def family_of(config) -> Family:
 
 
 def shapes_of(config, max_context: int, max_prefill: int) -> Shapes:
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    eps = next(getattr(config, k) for k in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
-               if getattr(config, k, None) is not None)
+    dims = ModelDims.from_config(config)
     limit = getattr(config, "n_positions", None)  # learned position tables end there
     if limit is not None and max_context > limit:
         raise ArtifactError(f"max_context {max_context} exceeds the model's {limit} learned positions")
-    return Shapes(config.num_hidden_layers, config.hidden_size, heads,
-                  getattr(config, "num_key_value_heads", None) or heads, head_dim,
-                  config.vocab_size, float(eps), max_context, max_prefill)
+    return Shapes(dims.layers, dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.vocab, dims.norm_eps,
+                  max_context, max_prefill)
 
 
 def rotary_tables(config, family: Family) -> tuple[np.ndarray, float]:

@@ -32,6 +32,7 @@ from liftedge.verify import (
     VerificationError,
     compare,
     greedy,
+    in_chunks,
     prompt_ids,
     reference_run,
 )
@@ -55,15 +56,13 @@ def step_function(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], reset
     Prompts longer than max_prefill go in chunks. The numpy interpreter here and Core ML on a
     Mac (examples/ios/verify_on_mac.py) both plug in.
     """
+    def run_chunk(part: list[int], position: int) -> np.ndarray:
+        return np.asarray(predict(np.asarray([part], np.int32), np.asarray([position], np.int32)), np.float32)[0]
+
     def step(ids: list[int], start_pos: int) -> np.ndarray:
         if start_pos == 0:
             reset()
-        chunks = []
-        for i in range(0, len(ids), max_prefill):
-            chunk = np.asarray([ids[i:i + max_prefill]], np.int32)
-            logits = predict(chunk, np.asarray([start_pos + i], np.int32))
-            chunks.append(np.asarray(logits, np.float32)[0])
-        return np.concatenate(chunks, axis=0)
+        return in_chunks(run_chunk, ids, start_pos, max_prefill)
 
     return step
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from liftedge.errors import ArtifactError
+from liftedge.lowering import parse_target_options
 
 NAME = "executorch"
 # Embedding / head storage options this target lowers (`liftedge.planner` offers no others).
@@ -34,34 +35,9 @@ OPTIONS = {
 _DEFAULTS = {"custom_ops": True, "max_context": 256, "max_prefill": 128, "verify_tokens": 32}
 
 
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ArtifactError(f"option {name} must be true or false, got {value!r}")
-
-
-def _as_int(name: str, value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ArtifactError(f"option {name} must be an integer, got {value!r}") from None
-
-
 def parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
     """Options with defaults filled in and types checked; unknown names are refused."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(_DEFAULTS))
-    if unknown:
-        raise ArtifactError(f"unknown executorch option(s) {unknown}; known: {', '.join(sorted(OPTIONS))}")
-    merged = {**_DEFAULTS, **options}
-    out = {"custom_ops": _as_bool("custom_ops", merged["custom_ops"])}
-    for key in ("max_context", "max_prefill", "verify_tokens"):
-        out[key] = _as_int(key, merged[key])
+    out = parse_target_options(NAME, options, _DEFAULTS)
     out["max_prefill"] = min(out["max_prefill"], out["max_context"])
     if out["verify_tokens"] < 1:
         raise ArtifactError(f"verify_tokens must be >= 1, got {out['verify_tokens']}")

@@ -188,17 +188,26 @@ def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.Export
                                    strict=True)
 
 
-def to_pte(program: torch.export.ExportedProgram, partitioners: list | None = None):
-    """Lower to ExecuTorch (XNNPACK by default); returns (.pte bytes, operator counts)."""
+def to_pte(program: torch.export.ExportedProgram, partitioners: list | None = None, *,
+           etrecord: Path | None = None):
+    """Lower to ExecuTorch (XNNPACK by default); returns (.pte bytes, operator counts).
+
+    With `etrecord`, the ETRecord (the edge graph with debug handles, which the profiler
+    uses to name ETDump events by layer) is saved there; the `.pte` bytes are the same.
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     # IR validity is not checked: liftedge::lq_linear is not a core ATen op (it is ours).
     edge = to_edge_transform_and_lower(program, partitioner=partitioners or [XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                       generate_etrecord=etrecord is not None)
     counts = op_counts(edge.exported_program().graph_module)
     with _fast_mutable_buffer_check():
-        return edge.to_executorch().buffer, counts
+        manager = edge.to_executorch()
+    if etrecord is not None:
+        manager.get_etrecord().save(str(etrecord))
+    return manager.buffer, counts
 
 
 @contextlib.contextmanager

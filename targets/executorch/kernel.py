@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
 SOURCES = ("lq_linear.cpp", "lq_linear_et.cpp", "head_linear_et.cpp")
-HEADERS = ("lq_linear.h",)
+HEADERS = ("lq_linear.h", "et_linear.h")
 # -march=native: the library is built on, and cached for, the machine that runs it.
 OPT_FLAGS = ("-O3", "-march=native", "-std=c++17")
 METHODS = {"auto": 0, "lut8": 1, "mask": 2}

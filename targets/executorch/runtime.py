@@ -59,8 +59,16 @@ def load_method(path: Path, needs_kernel: bool):
 
 
 def pte_step(path: Path, needs_kernel: bool, max_prefill: int, max_context: int):
+    from liftedge.verify import in_chunks
+
     method = load_method(path, needs_kernel)
     position = [0]
+
+    def run_chunk(part: list[int], start: int) -> np.ndarray:
+        x = torch.tensor([part], dtype=torch.long)
+        pos = torch.arange(start, start + len(part), dtype=torch.long)
+        (logits,) = method.execute([x, pos])
+        return logits[0].float().numpy()
 
     def step(ids: list[int], start_pos: int) -> np.ndarray:
         if start_pos + len(ids) > max_context:
@@ -68,15 +76,9 @@ def pte_step(path: Path, needs_kernel: bool, max_prefill: int, max_context: int)
                                 "rebuild with a larger max_context")
         if start_pos != position[0]:
             raise ArtifactError(f"the .pte's cache holds {position[0]} tokens, step starts at {start_pos}")
-        chunks = []
-        for i in range(0, len(ids), max_prefill):
-            part = ids[i:i + max_prefill]
-            x = torch.tensor([part], dtype=torch.long)
-            pos = torch.arange(start_pos + i, start_pos + i + len(part), dtype=torch.long)
-            (logits,) = method.execute([x, pos])
-            chunks.append(logits[0].float().numpy())
+        logits = in_chunks(run_chunk, ids, start_pos, max_prefill)
         position[0] = start_pos + len(ids)
-        return np.concatenate(chunks, axis=0)
+        return logits
 
     return step
 

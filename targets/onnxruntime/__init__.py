@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from liftedge.errors import LiftedgeError
+from liftedge.lowering import parse_target_options
 
 NAME = "onnxruntime"
 # Embedding / head storage options this target lowers (`liftedge.planner` offers no others).
@@ -31,18 +32,15 @@ OPTIONS = {
 TOLERANCE = 1e-4
 
 
+_DEFAULTS = {"ort": True, "threads": None, "new_tokens": 32}
+
+
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise LiftedgeError(f"unknown onnxruntime option(s) {unknown}; known: {sorted(OPTIONS)}")
-    ort = str(options.get("ort", "yes")).lower()
-    if ort not in ("yes", "no"):
-        raise LiftedgeError(f"option ort must be 'yes' or 'no', got {options['ort']!r}")
-    try:
-        threads, new_tokens = int(options.get("threads") or 0) or None, int(options.get("new_tokens") or 32)
-    except (TypeError, ValueError):
-        raise LiftedgeError(f"options threads and new_tokens must be integers, got {options}") from None
-    return {"ort": ort == "yes", "threads": threads, "new_tokens": new_tokens}
+    out = parse_target_options(NAME, options, _DEFAULTS)
+    out["threads"] = out["threads"] or None  # 0: ONNX Runtime's choice, as unset
+    if out["new_tokens"] < 1:
+        raise LiftedgeError(f"option new_tokens must be >= 1, got {out['new_tokens']}")
+    return out
 
 
 def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:

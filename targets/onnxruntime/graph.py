@@ -30,6 +30,7 @@ from liftedge.targets.onnxruntime import layers
 from liftedge.targets.onnxruntime.builder import BOOL, FLOAT, INT64, GraphBuilder
 
 from liftedge.errors import ArtifactError
+from liftedge.memory import ModelDims
 from liftedge.types import QuantizedTensor
 
 NEG_INF = float(np.finfo(np.float32).min)
@@ -54,19 +55,15 @@ class Shapes:
 
 
 def shapes_of(config) -> Shapes:
-    heads = config.num_attention_heads
-    eps = next(getattr(config, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
-               if getattr(config, k, None) is not None)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    n = config.num_hidden_layers
+    dims = ModelDims.from_config(config)
+    n = dims.layers
     window = getattr(config, "sliding_window", None)
     if config.model_type == "mistral":
         windows = (window,) * n
     else:
         types = getattr(config, "layer_types", None) or ["full_attention"] * n
         windows = tuple(window if t == "sliding_attention" else None for t in types)
-    return Shapes(n, config.hidden_size, heads, getattr(config, "num_key_value_heads", None) or heads,
-                  head_dim, config.vocab_size, float(eps), windows)
+    return Shapes(n, dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.vocab, dims.norm_eps, windows)
 
 
 def rotary(config, layer_type: str | None = None) -> tuple[np.ndarray, float]:

@@ -7,8 +7,8 @@
 // is not rounded: W fp16 [out, in], or W "int" (targets/reference/integer.py): codes uint8
 // [out, ceil(in * bits / 8)] (4 or 8 bits, LSB first), scale fp16 [out, n_groups], zero uint8
 // [out, ceil(n_groups * bits / 8)] packed the same way; w = (code - zero) * scale per group.
-// Products and sums in float32. The shape checks, output resize and the parallel loop over
-// output rows are shared (`linear_rows`); each format supplies only its row dot product.
+// Products and sums in float32. The parallel loop over output rows is shared (`linear_rows`,
+// after et_linear.h's checks and resize); each format supplies only its row dot product.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
@@ -16,10 +16,11 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "et_linear.h"
+
 namespace liftedge {
 
 using executorch::aten::ScalarType;
-using executorch::aten::SizesType;
 using executorch::aten::Tensor;
 using executorch::runtime::KernelRuntimeContext;
 
@@ -64,15 +65,7 @@ inline float dot_int(const float* x, const uint8_t* codes, const _Float16* scale
 template <typename Dot>
 Tensor& linear_rows(KernelRuntimeContext& ctx, const char* name, const Tensor& x, int64_t n, int64_t rows,
                     Tensor& out, Dot dot) {
-  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && out.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out, "%s: x and out must be float32", name);
-  ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.size(x.dim() - 1) == n, InvalidArgument, out,
-                      "%s: x's last dimension must equal in_features", name);
-  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
-  for (ssize_t i = 0; i + 1 < x.dim(); ++i) sizes[i] = x.size(i);
-  sizes[x.dim() - 1] = static_cast<SizesType>(rows);
-  ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) ==
-                      executorch::runtime::Error::Ok, InvalidArgument, out, "%s: cannot resize out", name);
+  if (!prepare_linear_out(ctx, name, x, n, rows, out)) return out;
   const int64_t m = x.numel() / n;
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();

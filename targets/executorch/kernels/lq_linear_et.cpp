@@ -9,12 +9,12 @@
 
 #include <vector>
 
+#include "et_linear.h"
 #include "lq_linear.h"
 
 namespace liftedge {
 
 using executorch::aten::ScalarType;
-using executorch::aten::SizesType;
 using executorch::aten::Tensor;
 using executorch::runtime::KernelRuntimeContext;
 
@@ -47,8 +47,6 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
                       const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
                       const Tensor& block_scale, const Tensor& codebook, Tensor& out) {
   thread_local Factors f;
-  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && out.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out, "liftedge::lq_linear: x and out must be float32");
   ET_KERNEL_CHECK_MSG(ctx, signs.scalar_type() == ScalarType::Byte && signs.dim() == 2, InvalidArgument, out,
                       "liftedge::lq_linear: signs must be uint8 [out, row_nbytes]");
   ET_KERNEL_CHECK_MSG(ctx, codebook.dim() == 2 && mix1.dim() == 2 && mix2.dim() == 2, InvalidArgument, out,
@@ -71,19 +69,11 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   L.mix2 = f.mix2.data();
   L.block_scale = f.block_scale.data();
   L.codebook = f.codebook.data();
-  ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.size(x.dim() - 1) == L.in_features, InvalidArgument, out,
-                      "liftedge::lq_linear: x's last dimension must equal in_features");
   ET_KERNEL_CHECK_MSG(ctx, signs.size(1) == lq_row_nbytes(&L) && scale.numel() == L.out_features &&
                       L.n1 * L.n2 == L.in_features &&
                       block_scale.numel() == (L.in_features + L.d - 1) / L.d,
                       InvalidArgument, out, "liftedge::lq_linear: inconsistent factor shapes");
-
-  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
-  for (ssize_t i = 0; i + 1 < x.dim(); ++i) sizes[i] = x.size(i);
-  sizes[x.dim() - 1] = static_cast<SizesType>(L.out_features);
-  ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) ==
-                      executorch::runtime::Error::Ok, InvalidArgument, out,
-                      "liftedge::lq_linear: cannot resize out");
+  if (!prepare_linear_out(ctx, "liftedge::lq_linear", x, L.in_features, L.out_features, out)) return out;
 
   const int64_t m = x.numel() / L.in_features;
   f.scratch.resize(lq_scratch_floats(&L, m, LQ_METHOD_MASK));
