@@ -109,11 +109,16 @@ def parse_target_options(target: str, options: dict[str, Any] | None, defaults: 
     return {key: _as_type(key, options.get(key, default), default) for key, default in defaults.items()}
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
 def _as_type(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
         text = str(value).strip().lower()
-        if isinstance(value, bool) or text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value if isinstance(value, bool) else text in ("1", "true", "yes", "on")
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
         raise ArtifactError(f"option {name} must be true or false, got {value!r}")
     if value is None:
         return None

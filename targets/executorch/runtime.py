@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from liftedge.errors import ArtifactError
+from liftedge.verify import compare, greedy, in_chunks, prompt_ids, reference_run
 
 # Relative Frobenius error allowed between .pte and reference logits. Both compute in fp32
 # from the same fp16-stored values and differ in summation order (XNNPACK GEMMs, the
@@ -59,8 +60,6 @@ def load_method(path: Path, needs_kernel: bool):
 
 
 def pte_step(path: Path, needs_kernel: bool, max_prefill: int, max_context: int):
-    from liftedge.verify import in_chunks
-
     method = load_method(path, needs_kernel)
     position = [0]
 
@@ -86,7 +85,6 @@ def pte_step(path: Path, needs_kernel: bool, max_prefill: int, max_context: int)
 def verify_pte(path: Path, pack: Path, needs_kernel: bool, max_prefill: int, max_context: int,
                new_tokens: int, tolerance: float = TOLERANCE) -> dict[str, Any]:
     from liftedge.packed import load_packed
-    from liftedge.verify import compare, greedy, prompt_ids, reference_run
 
     loaded = load_packed(pack)
     prompt = prompt_ids(loaded.tokenizer)

@@ -51,6 +51,7 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
                       "liftedge::lq_linear: signs must be uint8 [out, row_nbytes]");
   ET_KERNEL_CHECK_MSG(ctx, codebook.dim() == 2 && mix1.dim() == 2 && mix2.dim() == 2, InvalidArgument, out,
                       "liftedge::lq_linear: codebook, mix1, mix2 must be 2-D");
+  if (!prepare_linear_out(ctx, "liftedge::lq_linear", x, in_scale.numel(), signs.size(0), out)) return out;
   bool ok = to_float(scale, f.scale) && to_float(in_scale, f.in_scale) && to_float(mix1, f.mix1) &&
             to_float(mix2, f.mix2) && to_float(block_scale, f.block_scale) && to_float(codebook, f.codebook);
   ET_KERNEL_CHECK_MSG(ctx, ok, InvalidArgument, out, "liftedge::lq_linear: factors must be float16 or float32");
@@ -73,7 +74,6 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
                       L.n1 * L.n2 == L.in_features &&
                       block_scale.numel() == (L.in_features + L.d - 1) / L.d,
                       InvalidArgument, out, "liftedge::lq_linear: inconsistent factor shapes");
-  if (!prepare_linear_out(ctx, "liftedge::lq_linear", x, L.in_features, L.out_features, out)) return out;
 
   const int64_t m = x.numel() / L.in_features;
   f.scratch.resize(lq_scratch_floats(&L, m, LQ_METHOD_MASK));
