@@ -43,7 +43,7 @@ from liftedge.packed import load_packed, save_packed
 from liftedge.quantize import GPTQConfig, IntConfig, default_sites, quantize_model
 from liftedge.quantize.liftquant import LiftQuantConfig
 from liftedge.quantize.pipeline import quantize_streaming
-from liftedge.text import calibration_tokens, protocol_text, read_text, tokenize
+from liftedge.text import bos_id, calibration_tokens, protocol_text, read_text, tokenize
 from liftedge.types import Rate
 
 PEER_METHODS = ("hqq", "ort", "palettize")  # benchmarks/peers.py
@@ -210,7 +210,7 @@ def run_one(args, shared: Shared, spec: str) -> dict:
             row["plan_options"] = counts
     reference = shared.base.model.to(args.device)
     result = evaluate(model or reference, shared.eval_ids, ctx=args.ctx, windows=args.windows,
-                      reference=None if model is None else reference)
+                      reference=None if model is None else reference, bos=bos_id(shared.base.tokenizer))
     row.update(ppl=result.ppl, kl=result.kl, tokens_scored=result.tokens_scored, windows=result.windows,
                ctx=result.ctx, total_seconds=round(time.perf_counter() - started, 1),
                peak_rss_mib=round(_peak_rss_mib(), 1))

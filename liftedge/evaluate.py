@@ -1,7 +1,8 @@
 """Quality of a model on a text: perplexity and KL divergence from a reference model.
 
 Owns the standard perplexity protocol on token ids (non-overlapping windows of `ctx` tokens,
-the tail dropped, every token after the first of its window scored) and the mean
+the tail dropped, every token after the first of its window scored; for a model trained with
+BOS, each window is BOS + `ctx - 1` text tokens, all of them scored) and the mean
 KL(P_ref || P_model) of next-token distributions over the same scored tokens, computed
 window by window so no more than one window's logits of each model are ever held.
 Does not own: reading or tokenizing the text (`text`), loading models (`model`, `packed`).
@@ -48,9 +49,9 @@ def _as_module(model) -> nn.Module:
     return model if isinstance(model, nn.Module) else model.model
 
 
-def count_windows(ntokens: int, ctx: int) -> int:
-    """How many whole non-overlapping windows of `ctx` tokens `ntokens` hold."""
-    return ntokens // ctx
+def count_windows(ntokens: int, ctx: int, bos: int | None = None) -> int:
+    """How many whole non-overlapping windows of `ctx` tokens `ntokens` hold (BOS included)."""
+    return ntokens // (ctx - 1 if bos is not None else ctx)
 
 
 def _check_ctx(model: nn.Module, ctx: int) -> None:
@@ -67,13 +68,18 @@ def _check_ctx(model: nn.Module, ctx: int) -> None:
 
 @torch.no_grad()
 def evaluate(model, token_ids: torch.Tensor, *, ctx: int = 2048, windows: int | None = None,
-             reference=None) -> EvalResult:
-    """Perplexity of `model` on `token_ids` [T] (and KL from `reference` when given)."""
+             reference=None, bos: int | None = None) -> EvalResult:
+    """Perplexity of `model` on `token_ids` [T] (and KL from `reference` when given).
+
+    `bos`: the BOS id (`text.bos_id`) for a model that expects one; each window is then BOS
+    followed by `ctx - 1` text tokens, and every text token is scored (ctx - 1 per window,
+    as without BOS)."""
     model = _as_module(model)
     reference = _as_module(reference) if reference is not None else None
     _check_ctx(model, ctx)
     token_ids = token_ids.reshape(-1)
-    available = count_windows(token_ids.numel(), ctx)
+    available = count_windows(token_ids.numel(), ctx, bos)
+    width = ctx - 1 if bos is not None else ctx
     if available == 0:
         raise LiftedgeError(f"the text gives {token_ids.numel()} tokens; one window of --ctx {ctx} needs {ctx}")
     if windows is not None and not 1 <= windows <= available:
@@ -82,7 +88,10 @@ def evaluate(model, token_ids: torch.Tensor, *, ctx: int = 2048, windows: int | 
     n_windows = windows or available
     nll_sum, kl_sum = 0.0, 0.0
     for w in progress(range(n_windows), desc="evaluate", unit="window"):
-        ids = token_ids[w * ctx : (w + 1) * ctx][None]
+        ids = token_ids[w * width : (w + 1) * width]
+        if bos is not None:
+            ids = torch.cat([ids.new_tensor([bos]), ids])
+        ids = ids[None]
         nll, kl = _score_window(model, reference, ids)
         nll_sum += nll
         kl_sum += kl

@@ -52,6 +52,39 @@ def protocol_text(raw: str) -> str:
     return "\n\n".join(rows)
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS id this tokenizer puts in front of text by its own setting, or None.
+
+    Follows the tokenizer, not a family list: `add_bos_token` in its config, a template
+    post-processor (Llama 3) or GGUF's `tokenizer.ggml.add_bos_token` all show up as the
+    first id of an encoding with special tokens. Models whose tokenizer adds BOS were
+    trained with it and are measured, calibrated and verified with it; the others
+    (SmolLM2, GPT-2, GPT-NeoX, Qwen) without.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # a tokenizer that cannot encode with special tokens adds none
+        return None
+    return int(bos) if ids and int(ids[0]) == int(bos) else None
+
+
+def protocol_name(tokenizer) -> str:
+    """How text is fed to this model: "bos" (each window/sample starts with BOS) or "no-bos"."""
+    return "bos" if bos_id(tokenizer) is not None else "no-bos"
+
+
+def with_bos(ids: Sequence[int], tokenizer) -> list[int]:
+    """`ids` with the tokenizer's BOS in front where the model expects one (never doubled)."""
+    bos = bos_id(tokenizer)
+    ids = [int(i) for i in ids]
+    if bos is None or (ids and ids[0] == bos):
+        return ids
+    return [bos, *ids]
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids of `text` as one LongTensor [T], without BOS or any other special token."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -66,7 +99,8 @@ def calibration_tokens(
     The files are joined by blank lines and tokenized once; the stream is cut into aligned
     non-overlapping windows (after a seeded shift smaller than one window) and `n_samples` of
     them are drawn without replacement. Disjoint windows keep any token from counting twice
-    in the statistics; the draw is deterministic per seed.
+    in the statistics; the draw is deterministic per seed. Where the tokenizer adds BOS,
+    each window holds `seq_len - 1` text tokens after BOS, as the model saw text in training.
     """
     if n_samples < 1 or seq_len < 2:
         raise CalibrationError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")
@@ -74,25 +108,32 @@ def calibration_tokens(
         raise CalibrationError("no calibration text files were given")
     text = "\n\n".join(read_text(p) for p in paths)
     ids = tokenize(tokenizer, text)
-    needed = n_samples * seq_len
+    bos = bos_id(tokenizer)
+    width = seq_len - 1 if bos is not None else seq_len
+    needed = n_samples * width
     if ids.numel() < needed:
         names = ", ".join(str(p) for p in paths)
         raise CalibrationError(
-            f"calibration needs {needed} tokens ({n_samples} samples x {seq_len} tokens) but "
+            f"calibration needs {needed} tokens ({n_samples} samples x {width} text tokens) but "
             f"{names} gave only {ids.numel()}; give more text or fewer/shorter samples"
         )
     gen = torch.Generator().manual_seed(seed)
-    n_windows = ids.numel() // seq_len
-    shift = int(torch.randint(0, ids.numel() - n_windows * seq_len + 1, (1,), generator=gen))
-    windows = ids[shift : shift + n_windows * seq_len].view(n_windows, seq_len)
+    n_windows = ids.numel() // width
+    shift = int(torch.randint(0, ids.numel() - n_windows * width + 1, (1,), generator=gen))
+    windows = ids[shift : shift + n_windows * width].view(n_windows, width)
     chosen = torch.randperm(n_windows, generator=gen)[:n_samples]
-    return windows[chosen].clone()
+    samples = windows[chosen].clone()
+    if bos is not None:
+        samples = torch.cat([torch.full((n_samples, 1), bos, dtype=torch.long), samples], dim=1)
+    return samples
 
 
-def describe_files(paths: Sequence[str | os.PathLike], n_samples: int, seq_len: int, seed: int = 0) -> dict[str, Any]:
+def describe_files(paths: Sequence[str | os.PathLike], n_samples: int, seq_len: int, seed: int = 0,
+                   tokenizer=None) -> dict[str, Any]:
     """What a report should record about calibration from the user's files (JSON-able)."""
     return {
         "source": "files",
+        "protocol": protocol_name(tokenizer) if tokenizer is not None else None,
         "files": [{"path": str(p), "sha256": sha256_file(p)} for p in paths],
         "n_samples": n_samples,
         "seq_len": seq_len,
@@ -138,6 +179,7 @@ def describe_generation(loaded, n_samples: int, seq_len: int, seed: int = 0,
     """What a report should record about data-free calibration (JSON-able)."""
     return {
         "source": "generated",
+        "protocol": protocol_name(loaded.tokenizer),
         "method": "temperature sampling from the model itself, batched with a KV cache",
         "start_token_id": start_token_id(loaded.tokenizer, loaded.model),
         "n_samples": n_samples,

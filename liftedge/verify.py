@@ -48,11 +48,14 @@ class Run:
 
 
 def prompt_ids(tokenizer, text: str = VERIFY_PROMPT) -> list[int]:
-    """The verification prompt as token ids (no special tokens: the same on every family)."""
+    """The verification prompt as token ids, after BOS where the tokenizer adds one
+    (`text.with_bos`: the model is verified on text as it was trained to see it)."""
+    from liftedge.text import with_bos
+
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ArtifactError("the verification prompt tokenizes to nothing")
-    return [int(i) for i in ids]
+    return with_bos(ids, tokenizer)
 
 
 def greedy(step: StepFn, prompt: list[int], new_tokens: int) -> Run:

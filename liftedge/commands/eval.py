@@ -91,7 +91,7 @@ def evaluate_file(spec: str, text_path: Path, ctx: int, windows: int | None,
                   reference_spec: str | None) -> dict[str, Any]:
     """Everything `liftedge eval` reports, as a JSON-able dict."""
     from liftedge.evaluate import evaluate
-    from liftedge.text import protocol_text, read_text, tokenize
+    from liftedge.text import bos_id, protocol_name, protocol_text, read_text, tokenize
 
     raw = read_text(text_path)  # fail on a bad path before loading any model
     loaded, sizes, default_ref, source_sha256 = _load_subject(spec)
@@ -99,9 +99,13 @@ def evaluate_file(spec: str, text_path: Path, ctx: int, windows: int | None,
     reference = _load_reference(reference_spec, source_sha256 if reference_spec == default_ref else None)
     ids = tokenize(loaded.tokenizer, protocol_text(raw))
     result = evaluate(loaded.model, ids, ctx=ctx, windows=windows,
-                      reference=reference.model if reference is not None else None)
+                      reference=reference.model if reference is not None else None,
+                      bos=bos_id(loaded.tokenizer))
+    bos_words = {"bos": "each window starts with BOS (the tokenizer adds one)",
+                 "no-bos": "no BOS (the tokenizer adds none)"}[protocol_name(loaded.tokenizer)]
     return {"model": str(spec), "text": str(text_path), "reference": reference_spec,
-            "protocol": "wikitext rows joined by blank lines, no BOS, non-overlapping windows",
+            "protocol": f"wikitext rows joined by blank lines, non-overlapping windows, {bos_words}",
+            "bos": protocol_name(loaded.tokenizer) == "bos",
             **result.to_dict(), **sizes}
 
 

@@ -70,7 +70,7 @@ def calibration(loaded, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     if args.calib:
         tokens = calibration_tokens(loaded.tokenizer, args.calib, args.samples, args.seq_len, args.seed)
-        return tokens, describe_files(args.calib, args.samples, args.seq_len, args.seed)
+        return tokens, describe_files(args.calib, args.samples, args.seq_len, args.seed, loaded.tokenizer)
     print(f"no --calib given: sampling {args.samples} x {args.seq_len} tokens from the model (data-free)", file=sys.stderr)
     tokens = generate_calibration_tokens(loaded, args.samples, args.seq_len, args.seed)
     return tokens, {**describe_generation(loaded, args.samples, args.seq_len, args.seed), "source": "data-free"}
