@@ -25,6 +25,6 @@ class RTNQuantizer:
         w = weight.detach().to(torch.float32)
         g = min(c.group_size, w.shape[1])
         scale, zero = group_grid(w, c.bits, g, c.symmetric)
-        cols = torch.arange(w.shape[1]) // g
+        cols = torch.arange(w.shape[1], device=w.device) // g
         codes = quantize_codes(w, scale[:, cols], zero[:, cols], c.bits)
         return encode_int(codes, scale, zero, c.bits, g, c.symmetric)

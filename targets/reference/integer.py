@@ -76,7 +76,7 @@ def decode_int(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     codes = unpack_codes(qt.tensors["codes"], bits, in_features)
     scale = qt.tensors["scale"].to(torch.float32)
     if m["symmetric"]:
-        zero = torch.full((out_features, ng), float(symmetric_zero(bits)))
+        zero = torch.full((out_features, ng), float(symmetric_zero(bits)), device=scale.device)
     else:
         zero = unpack_codes(qt.tensors["zero"], bits, ng).to(torch.float32)
     return codes, scale, zero
@@ -105,7 +105,7 @@ class IntFormat(Format):
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
         codes, scale, zero = decode_int(qt)
         g = qt.meta["group_size"]
-        cols = torch.arange(qt.meta["in_features"]) // g
+        cols = torch.arange(qt.meta["in_features"], device=scale.device) // g  # the tensors' device
         return (codes.to(torch.float32) - zero[:, cols]) * scale[:, cols]
 
     def dequantize_rows(self, qt: QuantizedTensor, rows: torch.Tensor) -> torch.Tensor:
