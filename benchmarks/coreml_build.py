@@ -9,7 +9,7 @@ examples/ios/verify_on_mac.py prints prefill time and decode tokens/s there.
 Load average before/after is recorded; `contended` is set when other processes were using
 the CPU (times are then upper bounds, not claims).
 
-    .venv/bin/python benchmarks/coreml_build.py [--pack /work/packs/smollm2-lq24-10] [--tokens 8]
+    .venv/bin/python benchmarks/coreml_build.py --pack PACK   (e.g. a pack from `liftedge quantize default --rate 24/10 -o PACK`) [--tokens 8]
 Writes benchmarks/results/coreml_<pack name>.json.
 """
 
@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pack", type=Path, default=Path("/work/packs/smollm2-lq24-10"))
+    parser.add_argument("--pack", type=Path, required=True, help="the LiftQuant pack folder to build")
     parser.add_argument("--tokens", type=int, default=8, help="greedy tokens verified (interpreter is slow)")
     parser.add_argument("--max-context", type=int, default=256)
     args = parser.parse_args()

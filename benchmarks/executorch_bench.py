@@ -16,7 +16,7 @@ the bytes read per decoded token (constant weights the decode touches: all linea
 head, one embedding row) and the bound bandwidth / bytes. Load average before/after each
 run is recorded and `contended` is set when another process was using the CPU.
 
-    .venv/bin/python benchmarks/executorch_bench.py [--pack /work/packs/smollm2-lq24-10]
+    .venv/bin/python benchmarks/executorch_bench.py --pack PACK   (e.g. a pack from `liftedge quantize default --rate 24/10 -o PACK`)
         [--prefill 64] [--decode 32] [--variants custom_op,fallback,fp32,8da4w]
 Writes benchmarks/results/executorch_bench.json and .md.
 """
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     from liftedge.targets.executorch import export
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pack", default="/work/packs/smollm2-lq24-10")
+    ap.add_argument("--pack", required=True, help="the LiftQuant pack folder to build")
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--max-context", type=int, default=256)

@@ -15,7 +15,7 @@ variant, the bytes the decode must read per token (initializers, minus tables on
 from) and the bound bandwidth / bytes. Load average is recorded around every run and
 `contended` is set when other processes were using the CPU (numbers then are not claims).
 
-    .venv/bin/python benchmarks/onnxruntime_bench.py [--pack /work/packs/smollm2-lq24-10]
+    .venv/bin/python benchmarks/onnxruntime_bench.py --pack PACK   (e.g. a pack from `liftedge quantize default --rate 24/10 -o PACK`)
         [--prefill 64] [--decode 32] [--threads 1] [--workdir /tmp/liftedge-ort-bench]
 Writes benchmarks/results/onnxruntime_bench.json and .md.
 """
@@ -202,7 +202,7 @@ def write_md(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pack", default="/work/packs/smollm2-lq24-10")
+    ap.add_argument("--pack", required=True, help="the LiftQuant pack folder to build")
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)

@@ -51,7 +51,7 @@ def pack_key(loaded, tokens: torch.Tensor, plan_options: dict[str, str], correct
 def planned_pack(loaded, tokens: torch.Tensor, calibration: dict[str, Any], plan_result, correction, *,
                  device: str = "cpu", seed: int = 0, finetune=None) -> Path:
     """The pack of `plan_result` (quantized now, or reused from the cache)."""
-    from liftedge.commands.lq import quantize_and_save
+    from liftedge.quantize.save import quantize_and_save
     from liftedge.planner import plan_configs
 
     plan = plan_result.plan

@@ -20,7 +20,7 @@ and a step sees one calibration sample. A fine-tune that does not lower the KL o
 calibration tokens is discarded, as a block correction that does not pay is.
 
 This module owns the teacher targets, the loss and the training loop; what to quantize and
-how the pack is written belong to the callers (`commands/lq.py`, `benchmarks/quality.py`).
+how the pack is written belong to the callers (`quantize/save.py`, `benchmarks/quality.py`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -152,15 +154,15 @@ def test_eval_command_on_a_pack_uses_its_source_as_reference(tiny_llama_dir, sam
     assert report["kl"] > 1e-5  # 2-bit weights move the distribution far above float32 noise
 
 
-WIKI_TEST = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+# The shared data folder sits beside the checkout (as in CI); LIFTEDGE_WIKITEXT names another copy.
+WIKI_TEST = os.environ.get("LIFTEDGE_WIKITEXT", str(Path(__file__).resolve().parents[2]
+                                                     / "shared/data/wikitext-2-raw/wiki.test.raw"))
 
 
 @pytest.mark.slow
 def test_smollm2_protocol_token_count_and_first_windows():
     # data/MODELS.md: 148 windows / 302,956 scored tokens at ctx 2048; the first 40 windows give
     # perplexity 20.38 (quoted to 2 decimals, hence the 0.01 tolerance). ~15 min on 2 CPU cores.
-    from pathlib import Path
-
     if not Path(WIKI_TEST).is_file():
         pytest.skip(f"{WIKI_TEST} is not on this machine")
     loaded = load_model("default")

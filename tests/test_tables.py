@@ -96,7 +96,7 @@ def llama_table(tmp_path_factory):
 @pytest.mark.parametrize("lam", [0.0, 0.4])
 def test_planned_pack_stores_exactly_the_planned_bytes(llama_table, tmp_path, lam):
     """plan -> configs -> quantize -> pack: the manifest's bytes are the plan's total, to the byte."""
-    from liftedge.commands.lq import quantize_and_save
+    from liftedge.quantize.save import quantize_and_save
 
     loaded, sens = llama_table
     dims = ModelDims(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=320)

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.method == "liftquant":
         from liftedge.commands import lq
+        from liftedge.quantize.save import quantize_and_save
 
         config, correction = lq.configs_from_args(args)
         finetune = lq.finetune_from_args(args)
@@ -90,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
         from liftedge.quantize import default_sites
 
         configs = {s.name: config for s in default_sites(loaded.model)}
-        manifest = lq.quantize_and_save(loaded, tokens, calib, configs, correction, args.output, force=args.force,
-                                        device=args.device, finetune=finetune)
+        manifest = quantize_and_save(loaded, tokens, calib, configs, correction, args.output, force=args.force,
+                                     device=args.device, finetune=finetune)
         lq.print_written(args.output, manifest, str(config.rate), correction)
         return 0
     if args.bits is None or args.rate is not None or args.bits != int(args.bits):
