@@ -3,7 +3,8 @@
 Each sub-command lives in `liftedge.commands.<name>` and exposes
 `register(subparsers)`, which adds its parser and sets `func(args) -> int`. Work is done by
 the library modules those functions call. A `LiftedgeError` becomes one line on stderr and
-exit status 2; `--debug` shows the traceback instead.
+exit status 2; `--debug` shows the traceback instead. Third-party noise is off unless
+`--verbose` (`liftedge.quiet`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib
 import logging
 import sys
 
-from liftedge import __version__
+from liftedge import __version__, quiet
 from liftedge.errors import LiftedgeError
 
 # Order is the order of `liftedge --help`.
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"liftedge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show what the libraries liftedge drives print (warnings, logs, native lines)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet.quiet_python(verbose=args.verbose or args.debug)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
@@ -61,5 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `liftedge` console script: `main` with native stderr noise filtered (unless --verbose)."""
+    argv = sys.argv[1:]
+    if "--verbose" not in argv and "--debug" not in argv:
+        quiet.filter_native_stderr()
+    sys.exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

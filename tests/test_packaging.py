@@ -64,7 +64,7 @@ def test_wheel_holds_mapped_folders_and_data(wheel):
 
 def test_console_script_is_declared(wheel):
     (entry,) = [n for n in wheel.namelist() if n.endswith("entry_points.txt")]
-    assert "liftedge = liftedge.cli:main" in wheel.read(entry).decode()
+    assert "liftedge = liftedge.cli:entry" in wheel.read(entry).decode()
 
 
 def test_build_prints_no_setuptools_warnings(tmp_path):

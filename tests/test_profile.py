@@ -245,3 +245,30 @@ def test_host_bandwidth_is_measured_once(shared_cache):
     first, second = host_bandwidth_gbs("read"), host_bandwidth_gbs("read")
     assert second["cached"] and second["gbps"] == first["gbps"] > 0
     assert peak_rss_nbytes() > 0
+
+
+def _console(args: list, env_cache) -> str:
+    """stderr of the installed `liftedge` console script (the way a user runs it)."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("liftedge")
+    env = {**os.environ, "LIFTEDGE_CACHE": str(env_cache), "LIFTEDGE_NO_PROGRESS": "1"}
+    done = subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+# Lines the libraries liftedge drives print on their own (issue 17 §5): the ExecuTorch runtime's
+# native CPU probing, torch's `W...` log lines, Python warnings, torchao's load failures.
+NOISE = ("[cpuinfo_utils.cpp:", "_pytree.py", "Warning:", "UserWarning", "FutureWarning", "Failed to load")
+
+
+def test_console_is_quiet_by_default_and_verbose_shows_the_libraries(et_dir, shared_cache, tmp_path):
+    args = ["profile", et_dir, *ARGS, "--repeats", 1, "--max-context", MAX_CONTEXT, "--device", "pixel-8a"]
+    quiet = _console([*args, "-o", tmp_path / "quiet"], shared_cache)
+    assert [line for line in quiet.splitlines() if any(n in line for n in NOISE)] == []
+    verbose = _console(["--verbose", *args, "-o", tmp_path / "verbose"], shared_cache)
+    # In this VM ExecuTorch always reports its CPU probing; --verbose must let it through.
+    assert "[cpuinfo_utils.cpp:" in verbose
