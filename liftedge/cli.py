@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from liftedge import __version__, quiet
 from liftedge.errors import LiftedgeError
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    _terminate_as_exception()
     try:
         return int(args.func(args) or 0)
     except LiftedgeError as exc:
@@ -63,6 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("liftedge: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
+    except Terminated:
+        print("liftedge: terminated; no partial output was left behind", file=sys.stderr)
+        return 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that every cleanup (temporary folders, locks) runs."""
+
+
+def _terminate_as_exception() -> None:
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def entry() -> None:

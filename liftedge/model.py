@@ -124,7 +124,7 @@ def _load_gguf_via_float_copy(gguf: Path, source: str, file_sha256: str) -> Load
 
 def _save_float_copy(loaded: LoadedModel, folder: Path) -> None:
     try:
-        with atomic_output_dir(folder, force=True) as tmp:
+        with atomic_output_dir(folder, kind="float-copy", owned=True) as tmp:
             loaded.model.save_pretrained(tmp)
             loaded.tokenizer.save_pretrained(tmp)
     except OSError as exc:  # a full disk costs speed next time, nothing else

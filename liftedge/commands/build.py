@@ -39,15 +39,20 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from liftedge.commands import claimed_output
+
+    with claimed_output(args):  # checked and locked before the long work, held to the end
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from liftedge.build import check_pack_fits, is_pack, planned_pack
-    from liftedge.io import check_destination
     from liftedge.lowering import build_artifact
     from liftedge.memory import ModelDims
     from liftedge.model import load_model
     from liftedge.planner import make_plan
     from liftedge.sizes import format_size
 
-    check_destination(args.output, args.force)  # fail before the long work
     request = budget_request(args)
     runtime = args.runtime or (request.device.default_runtime if request.device else "executorch")
     request = dataclasses.replace(request, runtime=runtime)  # the plan takes only options this runtime lowers

@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     add_budget_arguments(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", type=Path, default=None, help="also write the plan JSON to this file")
+    p.add_argument("--force", action="store_true", help="replace an existing plan file written by liftedge")
     p.set_defaults(func=run)
 
 
@@ -34,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from liftedge.planner import make_plan
 
     request = budget_request(args)  # bad device / RAM / budget fails before the model loads
+    if args.output is not None:
+        check_plan_output(args)
     loaded = load_model(args.model)
     _, _, sens = calibration_and_sensitivity(loaded, args)
     result = make_plan(sens, ModelDims.from_config(loaded.config), request)
@@ -45,6 +48,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_plan(result)
     return 0
+
+
+def check_plan_output(args: argparse.Namespace) -> None:
+    """`-o FILE` may be new, or (with --force) a plan file liftedge wrote; nothing else."""
+    from liftedge.commands import command_inputs
+    from liftedge.errors import ArtifactError
+    from liftedge.io import check_not_an_input, read_json_object
+
+    out = args.output
+    check_not_an_input(out, command_inputs(args))
+    if out.is_dir():
+        raise ArtifactError(f"-o {out} is a folder; give the plan file's name (e.g. {out / 'plan.json'})")
+    if not out.exists():
+        return
+    if not args.force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    try:
+        data = read_json_object(out, ArtifactError, f"{out} is not a file")
+    except ArtifactError:
+        data = {}
+    if not {"plan", "memory", "request"} <= set(data):
+        raise ArtifactError(f"{out} is not a plan liftedge wrote; --force replaces only those")
 
 
 def print_plan(result) -> None:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from liftedge.profile.artifact import resolve
     from liftedge.profile.html import render_html
     from liftedge.profile.report import format_text
-    from liftedge.profile.run import ProfileRequest, profile_artifact
+    from liftedge.profile.run import ProfileRequest
     from liftedge.progress import progress
 
     req = ProfileRequest(artifact=args.artifact, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                          ort_profile=args.ort_profile, pack=args.pack, max_context=args.max_context,
                          threads=args.threads, host_bound=args.host_bound)
     out = args.output or resolve(args.artifact).folder
-    report = profile_artifact(req, out, progress=progress)
+    report = _profile_in_scratch(req, out, progress)
     atomic_write_json(out / "profile.json", report)
     written = [out / "profile.json"]
     if args.html:
@@ -72,3 +72,32 @@ def run(args: argparse.Namespace) -> int:
         print(format_text(report))
         print("wrote " + ", ".join(str(w) for w in written))
     return 0
+
+
+def _profile_in_scratch(req, out: Path, progress) -> dict:
+    """Run the profile in a scratch folder inside `out`; its raw files (ETDump, ORT profile) move
+    into `out` only when the run succeeded, so a failed run leaves nothing behind."""
+    import os
+    import shutil
+    import tempfile
+
+    from liftedge.errors import ArtifactError
+    from liftedge.profile.run import profile_artifact
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".profile-", dir=out))
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        report = profile_artifact(req, scratch, progress=progress)
+        for item in scratch.iterdir():
+            os.replace(item, out / item.name)
+        return report
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -77,6 +77,13 @@ def calibration(loaded, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from liftedge.commands import claimed_output
+
+    with claimed_output(args):  # checked and locked before the long work, held to the end
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from liftedge.errors import LiftedgeError
     from liftedge.model import load_model
 
