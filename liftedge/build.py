@@ -20,19 +20,9 @@ from typing import Any
 import torch
 
 from liftedge.cache import cache_path
+from liftedge.packed import is_pack
 
 log = logging.getLogger(__name__)
-
-
-def is_pack(path: str | Path) -> bool:
-    """True if `path` is a liftedge pack folder (its manifest says so)."""
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == "liftedge-pack"
-    except (OSError, ValueError):
-        return False
 
 
 def pack_key(loaded, tokens: torch.Tensor, plan_options: dict[str, str], correction, finetune=None) -> str:

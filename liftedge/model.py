@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import re
 import logging
 import math
 import struct
@@ -140,7 +142,8 @@ def _load_hf_dir(folder: Path, dtype: torch.dtype, source: str | None = None,
     config = _read_json(folder / "config.json", what="the model configuration")
     _refuse_remote_code(folder, config)
     family = _check_family(config.get("model_type"), folder / "config.json")
-    weights = _safetensors_files(folder)
+    weights, shapes = _safetensors_files(folder)
+    check_config_matches_tensors(config, shapes, str(folder / "config.json"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = _call(f"transformers could not load the model in {folder}", AutoModelForCausalLM.from_pretrained,
@@ -191,14 +194,20 @@ def _check_family(model_type: str | None, where: Path | str) -> str:
     return model_type
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The weight files (index first, then shards), each checked to be complete."""
+def _safetensors_files(folder: Path) -> tuple[list[Path], dict[str, tuple[int, ...]]]:
+    """The weight files (index first, then shards), each checked to be complete, and every tensor's shape."""
     index = folder / INDEX_NAME
     if index.is_file():
         weight_map = _read_json(index, what="the safetensors shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index} has no 'weight_map' of tensor names to shard files")
-        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
+        outside = [n for n in names if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts
+                   or Path(n).name != n]
+        if outside:
+            raise ModelLoadError(f"{index} names shard files outside {folder}: {outside[:3]}; shards must be plain "
+                                 "file names in the model folder")
+        shards = [folder / name for name in names]
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
             raise ModelLoadError(f"{index.name} lists shard(s) missing from {folder}: {', '.join(missing)}")
@@ -208,13 +217,14 @@ def _safetensors_files(folder: Path) -> list[Path]:
         if not shards:
             raise ModelLoadError(f"missing weights in {folder}: no model.safetensors (or {INDEX_NAME} + shards)")
         files = shards
+    shapes: dict[str, tuple[int, ...]] = {}
     for shard in shards:
-        _check_safetensors(shard)
-    return files
+        shapes.update(_check_safetensors(shard))
+    return files, shapes
 
 
-def _check_safetensors(path: Path) -> None:
-    """Check the header of a safetensors file and that its data is all there."""
+def _check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """Check the header of a safetensors file and that its data is all there; return the shapes."""
     file_nbytes = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -230,6 +240,64 @@ def _check_safetensors(path: Path) -> None:
     expected = 8 + header_nbytes + data_nbytes
     if file_nbytes < expected:
         raise ModelLoadError(f"{path.name} is truncated: its header needs {expected} bytes, the file has {file_nbytes}")
+    return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+# Decoder-block tensors are named "...layers.N." (Llama, Qwen, Mistral, Gemma, GPT-NeoX) or "...h.N." (GPT-2).
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+_EMBEDDING = re.compile(r"(?:embed_tokens|wte|embed_in)\.weight$")
+
+
+def peek_max_positions(spec: str | os.PathLike) -> int | None:
+    """The positions a model folder's (or pack's) config.json was made for, read without loading
+    anything else; None where no config says (GGUF files, the default model, unreadable configs)."""
+    path = Path(str(spec))
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None or not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the loader reports a broken config with its own words
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = text.get(key, config.get(key))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_config_matches_tensors(config: dict, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Refuse a config.json that does not describe the checkpoint's tensors, before any model is
+    built from it (an absurd `num_hidden_layers` would otherwise allocate until killed)."""
+    sizes = {"num_hidden_layers": config.get("num_hidden_layers", config.get("n_layer")),
+             "hidden_size": config.get("hidden_size", config.get("n_embd")),
+             "vocab_size": config.get("vocab_size")}
+    text = config.get("text_config")  # Gemma 3 multimodal configs nest the decoder's sizes
+    if isinstance(text, dict):
+        sizes = {k: text.get(k, v) for k, v in sizes.items()}
+    for key, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelLoadError(f"{where}: {key} must be a positive integer, got {value!r}")
+    blocks = {int(m.group(1)) for name in shapes if (m := _BLOCK_INDEX.search(name))}
+    layers = sizes["num_hidden_layers"]
+    if blocks and layers is not None and blocks != set(range(layers)):
+        raise ModelLoadError(f"{where}: num_hidden_layers is {layers} but the checkpoint's tensors hold "
+                             f"{len(blocks)} decoder blocks (0..{max(blocks)}); config and weights do not match")
+    embedding = next((shape for name, shape in shapes.items() if _EMBEDDING.search(name)), None)
+    if embedding is not None and len(embedding) == 2:
+        for key, dim, what in (("vocab_size", 0, "rows"), ("hidden_size", 1, "columns")):
+            if sizes[key] is not None and embedding[dim] != sizes[key]:
+                raise ModelLoadError(f"{where}: {key} is {sizes[key]} but the token embedding has "
+                                     f"{embedding[dim]} {what}; config and weights do not match")
+
+
+def check_tokenizer_fits(tokenizer, n_embeddings: int, where: str, error=ModelLoadError) -> None:
+    """Refuse a tokenizer that can produce ids past the model's embedding table."""
+    n = len(tokenizer)
+    if n > n_embeddings:
+        raise error(f"{where}: the tokenizer has {n} tokens but the model's embedding only {n_embeddings} "
+                    "rows; the tokenizer files do not belong to this model")
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -272,8 +340,8 @@ def _check_gguf(path: Path) -> str:
     file_nbytes = path.stat().st_size
     try:
         arch, needed_nbytes = _read_gguf_header(path)
-    except (struct.error, UnicodeDecodeError, KeyError, ValueError) as exc:
-        raise ModelLoadError(f"{path} has a truncated or corrupt GGUF header: {exc}") from exc
+    except (struct.error, UnicodeDecodeError, KeyError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path} has a truncated or corrupt GGUF header: {exc}") from None
     if file_nbytes < needed_nbytes:
         raise ModelLoadError(f"{path} is truncated: its header needs {needed_nbytes} bytes, the file has {file_nbytes}")
     if arch not in GGUF_ARCHITECTURES:
@@ -287,11 +355,14 @@ def _read_gguf_header(path: Path) -> tuple[str | None, int]:
     """`general.architecture` and the file length that the tensor table implies."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    file_nbytes = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)
         if magic != b"GGUF":
             raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
         _version, n_tensors, n_kv = _gguf_unpack(f, "<I"), _gguf_unpack(f, "<Q"), _gguf_unpack(f, "<Q")
+        # every entry takes bytes of the file: a count beyond its length is corrupt, not a long loop
+        _gguf_check_count(n_tensors + n_kv, file_nbytes, "header entries")
         meta = {}
         for _ in range(n_kv):
             key, value_type = _gguf_read_string(f), _gguf_unpack(f, "<I")
@@ -302,10 +373,15 @@ def _read_gguf_header(path: Path) -> tuple[str | None, int]:
         data_nbytes = 0
         for _ in range(n_tensors):
             _gguf_read_string(f)
-            dims = [_gguf_unpack(f, "<Q") for _ in range(_gguf_unpack(f, "<I"))]
+            n_dims = _gguf_unpack(f, "<I")
+            if n_dims > 8:
+                raise ValueError(f"a tensor with {n_dims} dimensions")
+            dims = [_gguf_unpack(f, "<Q") for _ in range(n_dims)]
             block, block_nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(_gguf_unpack(f, "<I"))]
             data_nbytes = max(data_nbytes, _gguf_unpack(f, "<Q") + math.prod(dims) // block * block_nbytes)
         align = meta.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1) or align > 1 << 20:
+            raise ValueError(f"general.alignment must be a power of two, got {align!r}")
         data_start = -(-f.tell() // align) * align
     return meta.get("general.architecture"), data_start + data_nbytes
 
@@ -321,11 +397,17 @@ def _gguf_read_string(f) -> str:
     return f.read(nbytes).decode("utf-8")
 
 
+def _gguf_check_count(count: int, file_nbytes: int, what: str) -> None:
+    if count > file_nbytes:
+        raise ValueError(f"{count} {what} in a file of {file_nbytes} bytes")
+
+
 def _gguf_skip_value(f, value_type: int) -> None:
     if value_type == _GGUF_STRING:
         f.seek(_gguf_unpack(f, "<Q"), 1)
     elif value_type == _GGUF_ARRAY:
         item_type, count = _gguf_unpack(f, "<I"), _gguf_unpack(f, "<Q")
+        _gguf_check_count(count, os.fstat(f.fileno()).st_size, "array items")
         if item_type in _GGUF_SCALARS:
             f.seek(count * struct.calcsize(_GGUF_SCALARS[item_type]), 1)
         else:
@@ -387,6 +469,7 @@ def _finish(loaded, tokenizer, family: str, source: str, source_hash: str) -> Lo
     if info.get("mismatched_keys"):
         raise ModelLoadError(f"{source}: weights with the wrong shape for config.json: {info['mismatched_keys'][:5]}")
     model.eval().requires_grad_(False)
+    check_tokenizer_fits(tokenizer, model.get_input_embeddings().num_embeddings, source)
     _check_finite(model, source)
     log.info("loaded %s (%s, %d parameters)", source, family, sum(p.numel() for p in model.parameters()))
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source, source_hash=source_hash)

@@ -85,7 +85,7 @@ def save_packed(path: str | os.PathLike, loaded, qtensors: Mapping[str, Quantize
         "format": PACK_FORMAT,
         "version": PACK_VERSION,
         "liftedge_version": __version__,
-        "source": {"path": str(loaded.source), "sha256": loaded.source_hash, "family": loaded.family},
+        "source": {"path": _absolute_source(loaded.source), "sha256": loaded.source_hash, "family": loaded.family},
         "quantizer": quantizer,
         "calibration": calibration,
         "plan": plan,
@@ -96,10 +96,20 @@ def save_packed(path: str | os.PathLike, loaded, qtensors: Mapping[str, Quantize
         _write_weights(tmp / WEIGHTS_NAME, tensors)
         model.config.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        # The weights' hash in the manifest: a weights file swapped in from another pack of the
+        # same shape, or damaged on disk, is refused on load (`read_weights`).
+        manifest["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     log.info("wrote pack %s (%d quantized sites, %.3f bits/weight)", path, len(qtensors),
              manifest["totals"]["bits_per_weight"])
     return manifest
+
+
+def _absolute_source(source) -> str:
+    """The source model as an absolute path (a relative one would later be read from another
+    folder), or liftedge's own name for the built-in default ("default:NAME")."""
+    text = str(source)
+    return text if text.startswith("default:") else str(Path(text).absolute())
 
 
 def _check_sites(qtensors: Mapping[str, QuantizedTensor], sites: Mapping[str, Site]) -> None:
@@ -187,6 +197,12 @@ def _write_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- reading
 
 
+def is_pack(path: str | os.PathLike) -> bool:
+    """True if `path` is a folder holding a pack manifest. A corrupt manifest still makes it a pack:
+    reading it then says "corrupt pack" rather than treating the folder as a model."""
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the pack at `path`, checked for format and version."""
     file = Path(path) / MANIFEST_NAME
@@ -200,20 +216,60 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("sites", "totals", "source"):
         if not isinstance(manifest.get(key), dict):
             raise ArtifactError(f"{file} lacks its {key!r} section; the pack is corrupt")
+    _check_manifest_schema(manifest, file)
     return manifest
 
 
+# What every reader of a manifest relies on: field -> accepted JSON types.
+_SITE_FIELDS = {"method": str, "fmt": str, "meta": dict, "kind": str, "shape": list, "nbytes": int, "tensors": dict}
+_TOTAL_FIELDS = ("quantized_sites", "quantized_nbytes", "nbytes", "linear_numel", "linear_nbytes",
+                 "bits_per_weight", "numel")
+
+
+def _check_manifest_schema(manifest: dict[str, Any], file: Path) -> None:
+    """Refuse a manifest whose sites or totals are not what liftedge wrote (one line, not a traceback)."""
+    for name, entry in manifest["sites"].items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{file}: site {name} is a {type(entry).__name__}, not an object; the pack is corrupt")
+        for field, kind in _SITE_FIELDS.items():
+            if not isinstance(entry.get(field), kind) or isinstance(entry.get(field), bool):
+                raise ArtifactError(f"{file}: site {name} lacks a valid {field!r} ({kind.__name__}); "
+                                    "the pack is corrupt")
+        shape = entry["shape"]
+        if len(shape) != 2 or not all(isinstance(v, int) and v > 0 for v in shape):
+            raise ArtifactError(f"{file}: site {name} has shape {shape!r}; the pack is corrupt")
+    for field in _TOTAL_FIELDS:
+        value = manifest["totals"].get(field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ArtifactError(f"{file}: totals.{field} is {value!r}, not a number; the pack is corrupt")
+    if not isinstance(manifest["source"].get("path"), str):
+        raise ArtifactError(f"{file}: source.path is missing; the pack is corrupt")
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the pack's weights.safetensors, as stored."""
+    """Every tensor of the pack's weights.safetensors, as stored: checked against the manifest's
+    SHA-256 (packs written since it was recorded) and for non-finite values."""
     file = Path(path) / WEIGHTS_NAME
     if not file.is_file():
         raise ArtifactError(f"{file} not found; the pack is incomplete")
+    expected = read_manifest(path).get("weights_sha256")
+    if expected is not None and sha256_file(file) != expected:
+        raise ArtifactError(f"{file} is not the weights file this pack's manifest was written with (SHA-256 "
+                            "differs): replaced or damaged; rebuild the pack")
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except Exception as exc:  # safetensors raises its own error types for truncation/corruption
         raise ArtifactError(f"{file} cannot be read ({type(exc).__name__}: {exc}); the pack is corrupt") from None
+    for name, tensor in tensors.items():
+        # a finite sum proves every element finite; only a non-finite one needs the element test
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float().sum()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ArtifactError(f"{file}: tensor {name} has {bad} non-finite values (NaN or Inf); "
+                                    "the pack is corrupt")
+    return tensors
 
 
 def read_quantized(path: str | os.PathLike, manifest: dict[str, Any] | None = None,
@@ -245,30 +301,39 @@ def read_quantized(path: str | os.PathLike, manifest: dict[str, Any] | None = No
 
 def load_packed(path: str | os.PathLike):
     """Rebuild the quantized model of a pack as a `LoadedModel` (reference modules, float32)."""
-    from liftedge.model import LoadedModel
+    from liftedge.model import LoadedModel, check_tokenizer_fits
 
     path = Path(path)
     manifest = read_manifest(path)
     tensors = read_weights(path)
     qtensors = read_quantized(path, manifest, tensors)
-    model = _build_model(path)
+    model = _build_model(path, {k: tuple(v.shape) for k, v in tensors.items()})
     fields = {f"{n}.{f}" for n, qt in qtensors.items() for f in qt.tensors}
     params = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items() if k not in fields}
     _load_parameters(model, params, set(qtensors), path / WEIGHTS_NAME)
     install_reference_modules(model, qtensors)
     model.eval().requires_grad_(False)
     tokenizer = _load_tokenizer(path)
+    check_tokenizer_fits(tokenizer, model.config.get_text_config().vocab_size, str(path), error=ArtifactError)
     source_hash = sha256_text(PACK_FORMAT, sha256_file(path / MANIFEST_NAME), sha256_file(path / WEIGHTS_NAME))
     return LoadedModel(model=model, tokenizer=tokenizer, family=manifest["source"].get("family"),
                        source=str(path), source_hash=source_hash)
 
 
-def _build_model(path: Path) -> torch.nn.Module:
+def _build_model(path: Path, shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from liftedge.errors import ModelLoadError
+    from liftedge.model import check_config_matches_tensors
 
     file = path / "config.json"
     if not file.is_file():
         raise ArtifactError(f"{file} not found; the pack is incomplete")
+    raw = read_json_object(file, ArtifactError, f"{file} not found", "; the pack is corrupt")
+    try:
+        check_config_matches_tensors(raw, shapes, str(file))
+    except ModelLoadError as exc:
+        raise ArtifactError(str(exc)) from None
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:
@@ -312,7 +377,14 @@ def install_reference_modules(model: torch.nn.Module, qtensors: Mapping[str, Qua
 
     sites = {s.name: s for s in list_sites(model)}  # before any swap: tying is read from the weights
     for name, qt in qtensors.items():
+        if name not in sites:
+            raise ArtifactError(f"the pack quantizes {name}, which is not a site of its model; corrupt pack")
         old = model.get_submodule(name)
+        site = sites[name]
+        packed_shape = (qt.meta.get("out_features"), qt.meta.get("in_features"))
+        if packed_shape != (site.out_features, site.in_features):
+            raise ArtifactError(f"the pack's site {name} is {packed_shape[0]} x {packed_shape[1]} but the model's "
+                                f"layer is {site.out_features} x {site.in_features}; pack and config do not match")
         if name in sites and sites[name].kind == "embedding":
             scale = getattr(old, "embed_scale", None)
             emb = make_embedding(qt, None if scale is None else float(scale))

@@ -62,6 +62,17 @@ class BudgetRequest:
         if not given and (self.device is None or self.device.ram_nbytes is None):
             raise LiftedgeError("give a budget: --target with --ram (generic profiles), or --lambda, --bits or "
                                 "--weights-budget")
+        # Ranges are checked here, before any model is loaded or measured.
+        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
+            raise LiftedgeError(f"--lambda must be between 0 (smallest plan) and 1 (most precise), got {self.lam:g}")
+        if self.bits is not None and not 1.0 <= self.bits <= 16.0:
+            raise LiftedgeError(f"--bits is the average stored bits per weight, between 1 and 16; got {self.bits:g}")
+        if self.weights_budget is not None and self.weights_budget <= 0:
+            raise LiftedgeError(f"--weights-budget must be positive, got {self.weights_budget}")
+        if self.context is not None and not 1 <= self.context <= 1 << 20:
+            raise LiftedgeError(f"--context must be between 1 and {1 << 20} tokens, got {self.context}")
+        if self.kv_bits not in (4, 8, 16, 32):
+            raise LiftedgeError(f"--kv-bits must be 4, 8, 16 or 32, got {self.kv_bits}")
 
     @property
     def explicit(self) -> bool:

@@ -32,9 +32,12 @@ def read_text(path: str | os.PathLike) -> str:
         raise LiftedgeError(f"text file {path} does not exist (give a plain UTF-8 text file)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
+            text = f.read()
     except UnicodeDecodeError as exc:
         raise LiftedgeError(f"text file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not text.replace("\x00", "").strip():
+        raise CalibrationError(f"text file {path} holds no text (empty, blank or NUL bytes only)")
+    return text
 
 
 def protocol_text(raw: str) -> str:

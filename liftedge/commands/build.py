@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from liftedge.build import check_pack_fits, is_pack, planned_pack
+    from liftedge.build import check_pack_fits, planned_pack
+    from liftedge.packed import is_pack
     from liftedge.lowering import build_artifact
     from liftedge.memory import ModelDims
     from liftedge.model import load_model
@@ -54,6 +55,9 @@ def _run(args: argparse.Namespace) -> int:
     from liftedge.sizes import format_size
 
     request = budget_request(args)
+    from liftedge.commands import check_calibration_arguments
+
+    check_calibration_arguments(args)  # every option checked before a model or pack is read
     runtime = args.runtime or (request.device.default_runtime if request.device else "executorch")
     request = dataclasses.replace(request, runtime=runtime)  # the plan takes only options this runtime lowers
     extra = {}

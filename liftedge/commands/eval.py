@@ -40,19 +40,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def is_pack(path: str | Path) -> bool:
-    """A folder is a liftedge pack iff its manifest.json says format "liftedge-pack"."""
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == PACK_FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-
-
 def _load_subject(spec: str):
     """(loaded model, weight size fields, default reference spec) for MODEL_OR_PACK."""
+    from liftedge.packed import is_pack
+
     if is_pack(spec):
         from liftedge.packed import load_packed, read_manifest
 
@@ -77,13 +68,19 @@ def _source_spec(path: str) -> str:
 
 
 def _load_reference(spec: str | None, expected_sha256: str | None):
+    """The reference model; the pack's recorded source must still be the model it was made from."""
     if spec is None:
         return None
+    from liftedge.errors import LiftedgeError
     from liftedge.model import load_model
 
+    if expected_sha256 and spec != "default" and not Path(spec).exists():
+        raise LiftedgeError(f"the pack's source model {spec} is not there any more; pass --reference MODEL "
+                            "to compute KL against it")
     reference = load_model(spec)
     if expected_sha256 and expected_sha256 != reference.source_hash:
-        log.warning("reference %s does not match the hash the pack recorded for its source", spec)
+        raise LiftedgeError(f"{spec} is not the model this pack was quantized from (its SHA-256 differs from "
+                            "the one the pack recorded); pass --reference MODEL to compare against it anyway")
     return reference
 
 

@@ -62,6 +62,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LiftQuantConfig, Correc
     """The layer config (rate and ablation switches) and the correction config, validated."""
     if (args.rate is None) == (args.bits is None):
         raise LiftedgeError("liftquant needs exactly one of --rate D/d or --bits B")
+    if args.rate is not None:
+        from liftedge.commands import check_shipped_rate
+
+        check_shipped_rate(args.rate)
     try:
         rate = Rate.parse(args.rate) if args.rate is not None else rate_for_bits(args.bits)
     except ValueError as exc:

@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     request = budget_request(args)  # bad device / RAM / budget fails before the model loads
     if args.output is not None:
         check_plan_output(args)
+    from liftedge.commands import check_calibration_arguments
+
+    check_calibration_arguments(args)
     loaded = load_model(args.model)
     _, _, sens = calibration_and_sensitivity(loaded, args)
     result = make_plan(sens, ModelDims.from_config(loaded.config), request)

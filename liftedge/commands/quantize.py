@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from liftedge.errors import LiftedgeError
     from liftedge.model import load_model
+    from liftedge.commands import check_calibration_arguments
+
+    check_calibration_arguments(args)
 
     if args.method == "liftquant":
         from liftedge.commands import lq

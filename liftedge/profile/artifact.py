@@ -61,6 +61,8 @@ def resolve(artifact: str | Path) -> Artifact:
     if path.suffix not in RUNTIME_OF_SUFFIX:
         raise ArtifactError(f"cannot tell the runtime of {path.name}: expected .pte (ExecuTorch), .onnx or .ort "
                             "(ONNX Runtime)")
+    if path.suffix == ".pte":
+        check_pte_header(path)
     report = None
     if (path.parent / "report.json").is_file():
         try:
@@ -68,6 +70,16 @@ def resolve(artifact: str | Path) -> Artifact:
         except (OSError, json.JSONDecodeError):
             report = None
     return Artifact(path, RUNTIME_OF_SUFFIX[path.suffix], path.parent, report)
+
+
+def check_pte_header(path: Path) -> None:
+    """Refuse a file that is not an ExecuTorch program before the runtime sees it (the runtime
+    aborts the whole process on some malformed input instead of raising)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    ident = head[4:8]
+    if len(head) < 8 or ident[:2] != b"ET" or not ident[2:].isdigit():
+        raise ArtifactError(f"{path} is not an ExecuTorch program (no 'ETnn' flatbuffer identifier at byte 4)")
 
 
 @dataclass(frozen=True)
@@ -89,9 +101,13 @@ def _from_config(config_json: Path) -> ModelShape | None:
 
     if not config_json.is_file():
         return None
-    config = json.loads(config_json.read_text(encoding="utf-8"))
-    text = config.get("text_config") or config
-    dims = ModelDims.from_config(text)
+    try:
+        config = json.loads(config_json.read_text(encoding="utf-8"))
+        text = config.get("text_config") or config
+        dims = ModelDims.from_config(text)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ArtifactError(f"{config_json} (named by the artifact's report) is not a usable model config "
+                            f"({type(exc).__name__}: {exc}); pass --pack or --max-context") from None
     tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
     return ModelShape(dims.layers, dims.kv_heads, dims.head_dim, dims.vocab, dims.hidden, tied)
 
