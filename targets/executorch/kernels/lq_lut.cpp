@@ -24,8 +24,8 @@ constexpr int ROWS = LQ_LUT_TILE_ROWS;
 // Largest |q|: two planes keep hi = (q + 128) >> 8 within int8's [-127, 127].
 constexpr float QMAX_TWO_PLANE = 127.0f * 256.0f;
 constexpr float QMAX_INT8 = 127.0f;
-// Groups summed in int16 lanes before widening to int32: each lane takes at most one lookup
-// (|v| <= 128) per group (NEON) or per two groups (AVX2), so 255 lookups fit; 128 leaves 2x.
+// Lookups summed in 16-bit lanes before widening to int32: each lane takes at most one byte
+// (<= 255) per group (NEON) or per two groups (AVX2); 128 of them stay below 2^15.
 constexpr int64_t CHUNK_LOOKUPS = 128;
 
 inline int planes(int mode) { return mode == LQ_LUT_INT8 ? 1 : 2; }
@@ -36,13 +36,17 @@ bool valid(const lq_layer* L) {
          L->block_scale && L->codebook;
 }
 
-// Accumulated lookups of one tile of 32 rows for one token: acc[p][row], plane p.
+// Table bytes hold v + 128 (v the signed plane value), so lookups are summed as unsigned bytes
+// and the bias (128 per group) is taken off once per tile: acc[p][row] = Σ_g v.
+constexpr int BIAS = 128;
+
+// Accumulated biased lookups of one tile of 32 rows for one token: acc[p][row], plane p.
 template <int P>
-void tile_scalar(const uint8_t* w, const int8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
+void tile_scalar(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + 16 * g;
     for (int p = 0; p < P; ++p) {
-      const int8_t* t = tb + (p * G + g) * 16;
+      const uint8_t* t = tb + (p * G + g) * 16;
       for (int i = 0; i < 16; ++i) {
         acc[p][i] += t[wg[i] & 15];
         acc[p][16 + i] += t[wg[i] >> 4];
@@ -52,24 +56,32 @@ void tile_scalar(const uint8_t* w, const int8_t* tb, int64_t G, int32_t (*acc)[R
 }
 
 #if LQ_LUT_AVX2
-// int16 lane k of either 128-bit half holds row base + 2k (even or odd bytes of a lookup).
-inline void widen_add(int32_t* acc, __m256i v16, int base) {
-  const __m256i s = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v16)),
-                                     _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v16, 1)));
-  alignas(32) int32_t tmp[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), s);
-  for (int k = 0; k < 8; ++k) acc[base + 2 * k] += tmp[k];
+// raw: Σ of the 16-bit lanes (byte 2k + 256 byte 2k+1, mod 2^16); odd: Σ byte 2k+1 (exact).
+// Then Σ byte 2k = raw - 256 odd (mod 2^16), exact while each sum < 2^16. Both 128-bit halves
+// hold the same 16 rows (two groups), added here: rows base + 2k (even) and base + 2k + 1 (odd).
+inline void widen_add(int32_t* acc, __m256i raw, __m256i odd, int base) {
+  const __m256i even = _mm256_sub_epi16(raw, _mm256_slli_epi16(odd, 8));
+  const auto halves = [](__m256i v) {  // unsigned 16-bit sums < 2^15: zero = sign extension
+    return _mm256_add_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)),
+                            _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
+  };
+  alignas(32) int32_t e[8], o[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(e), halves(even));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o), halves(odd));
+  for (int k = 0; k < 8; ++k) acc[base + 2 * k] += e[k], acc[base + 2 * k + 1] += o[k];
 }
 
 // One 32-byte load = groups g (low half) and g + 1 (high half) of the tile's 32 rows; the
-// tables of the same two groups are the matching 32 bytes, so one vpshufb looks up 32.
+// tables of the same two groups are the matching 32 bytes, so one vpshufb looks up 32. The
+// looked-up bytes are summed as 16-bit lanes plus their high bytes (1 shift + 2 adds per 32
+// lookups; see widen_add).
 template <int P>
-void tile_simd(const uint8_t* w, const int8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
+void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t g0 = 0; g0 < G; g0 += 2 * CHUNK_LOOKUPS) {
     const int64_t g1 = std::min(G, g0 + 2 * CHUNK_LOOKUPS);
-    __m256i ae[P], ao[P], be[P], bo[P];
-    for (int p = 0; p < P; ++p) ae[p] = ao[p] = be[p] = bo[p] = _mm256_setzero_si256();
+    __m256i ar[P], ao[P], br[P], bo[P];
+    for (int p = 0; p < P; ++p) ar[p] = ao[p] = br[p] = bo[p] = _mm256_setzero_si256();
     for (int64_t g = g0; g < g1; g += 2) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * g));
       const __m256i il = _mm256_and_si256(v, low4);
@@ -78,47 +90,45 @@ void tile_simd(const uint8_t* w, const int8_t* tb, int64_t G, int32_t (*acc)[ROW
         const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tb + (p * G + g) * 16));
         const __m256i a = _mm256_shuffle_epi8(t, il);  // rows 0..15
         const __m256i b = _mm256_shuffle_epi8(t, ih);  // rows 16..31
-        // int8 -> int16 by shifts: even bytes (rows 2k) and odd bytes (rows 2k + 1).
-        ae[p] = _mm256_add_epi16(ae[p], _mm256_srai_epi16(_mm256_slli_epi16(a, 8), 8));
-        ao[p] = _mm256_add_epi16(ao[p], _mm256_srai_epi16(a, 8));
-        be[p] = _mm256_add_epi16(be[p], _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8));
-        bo[p] = _mm256_add_epi16(bo[p], _mm256_srai_epi16(b, 8));
+        ar[p] = _mm256_add_epi16(ar[p], a);
+        ao[p] = _mm256_add_epi16(ao[p], _mm256_srli_epi16(a, 8));
+        br[p] = _mm256_add_epi16(br[p], b);
+        bo[p] = _mm256_add_epi16(bo[p], _mm256_srli_epi16(b, 8));
       }
     }
     for (int p = 0; p < P; ++p) {
-      widen_add(acc[p], ae[p], 0);
-      widen_add(acc[p], ao[p], 1);
-      widen_add(acc[p], be[p], 16);
-      widen_add(acc[p], bo[p], 17);
+      widen_add(acc[p], ar[p], ao[p], 0);
+      widen_add(acc[p], br[p], bo[p], 16);
     }
   }
 }
 #elif LQ_LUT_NEON
-inline void widen_add(int32_t* acc, int16x8_t v) {
-  vst1q_s32(acc, vaddw_s16(vld1q_s32(acc), vget_low_s16(v)));
-  vst1q_s32(acc + 4, vaddw_high_s16(vld1q_s32(acc + 4), v));
+inline void widen_add(int32_t* acc, uint16x8_t v) {  // sums < 2^15: reinterpretation is exact
+  const int16x8_t s = vreinterpretq_s16_u16(v);
+  vst1q_s32(acc, vaddw_s16(vld1q_s32(acc), vget_low_s16(s)));
+  vst1q_s32(acc + 4, vaddw_high_s16(vld1q_s32(acc + 4), s));
 }
 
-// One 16-byte load = one group of the tile's 32 rows; vqtbl1q_s8 looks up 16 rows at a time.
+// One 16-byte load = one group of the tile's 32 rows; vqtbl1q_u8 looks up 16 rows at a time.
 template <int P>
-void tile_simd(const uint8_t* w, const int8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
+void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
   const uint8x16_t low4 = vdupq_n_u8(0x0F);
   for (int64_t g0 = 0; g0 < G; g0 += CHUNK_LOOKUPS) {
     const int64_t g1 = std::min(G, g0 + CHUNK_LOOKUPS);
-    int16x8_t a0[P], a1[P], b0[P], b1[P];
-    for (int p = 0; p < P; ++p) a0[p] = a1[p] = b0[p] = b1[p] = vdupq_n_s16(0);
+    uint16x8_t a0[P], a1[P], b0[P], b1[P];
+    for (int p = 0; p < P; ++p) a0[p] = a1[p] = b0[p] = b1[p] = vdupq_n_u16(0);
     for (int64_t g = g0; g < g1; ++g) {
       const uint8x16_t v = vld1q_u8(w + 16 * g);
       const uint8x16_t il = vandq_u8(v, low4);
       const uint8x16_t ih = vshrq_n_u8(v, 4);
       for (int p = 0; p < P; ++p) {
-        const int8x16_t t = vld1q_s8(tb + (p * G + g) * 16);
-        const int8x16_t a = vqtbl1q_s8(t, il);  // rows 0..15
-        const int8x16_t b = vqtbl1q_s8(t, ih);  // rows 16..31
-        a0[p] = vaddw_s8(a0[p], vget_low_s8(a));
-        a1[p] = vaddw_high_s8(a1[p], a);
-        b0[p] = vaddw_s8(b0[p], vget_low_s8(b));
-        b1[p] = vaddw_high_s8(b1[p], b);
+        const uint8x16_t t = vld1q_u8(tb + (p * G + g) * 16);
+        const uint8x16_t a = vqtbl1q_u8(t, il);  // rows 0..15
+        const uint8x16_t b = vqtbl1q_u8(t, ih);  // rows 16..31
+        a0[p] = vaddw_u8(a0[p], vget_low_u8(a));
+        a1[p] = vaddw_high_u8(a1[p], a);
+        b0[p] = vaddw_u8(b0[p], vget_low_u8(b));
+        b1[p] = vaddw_high_u8(b1[p], b);
       }
     }
     for (int p = 0; p < P; ++p) {
@@ -131,7 +141,7 @@ void tile_simd(const uint8_t* w, const int8_t* tb, int64_t G, int32_t (*acc)[ROW
 }
 #else
 template <int P>
-void tile_simd(const uint8_t* w, const int8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
+void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
   tile_scalar<P>(w, tb, G, acc);
 }
 #endif
@@ -139,13 +149,13 @@ void tile_simd(const uint8_t* w, const int8_t* tb, int64_t G, int32_t (*acc)[ROW
 struct Scratch {  // views into the caller's scratch bytes (lq_lut_scratch_bytes)
   float* lift;
   float* scales;  // [m]
-  int8_t* tables;  // [m][planes][groups][16]
+  uint8_t* tables;  // [m][planes][groups][16], biased bytes
 };
 
 Scratch views(const lq_layer* L, void* scratch, int64_t m) {
   float* lift = static_cast<float*>(scratch);
   float* scales = lift + lq_lift_scratch_floats(L);
-  return {lift, scales, reinterpret_cast<int8_t*>(scales + m)};
+  return {lift, scales, reinterpret_cast<uint8_t*>(scales + m)};
 }
 
 template <int P>
@@ -159,8 +169,10 @@ void rows_for(const lq_layer* L, const Scratch& s, int64_t m, float* y, int64_t 
       tile_simd<P>(w, s.tables + t * P * G * 16, G, acc);
       const float st = s.scales[t];
       float* yt = y + t * out + r0;
+      const int64_t bias = static_cast<int64_t>(BIAS) * G;
       for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t q = P == 2 ? 256 * static_cast<int64_t>(acc[0][i]) + acc[1][i] : acc[0][i];
+        const int64_t q0 = acc[0][i] - bias;
+        const int64_t q = P == 2 ? 256 * q0 + (acc[P - 1][i] - bias) : q0;
         yt[i] = L->scale[r0 + i] * (st * static_cast<float>(q));
       }
     }
@@ -187,7 +199,7 @@ extern "C" int64_t lq_lut_scratch_bytes(const lq_layer* L, int64_t m, int mode) 
   return static_cast<int64_t>(sizeof(float)) * (lq_lift_scratch_floats(L) + m) + m * planes(mode) * lq_lut_groups(L) * 16;
 }
 
-extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, int8_t* tables, float* s_out) {
+extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s_out) {
   float maxabs = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
     const float* ug = u + 4 * g;
@@ -208,14 +220,14 @@ extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, int8_t* 
     }
     for (int i = 0; i < 8; ++i) q[15 - i] = -q[i];
     if (mode == LQ_LUT_INT8) {
-      for (int i = 0; i < 16; ++i) tables[g * 16 + i] = static_cast<int8_t>(q[i]);
+      for (int i = 0; i < 16; ++i) tables[g * 16 + i] = static_cast<uint8_t>(q[i] + BIAS);
     } else {
-      int8_t* hi = tables + g * 16;
-      int8_t* lo = tables + (groups + g) * 16;
+      uint8_t* hi = tables + g * 16;
+      uint8_t* lo = tables + (groups + g) * 16;
       for (int i = 0; i < 16; ++i) {
         const int h = (q[i] + 128) >> 8;  // floor: lo = q - 256 h in [-128, 127]
-        hi[i] = static_cast<int8_t>(h);
-        lo[i] = static_cast<int8_t>(q[i] - 256 * h);
+        hi[i] = static_cast<uint8_t>(h + BIAS);
+        lo[i] = static_cast<uint8_t>(q[i] - 256 * h + BIAS);
       }
     }
   }

@@ -12,7 +12,7 @@
 //     q = 256 * hi + lo (hi in [-127, 127], lo in [-128, 127]); ~15-bit tables.
 //   LQ_LUT_INT8: |q| <= 127, one int8 plane (half the lookups, ~7-bit tables).
 // Each entry is off by at most s / 2, so |y_r - exact| <= |scale_r| * groups * s / 2 (tests
-// check this bound); lookups are summed exactly in integers (int16 lanes widened to int32
+// check this bound); lookups are summed exactly in integers (16-bit lanes widened to int32
 // before they can overflow), so every instruction-set path gives the same bits.
 //
 // Sign layout (`liftedge.lutpack.interleave_signs` writes it at .pte-write time):
@@ -44,8 +44,9 @@ int64_t lq_lut_groups(const lq_layer* L);  // 2 * row_nbytes (4 lifted positions
 int64_t lq_lut_tiles(const lq_layer* L);   // ceil(out / 32)
 // Scratch bytes for m tokens (the caller allocates; no malloc inside).
 int64_t lq_lut_scratch_bytes(const lq_layer* L, int64_t m, int mode);
-// Tables of one lifted vector u [4 * groups]: int8 [planes][groups][16], and its scale s.
-void lq_lut_tables(const float* u, int64_t groups, int mode, int8_t* tables, float* s);
+// Tables of one lifted vector u [4 * groups]: [planes][groups][16] bytes, each plane value
+// v stored as v + 128, and the token's scale s.
+void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s);
 // Phase 1: lift every token of x [m, n] once and build its tables into scratch.
 int lq_lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch);
 // Phase 1 from lifted vectors u [m, 4 * groups] given by the caller (tests, other front ends).
