@@ -33,6 +33,12 @@ IN_FEATURES = (7, 100, 576, 45, 130, 64)
 # a dense matmul), so errors are a few ulps times sqrt(width): 1e-5 leaves ~20x margin and
 # a wrong bit order or sign convention gives O(1).
 KERNEL_RTOL = 1e-5
+# The op's table-lookup kernel (two int8 planes, ~15-bit tables with one scale s per token):
+# each of the G = 2 * row_nbytes table entries a row sums is off by <= s / 2, s = (largest
+# group sum of |u|) / 32512, randomly signed, so errors grow like sqrt(G) (observed <= 7e-5
+# here; the worst-case bound is checked in test_lut_kernel.py); 1e-3 leaves >10x margin and a
+# wrong bit order or sign convention still gives O(1).
+LUT_RTOL = 1e-3
 # Custom-op .pte vs stock-op fallback .pte: the decoder is the same fp32 math in other
 # operators (~1e-6), but the fallback's head is XNNPACK's fp16 linear, which rounds the
 # activation to fp16 (observed 2e-3 on the tiny model) where liftedge::fp16_linear keeps
@@ -118,10 +124,10 @@ def test_custom_op_runs_in_executorch_runtime(op_program):
     method = runtime.load_method(path, needs_kernel=True)
     outs = method.execute(list(xs))
     for got, ref in zip(outs, refs):
-        assert rel_err(got.numpy(), ref) < KERNEL_RTOL
-    outs = method.execute([x[:, :1] for x in xs])  # decode shape (m = 1, the LUT path)
+        assert rel_err(got.numpy(), ref) < LUT_RTOL
+    outs = method.execute([x[:, :1] for x in xs])  # decode shape (m = 1)
     for got, ref in zip(outs, refs):
-        assert rel_err(got.numpy(), ref[:, :1]) < KERNEL_RTOL
+        assert rel_err(got.numpy(), ref[:, :1]) < LUT_RTOL
 
 
 def test_pte_needing_kernel_fails_clearly_without_it(op_program):

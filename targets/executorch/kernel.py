@@ -1,6 +1,11 @@
 """Build, cache and load the liftedge ExecuTorch kernel library (`liftedge::lq_linear.out`, and
 the head kernels `liftedge::fp16_linear.out` and `liftedge::int_linear.out`).
 
+`run_kernel` calls the lift-project kernels directly on a layer's packed fields: the
+table-lookup kernel (`lut`: two int8 table planes, the op's default; `lut_int8`: one plane)
+over the interleaved sign layout, or the fp32 kernels of the row-major layout (`mask`,
+`lut8`), on the calling thread or (`threads`) over ExecuTorch's threadpool.
+
 The sources in `kernels/` are compiled at first use with the system C++ compiler
 (`$LIFTEDGE_CXX`, default `g++`) against the headers and `libexecutorch.so` that the
 executorch wheel ships, into `cache_path("executorch-kernels", <key>.so)`; the key hashes
@@ -33,11 +38,12 @@ from liftedge.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
-SOURCES = ("lq_linear.cpp", "lq_linear_et.cpp", "head_linear_et.cpp")
-HEADERS = ("lq_linear.h", "et_linear.h")
+SOURCES = ("lq_linear.cpp", "lq_lut.cpp", "lq_linear_et.cpp", "head_linear_et.cpp")
+HEADERS = ("lq_linear.h", "lq_lut.h", "et_linear.h")
 # -march=native: the library is built on, and cached for, the machine that runs it.
 OPT_FLAGS = ("-O3", "-march=native", "-std=c++17")
-METHODS = {"auto": 0, "lut8": 1, "mask": 2}
+METHODS = {"auto": 0, "lut8": 1, "mask": 2}  # the fp32 kernels over row-major signs (lq_linear.h)
+LUT_MODES = {"lut": 0, "lut_int8": 1}  # the table-lookup kernel (lq_lut.h): two planes / one
 
 
 class _Layer(ctypes.Structure):
@@ -120,11 +126,18 @@ def load_library() -> ctypes.CDLL:
     import executorch.extension.pybindings.portable_lib  # noqa: F401  (the runtime first)
 
     lib = ctypes.CDLL(str(library_path()), mode=ctypes.RTLD_GLOBAL)
-    lib.lq_linear_f32.restype = ctypes.c_int
-    lib.lq_linear_f32.argtypes = [ctypes.POINTER(_Layer), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_int]
-    lib.lq_scratch_floats.restype = ctypes.c_int64
-    lib.lq_scratch_floats.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.c_int]
+    L, p, i64 = ctypes.POINTER(_Layer), ctypes.c_void_p, ctypes.c_int64
+    for name, res, args in (
+            ("lq_linear_f32", ctypes.c_int, [L, p, i64, p, p, ctypes.c_int]),
+            ("lq_scratch_floats", i64, [L, i64, ctypes.c_int]),
+            ("lq_mask_linear_threaded", ctypes.c_int, [L, p, i64, p, p]),
+            ("lq_lut_linear_f32", ctypes.c_int, [L, p, i64, p, p, ctypes.c_int]),
+            ("lq_lut_linear_threaded", ctypes.c_int, [L, p, i64, p, p, ctypes.c_int]),
+            ("lq_lut_scratch_bytes", i64, [L, i64, ctypes.c_int]),
+            ("lq_lut_isa", ctypes.c_char_p, []),
+            ("liftedge_set_threads", ctypes.c_int, [ctypes.c_int])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
     return lib
 
 
@@ -132,22 +145,77 @@ def _f32(t) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(t, dtype=np.float32))
 
 
-def run_kernel(tensors: dict, x: np.ndarray, method: str = "auto") -> np.ndarray:
-    """Call the C++ core directly on a "liftquant" tensor's fields: x [m, n] -> y [m, out]."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    lib = load_library()
-    keep = {k: _f32(v.float().numpy() if hasattr(v, "float") else v) for k, v in tensors.items() if k != "signs"}
-    signs = np.ascontiguousarray(np.asarray(tensors["signs"], dtype=np.uint8))
-    d, D = keep["codebook"].shape
-    layer = _Layer(keep["in_scale"].size, signs.shape[0], keep["mix1"].shape[0], keep["mix2"].shape[0], d, D,
-                   signs.ctypes.data, *(keep[k].ctypes.data for k in
-                                        ("scale", "in_scale", "mix1", "mix2", "block_scale", "codebook")))
-    x = _f32(x).reshape(-1, layer.in_features)
-    y = np.zeros((x.shape[0], layer.out_features), np.float32)
-    scratch = np.zeros(lib.lq_scratch_floats(ctypes.byref(layer), x.shape[0], METHODS[method]), np.float32)
-    rc = lib.lq_linear_f32(ctypes.byref(layer), x.ctypes.data, x.shape[0], y.ctypes.data, scratch.ctypes.data,
-                           METHODS[method])
-    if rc != 0:
-        raise ArtifactError(f"lq_linear_f32 rejected its arguments (code {rc})")
-    return y
+def set_threads(n: int) -> None:
+    """Resize ExecuTorch's threadpool (the one the op and the `threads` entries use)."""
+    if load_library().liftedge_set_threads(int(n)) != 0:
+        raise ArtifactError(f"could not set the ExecuTorch threadpool to {n} threads")
+
+
+def lut_isa() -> str:
+    """The instruction-set path of the table-lookup kernel in this build: avx2, neon or scalar."""
+    return load_library().lq_lut_isa().decode()
+
+
+class LayerCall:
+    """One layer's fields as the C core takes them (converted once), callable on x [m, n]."""
+
+    def __init__(self, tensors: dict, method: str = "auto"):
+        if method not in METHODS and method not in LUT_MODES:
+            raise ValueError(f"method must be one of {sorted([*METHODS, *LUT_MODES])}, got {method!r}")
+        import torch
+
+        from liftedge.lutpack import interleave_signs
+
+        self.lib, self.method = load_library(), method
+        self.keep = {k: _f32(v.float().numpy() if hasattr(v, "float") else v)
+                     for k, v in tensors.items() if k != "signs"}
+        signs = tensors["signs"]
+        out = self.keep["scale"].size
+        if method in LUT_MODES:
+            signs = interleave_signs(torch.as_tensor(np.asarray(signs, dtype=np.uint8)))
+        self.signs = np.ascontiguousarray(np.asarray(signs, dtype=np.uint8))
+        d, D = self.keep["codebook"].shape
+        self.layer = _Layer(self.keep["in_scale"].size, out, self.keep["mix1"].shape[0],
+                            self.keep["mix2"].shape[0], d, D, self.signs.ctypes.data,
+                            *(self.keep[k].ctypes.data for k in
+                              ("scale", "in_scale", "mix1", "mix2", "block_scale", "codebook")))
+        self._scratch = np.zeros(0, np.float32)
+
+    def scratch(self, m: int) -> np.ndarray:
+        ref = ctypes.byref(self.layer)
+        if self.method in LUT_MODES:
+            nbytes = self.lib.lq_lut_scratch_bytes(ref, m, LUT_MODES[self.method])
+        else:
+            nbytes = 4 * self.lib.lq_scratch_floats(ref, m, METHODS[self.method])
+        if self._scratch.nbytes < nbytes:
+            self._scratch = np.zeros(-(-nbytes // 4), np.float32)
+        return self._scratch
+
+    def __call__(self, x: np.ndarray, threaded: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+        x = _f32(x).reshape(-1, self.layer.in_features)
+        m = x.shape[0]
+        y = np.zeros((m, self.layer.out_features), np.float32) if out is None else out
+        ref, scratch = ctypes.byref(self.layer), self.scratch(m).ctypes.data
+        args = (ref, x.ctypes.data, m, y.ctypes.data, scratch)
+        if self.method in LUT_MODES:
+            fn = self.lib.lq_lut_linear_threaded if threaded else self.lib.lq_lut_linear_f32
+            rc = fn(*args, LUT_MODES[self.method])
+        elif threaded and self.method in ("mask", "auto"):
+            rc = self.lib.lq_mask_linear_threaded(*args)
+        else:
+            rc = self.lib.lq_linear_f32(*args, METHODS[self.method])
+        if rc != 0:
+            raise ArtifactError(f"the {self.method} kernel rejected its arguments (code {rc})")
+        return y
+
+
+def run_kernel(tensors: dict, x: np.ndarray, method: str = "auto", threads: int | None = None) -> np.ndarray:
+    """Call the C++ core directly on a "liftquant" tensor's fields: x [m, n] -> y [m, out].
+
+    `threads`: run over ExecuTorch's threadpool resized to that many threads (else the
+    calling thread only).
+    """
+    call = LayerCall(tensors, method)
+    if threads is not None:
+        set_threads(threads)
+    return call(x, threaded=threads is not None)

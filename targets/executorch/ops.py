@@ -8,8 +8,11 @@
                                                         (+ .out): the same for an "int" (4/8-bit) W
 
 x is float32 [..., in_features]; the other arguments are the stored fields of a "liftquant"
-tensor exactly as packed (signs uint8, float factors fp16), so the `.pte` holds the pack's
-bytes. The torch implementation is the reference computation (`targets/reference/liftquant.py`
+tensor as packed (float factors fp16), so the `.pte` holds the pack's bytes. `signs` is either
+the pack's row-major uint8 [out, row_nbytes] or, as `LqLinear` writes it for the kernel, the
+same bytes in the table-lookup kernel's 32-row-interleaved nibble layout, uint8 [tiles,
+groups, 16] (`liftedge.lutpack`); the rank tells them apart, so the schema is the same and
+`scale` gives the output rows. The torch implementation is the reference computation (`targets/reference/liftquant.py`
 LiftLinear.forward order) in stock torch ops; ExecuTorch runs the C++ kernel (`kernels/`)
 registered under the same name. `LqLinear` is the module that replaces a reference
 `LiftLinear` before export; `liftedge.bitpack.unpack_signs_torch` is the stock-operator bit unpack the fallback
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from liftedge.bitpack import unpack_signs_torch
+from liftedge.lutpack import deinterleave_signs, interleave_signs
 
 NAMESPACE = "liftedge"
 OP = "lq_linear"
@@ -36,8 +40,8 @@ _lib.define(f"{OP}({_ARGS}) -> Tensor")
 _lib.define(f"{OP}.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
 
-def lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook) -> torch.Tensor:
-    """The lift-project linear in stock torch ops, in LiftLinear.forward's order."""
+def lift_math(x, in_scale, mix1, mix2, block_scale, codebook) -> torch.Tensor:
+    """The lifted vector u [..., n_blocks * D] of x: the input transform, then per block x M."""
     f32 = torch.float32
     d, D = codebook.shape
     n, n1, n2 = in_scale.shape[0], mix1.shape[0], mix2.shape[0]
@@ -47,9 +51,16 @@ def lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook)
     v = a * block_scale.to(f32).repeat_interleave(d)[:n]
     if nb * d != n:
         v = torch.nn.functional.pad(v, (0, nb * d - n))
-    u = torch.matmul(v.reshape(*x.shape[:-1], nb, d), codebook.to(f32)).reshape(*x.shape[:-1], nb * D)
-    s = unpack_signs_torch(signs, nb * D)
-    return torch.matmul(u, s.t()) * scale.to(f32)
+    return torch.matmul(v.reshape(*x.shape[:-1], nb, d), codebook.to(f32)).reshape(*x.shape[:-1], nb * D)
+
+
+def lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook) -> torch.Tensor:
+    """The lift-project linear in stock torch ops, in LiftLinear.forward's order."""
+    u = lift_math(x, in_scale, mix1, mix2, block_scale, codebook)
+    if signs.dim() == 3:  # the kernel's interleaved layout
+        signs = deinterleave_signs(signs, scale.shape[0])
+    s = unpack_signs_torch(signs, u.shape[-1])
+    return torch.matmul(u, s.t()) * scale.to(torch.float32)
 
 
 @torch.library.impl(_lib, OP, "CompositeExplicitAutograd")
@@ -59,7 +70,7 @@ def _lq_linear(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook):
 
 @torch.library.impl(_lib, f"{OP}.out", "CompositeExplicitAutograd")
 def _lq_linear_out(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook, *, out):
-    out.resize_(*x.shape[:-1], signs.shape[0])
+    out.resize_(*x.shape[:-1], scale.shape[0])
     out.copy_(lq_linear_math(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook))
     return out
 
@@ -122,7 +133,7 @@ def _fp16_linear_fake(x, weight):
 
 @torch.library.register_fake(f"{NAMESPACE}::{OP}")
 def _lq_linear_fake(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook):
-    return x.new_empty((*x.shape[:-1], signs.shape[0]))
+    return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 
 def op() -> torch._ops.OpOverload:
@@ -140,14 +151,17 @@ def int_linear_op() -> torch._ops.OpOverload:
 class LqLinear(nn.Module):
     """A lift-project linear over the packed fields (buffers, as stored) that calls the op.
 
-    `custom_op=False` computes the same thing with `lq_linear_math` inline (stock operators
-    only; the signs stay packed uint8 and are unpacked in the graph).
+    With `custom_op` the signs are stored in the table-lookup kernel's interleaved layout
+    (`liftedge.lutpack`, repacked here, so when the `.pte` is written); `custom_op=False`
+    computes the same thing with `lq_linear_math` inline (stock operators only; the signs stay
+    packed row-major uint8 and are unpacked in the graph).
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, custom_op: bool = True):
         super().__init__()
         for field in FIELDS:
-            self.register_buffer(field, tensors[field].detach().clone())
+            t = tensors[field].detach()
+            self.register_buffer(field, interleave_signs(t) if field == "signs" and custom_op else t.clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone(),
                                                            requires_grad=False)
         self.custom_op = custom_op

@@ -196,6 +196,13 @@ extern "C" void lq_mask_rows(const lq_layer* L, const float* scratch, int64_t m,
   signs_mask(L, scratch + u_offset(L), m, y, r0, r1);
 }
 
+extern "C" int64_t lq_lift_scratch_floats(const lq_layer* L) { return u_offset(L) + lifted_width(L); }
+
+extern "C" const float* lq_lift_token(const lq_layer* L, const float* x, float* scratch) {
+  prepare(L, x, 1, scratch);
+  return scratch + u_offset(L);
+}
+
 extern "C" int lq_linear_f32(const lq_layer* L, const float* x, int64_t m, float* y, float* scratch, int method) {
   if (!valid(L) || m < 0 || (m > 0 && (!x || !y || !scratch))) return 1;
   method = resolve(method, m);

@@ -44,6 +44,11 @@ int lq_linear_f32(const lq_layer* L, const float* x, int64_t m, float* y, float*
 // prepare (transform + lift every token into scratch), then any row ranges [r0, r1).
 int lq_mask_prepare(const lq_layer* L, const float* x, int64_t m, float* scratch);
 void lq_mask_rows(const lq_layer* L, const float* scratch, int64_t m, float* y, int64_t r0, int64_t r1);
+// One token's lifted vector u [8 * row_nbytes] (zero past n_blocks * D), computed in scratch
+// (lq_lift_scratch_floats(L) floats); returns the pointer to u inside scratch. Shared with the
+// table-lookup kernel (lq_lut.h), which lifts once per token and builds its tables from u.
+int64_t lq_lift_scratch_floats(const lq_layer* L);
+const float* lq_lift_token(const lq_layer* L, const float* x, float* scratch);
 
 #ifdef __cplusplus
 }

@@ -1,8 +1,14 @@
 // ExecuTorch registration of liftedge::lq_linear.out (schema in targets/executorch/ops.py):
 //   lq_linear.out(Tensor x, Tensor signs, Tensor scale, Tensor in_scale, Tensor mix1,
 //                 Tensor mix2, Tensor block_scale, Tensor codebook, *, Tensor(a!) out) -> Tensor(a!)
-// x float32 [..., n]; signs uint8 [out, row_nbytes]; float factors fp16 (as packed) or fp32.
-// Shapes give n, n1, n2, d, D, so the op carries no integer arguments.
+// x float32 [..., n]; float factors fp16 (as packed) or fp32. signs uint8 [tiles, groups, 16]
+// (the table-lookup layout, lq_lut.h, which liftedge writes) runs the table-lookup kernel;
+// uint8 [out, row_nbytes] (row-major, .pte files written before it) the fp32 MASK kernel.
+// Shapes give n, n1, n2, d, D, so the op carries no integer arguments. Output rows (MASK) or
+// row tiles (lookup) are split over ExecuTorch's threadpool.
+//
+// Also C entries for tests and benchmarks (kernel.py): liftedge_set_threads (resizes the
+// threadpool) and lq_lut_linear_threaded / lq_mask_linear_threaded (the kernels over it).
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
@@ -11,6 +17,22 @@
 
 #include "et_linear.h"
 #include "lq_linear.h"
+#include "lq_lut.h"
+
+#if __has_include(<executorch/extension/threadpool/threadpool.h>)
+#include <executorch/extension/threadpool/threadpool.h>
+#else
+// The executorch wheel ships libexecutorch_threadpool.so but not this header; these two
+// declarations match its exported symbols.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+  size_t get_thread_count() const;
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+#endif
 
 namespace liftedge {
 
@@ -39,7 +61,24 @@ bool to_float(const Tensor& t, std::vector<float>& dst) {
 
 struct Factors {
   std::vector<float> scale, in_scale, mix1, mix2, block_scale, codebook, scratch;
+  std::vector<uint8_t> bytes;
 };
+
+// Row tiles per parallel chunk: 4 tiles = 128 rows, several KB of signs each.
+constexpr int64_t LUT_GRAIN = 4;
+constexpr int64_t MASK_GRAIN = 64;
+
+void lut_threaded(const lq_layer* L, const void* scratch, int64_t m, int mode, float* y) {
+  executorch::extension::parallel_for(0, lq_lut_tiles(L), LUT_GRAIN, [&](int64_t t0, int64_t t1) {
+    lq_lut_rows(L, scratch, m, mode, y, t0, t1);
+  });
+}
+
+void mask_threaded(const lq_layer* L, const float* scratch, int64_t m, float* y) {
+  executorch::extension::parallel_for(0, L->out_features, MASK_GRAIN, [&](int64_t r0, int64_t r1) {
+    lq_mask_rows(L, scratch, m, y, r0, r1);
+  });
+}
 
 }  // namespace
 
@@ -47,18 +86,20 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
                       const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
                       const Tensor& block_scale, const Tensor& codebook, Tensor& out) {
   thread_local Factors f;
-  ET_KERNEL_CHECK_MSG(ctx, signs.scalar_type() == ScalarType::Byte && signs.dim() == 2, InvalidArgument, out,
-                      "liftedge::lq_linear: signs must be uint8 [out, row_nbytes]");
+  const bool lut = signs.dim() == 3;
+  ET_KERNEL_CHECK_MSG(ctx, signs.scalar_type() == ScalarType::Byte && (signs.dim() == 2 || (lut && signs.size(2) == 16)),
+                      InvalidArgument, out,
+                      "liftedge::lq_linear: signs must be uint8 [out, row_nbytes] or [tiles, groups, 16]");
   ET_KERNEL_CHECK_MSG(ctx, codebook.dim() == 2 && mix1.dim() == 2 && mix2.dim() == 2, InvalidArgument, out,
                       "liftedge::lq_linear: codebook, mix1, mix2 must be 2-D");
-  if (!prepare_linear_out(ctx, "liftedge::lq_linear", x, in_scale.numel(), signs.size(0), out)) return out;
+  if (!prepare_linear_out(ctx, "liftedge::lq_linear", x, in_scale.numel(), scale.numel(), out)) return out;
   bool ok = to_float(scale, f.scale) && to_float(in_scale, f.in_scale) && to_float(mix1, f.mix1) &&
             to_float(mix2, f.mix2) && to_float(block_scale, f.block_scale) && to_float(codebook, f.codebook);
   ET_KERNEL_CHECK_MSG(ctx, ok, InvalidArgument, out, "liftedge::lq_linear: factors must be float16 or float32");
 
   lq_layer L{};
   L.in_features = in_scale.numel();
-  L.out_features = signs.size(0);
+  L.out_features = scale.numel();
   L.n1 = mix1.size(0);
   L.n2 = mix2.size(0);
   L.d = codebook.size(0);
@@ -70,27 +111,46 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   L.mix2 = f.mix2.data();
   L.block_scale = f.block_scale.data();
   L.codebook = f.codebook.data();
-  ET_KERNEL_CHECK_MSG(ctx, signs.size(1) == lq_row_nbytes(&L) && scale.numel() == L.out_features &&
-                      L.n1 * L.n2 == L.in_features &&
+  const bool signs_fit = lut ? signs.size(0) == lq_lut_tiles(&L) && signs.size(1) == lq_lut_groups(&L)
+                             : signs.size(0) == L.out_features && signs.size(1) == lq_row_nbytes(&L);
+  ET_KERNEL_CHECK_MSG(ctx, signs_fit && L.n1 * L.n2 == L.in_features &&
                       block_scale.numel() == (L.in_features + L.d - 1) / L.d,
                       InvalidArgument, out, "liftedge::lq_linear: inconsistent factor shapes");
 
   const int64_t m = x.numel() / L.in_features;
-  f.scratch.resize(lq_scratch_floats(&L, m, LQ_METHOD_MASK));
-  const int rc = lq_mask_prepare(&L, x.const_data_ptr<float>(), m, f.scratch.data());
-  ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, out, "liftedge::lq_linear: kernel rejected its arguments");
-  // Output rows split over ExecuTorch's threadpool when built with ET_USE_THREADPOOL
-  // (a serial loop otherwise); each row reads its own packed bytes once.
+  const float* xp = x.const_data_ptr<float>();
   float* y = out.mutable_data_ptr<float>();
-  const float* scratch = f.scratch.data();
-  const lq_layer* layer = &L;
-  const int64_t grain = 64;
-  executorch::extension::parallel_for(0, L.out_features, grain, [&](int64_t r0, int64_t r1) {
-    lq_mask_rows(layer, scratch, m, y, r0, r1);
-  });
+  int rc;
+  if (lut) {
+    f.bytes.resize(lq_lut_scratch_bytes(&L, m, LQ_LUT_TWO_PLANE));
+    rc = lq_lut_prepare(&L, xp, m, LQ_LUT_TWO_PLANE, f.bytes.data());
+    if (rc == 0) lut_threaded(&L, f.bytes.data(), m, LQ_LUT_TWO_PLANE, y);
+  } else {
+    f.scratch.resize(lq_scratch_floats(&L, m, LQ_METHOD_MASK));
+    rc = lq_mask_prepare(&L, xp, m, f.scratch.data());
+    if (rc == 0) mask_threaded(&L, f.scratch.data(), m, y);
+  }
+  ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, out, "liftedge::lq_linear: kernel rejected its arguments");
   return out;
 }
 
 }  // namespace liftedge
+
+extern "C" int liftedge_set_threads(int n) {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  return pool && n > 0 && pool->_unsafe_reset_threadpool(static_cast<uint32_t>(n)) ? 0 : 1;
+}
+
+extern "C" int lq_lut_linear_threaded(const lq_layer* L, const float* x, int64_t m, float* y, void* scratch, int mode) {
+  const int rc = lq_lut_prepare(L, x, m, mode, scratch);
+  if (rc == 0) liftedge::lut_threaded(L, scratch, m, mode, y);
+  return rc;
+}
+
+extern "C" int lq_mask_linear_threaded(const lq_layer* L, const float* x, int64_t m, float* y, float* scratch) {
+  const int rc = lq_mask_prepare(L, x, m, scratch);
+  if (rc == 0) liftedge::mask_threaded(L, scratch, m, y);
+  return rc;
+}
 
 EXECUTORCH_LIBRARY(liftedge, "lq_linear.out", liftedge::lq_linear_out);

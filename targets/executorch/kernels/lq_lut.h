@@ -1,0 +1,62 @@
+// liftedge lift-project linear, table-lookup form (T-MAC style): the portable C++ core, no
+// runtime types, so the ExecuTorch op (lq_linear_et.cpp), an ONNX Runtime custom op and the
+// standalone test driver (tests/lut_driver.cpp) all link the same code.
+//
+// Math: y = scale ⊙ (S · u), u the token's lifted vector (lq_linear.h: transform, then lift),
+// S the ±1 sign matrix. Per group of 4 lifted values the 16 sums ±u0±u1±u2±u3 form a table
+// (mirror-symmetric, t[15 - i] = -t[i], so 8 are computed); a row's 4 signs of the group are a
+// 4-bit index into it, and S · u is one lookup per (row, group).
+//
+// Tables are integers with one scale s per token: q = round(t / s).
+//   LQ_LUT_TWO_PLANE (default): |q| <= 32512 = 127 * 256, stored as two int8 planes
+//     q = 256 * hi + lo (hi in [-127, 127], lo in [-128, 127]); ~15-bit tables.
+//   LQ_LUT_INT8: |q| <= 127, one int8 plane (half the lookups, ~7-bit tables).
+// Each entry is off by at most s / 2, so |y_r - exact| <= |scale_r| * groups * s / 2 (tests
+// check this bound); lookups are summed exactly in integers (16-bit lanes widened to int32
+// before they can overflow), so every instruction-set path gives the same bits.
+//
+// Sign layout (`liftedge.lutpack.interleave_signs` writes it at .pte-write time):
+//   uint8 [tiles = ceil(out / 32), groups = 2 * row_nbytes, 16]; byte i of (tile, group g)
+//   holds, in its low nibble, the signs of row 32 tile + i at lifted positions 4g..4g+3 (bit j
+//   = position 4g + j, 1 = +1) and in its high nibble those of row 32 tile + 16 + i. Rows past
+//   `out` and positions past the lifted width are 0 bits (their u is 0). Same bytes as the
+//   row-major packing (lq_linear.h) up to the 32-row padding.
+//
+// Instruction set chosen at compile time: AVX2 (_mm256_shuffle_epi8, two groups per load),
+// NEON on aarch64 (vqtbl1q_s8, one group per load), else scalar; -DLQ_LUT_FORCE_SCALAR picks
+// the scalar path (the reference the others are compared with bit for bit).
+#pragma once
+
+#include <cstdint>
+
+#include "lq_linear.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { LQ_LUT_TWO_PLANE = 0, LQ_LUT_INT8 = 1 };
+enum { LQ_LUT_TILE_ROWS = 32 };
+
+// "avx2", "neon" or "scalar": the path this build runs.
+const char* lq_lut_isa(void);
+int64_t lq_lut_groups(const lq_layer* L);  // 2 * row_nbytes (4 lifted positions each)
+int64_t lq_lut_tiles(const lq_layer* L);   // ceil(out / 32)
+// Scratch bytes for m tokens (the caller allocates; no malloc inside).
+int64_t lq_lut_scratch_bytes(const lq_layer* L, int64_t m, int mode);
+// Tables of one lifted vector u [4 * groups]: [planes][groups][16] bytes, each plane value
+// v stored as v + 128, and the token's scale s.
+void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s);
+// Phase 1: lift every token of x [m, n] once and build its tables into scratch.
+int lq_lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch);
+// Phase 1 from lifted vectors u [m, 4 * groups] given by the caller (tests, other front ends).
+int lq_lut_prepare_lifted(const lq_layer* L, const float* u, int64_t m, int mode, void* scratch);
+// Phase 2: y [m, out] for row tiles [t0, t1) (rows 32 t0 .. min(32 t1, out)); disjoint tile
+// ranges may run on different threads over the same prepared scratch.
+void lq_lut_rows(const lq_layer* L, const void* scratch, int64_t m, int mode, float* y, int64_t t0, int64_t t1);
+// Both phases on the calling thread. Returns 0, or nonzero on bad arguments.
+int lq_lut_linear_f32(const lq_layer* L, const float* x, int64_t m, float* y, void* scratch, int mode);
+
+#ifdef __cplusplus
+}
+#endif
