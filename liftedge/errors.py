@@ -19,7 +19,12 @@ class CalibrationError(LiftedgeError):
 
 
 class BudgetError(LiftedgeError):
-    """A memory budget that no plan can meet; the message states the minimum needed."""
+    """A memory budget that no plan can meet; the message states the minimum needed
+    (`min_ram_nbytes`, when the budget came from a device's RAM)."""
+
+    def __init__(self, message: str, min_ram_nbytes: int | None = None):
+        super().__init__(message)
+        self.min_ram_nbytes = min_ram_nbytes
 
 
 class ArtifactError(LiftedgeError):

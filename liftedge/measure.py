@@ -166,6 +166,47 @@ class Sensitivity:
                    fixed_nbytes=int(data["fixed_nbytes"]), meta=data["meta"])
 
 
+# ---------------------------------------------------------------- a prior, for models without weights
+
+# Predicted loss per weight and unit of codec MSE, by the role of a linear layer, relative to q_proj:
+# the medians over SmolLM2-135M's 30 blocks and 13 rates of its measured table
+# (benchmarks/results/smollm2_sensitivity.v2.json, error / (numel x codec MSE of the rate)).
+# The token embedding and the head were not in that table: treated like an average linear layer.
+PRIOR_ROLE_WEIGHTS = {"q_proj": 1.00, "k_proj": 4.28, "v_proj": 2.51, "o_proj": 1.11, "gate_proj": 0.75,
+                      "up_proj": 1.10, "down_proj": 1.10}
+PRIOR_DEFAULT_WEIGHT = 1.5
+
+
+def _prior_weight(site: Site) -> float:
+    role = site.name.rsplit(".", 1)[-1]
+    return PRIOR_ROLE_WEIGHTS.get(role, PRIOR_DEFAULT_WEIGHT)
+
+
+def _int_mse(bits: int) -> float:
+    """MSE per weight of an optimal b-bit scalar quantizer of N(0,1), high-rate (Panter-Dite)."""
+    return math.sqrt(3.0) * math.pi / 2.0 * 4.0 ** (-bits)
+
+
+def prior_sensitivity(model, *, menu: Iterable[str] = DEFAULT_MENU, tables: bool = True) -> Sensitivity:
+    """An error table from shapes alone (`model` may live on the `meta` device): each option's
+    error is numel x the codec's MSE on N(0,1) x the role's prior weight. Plans the byte budget
+    exactly; the ranking of layers is a prior, not this model's measurement."""
+    from liftedge.lattice.menu import menu_entry
+
+    rates = parse_menu(menu)
+    sites = planned_sites(model, tables=tables)
+    mse = {option_name(r): float(menu_entry(r)["mse_20k_blocks"]) for r in rates}
+    table: dict[str, list[Option]] = {}
+    for s in sites:
+        options = [FP16_OPTION, *TABLE_OPTIONS] if s.kind != "linear" else [FP16_OPTION, *mse]
+        table[s.name] = [Option(o, option_nbytes(s, o), 0.0 if o == FP16_OPTION else
+                                s.numel * _prior_weight(s) * (mse[o] if o in mse else _int_mse(TABLE_CONFIGS[o].bits)))
+                         for o in options]
+    return Sensitivity(table=table, numel={s.name: s.numel for s in sites}, fixed_nbytes=fixed_nbytes(model, sites),
+                       meta={"menu": [f"{r.D}/{r.d}" for r in rates], "tables": list(TABLE_OPTIONS) if tables else [],
+                             "source": "prior", "unit": "prior: numel x codec MSE x role weight (relative, not nats)"})
+
+
 def planned_sites(model, *, tables: bool = True) -> list[Site]:
     """The sites a plan chooses for, in model order: the token embedding (owner of a tied head)
     and an untied head when `tables`, and the linear layers of the decoder blocks.

@@ -111,7 +111,7 @@ def device_budget(sens: Sensitivity, dims: ModelDims, req: BudgetRequest) -> Mem
             f"needs {format_size(smallest + sens.fixed_nbytes)} of weights but "
             f"{_left(mem.weight_budget_nbytes + sens.fixed_nbytes)} after runtime, KV cache "
             f"({mem.context} tokens) and activations; it needs at least {format_size(need)} of RAM "
-            f"(or a shorter --context / lower KV precision)")
+            f"(or a shorter --context / lower KV precision)", min_ram_nbytes=need)
     return mem
 
 

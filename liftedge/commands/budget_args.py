@@ -42,6 +42,10 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     c.add_argument("--menu", nargs="+", default=list(DEFAULT_MENU), metavar="D/d",
                    help="LiftQuant rates the plan chooses from (fp16 is always an option)")
+    c.add_argument("--sensitivity", default="measure", metavar="measure|prior|FILE",
+                   help="how layers are ranked: measure them on calibration text (default), a prior from "
+                        "shapes alone (no weights needed: plan a model you only have the config.json of, or a "
+                        "shape name such as llama-3.1-8b), or a table JSON written earlier")
 
 
 def budget_request(args: argparse.Namespace):
@@ -71,5 +75,28 @@ def calibration_and_sensitivity(loaded, args: argparse.Namespace):
     if args.calib:
         args.calib = [Path(p) for p in args.calib]
     tokens, calib = calibration(loaded, args)
+    if args.sensitivity != "measure":
+        return tokens, calib, unmeasured_sensitivity(loaded.model, args)
     print(f"measuring sensitivity of every site ({len(args.menu)} rates + fp16; cached after the first run)", file=sys.stderr)
     return tokens, calib, measure_sensitivity(loaded, tokens, menu=args.menu, seed=args.seed)
+
+
+def unmeasured_sensitivity(model, args: argparse.Namespace):
+    """The table of `--sensitivity prior` (from shapes; `model` may be on the meta device) or FILE."""
+    from pathlib import Path
+
+    from liftedge.measure import Sensitivity, planned_sites, prior_sensitivity
+
+    if args.sensitivity == "prior":
+        return prior_sensitivity(model, menu=args.menu)
+    path = Path(args.sensitivity)
+    if not path.is_file():
+        raise LiftedgeError(f"--sensitivity takes measure, prior or a table JSON file; {path} is none of these")
+    try:
+        sens = Sensitivity.from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LiftedgeError(f"{path} is not a sensitivity table ({type(exc).__name__}: {exc})") from None
+    missing = sorted({s.name for s in planned_sites(model)} - set(sens.table))
+    if missing:
+        raise LiftedgeError(f"{path} is the table of another model: it lacks {', '.join(missing[:3])}")
+    return sens

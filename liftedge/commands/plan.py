@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from liftedge.commands.budget_args import add_budget_arguments, budget_request, calibration_and_sensitivity
+from liftedge.commands.budget_args import (add_budget_arguments, budget_request, calibration_and_sensitivity,
+                                          unmeasured_sensitivity)
+from liftedge.shapes import is_shape
 
 
 def register(subparsers) -> None:
@@ -20,7 +23,8 @@ def register(subparsers) -> None:
         description="Measure each layer's sensitivity (cached) and choose the rate of every linear layer of "
                     "the decoder blocks that minimises the predicted loss increase within the byte budget: "
                     "a device's RAM minus runtime, KV cache and activations, or --lambda, --bits, --weights-budget.")
-    p.add_argument("model", metavar="MODEL", help="a Hugging Face folder, a .gguf file, or 'default'")
+    p.add_argument("model", metavar="MODEL", help="a Hugging Face folder, a .gguf file, 'default', or a shape name "
+                                                  "(llama-3.2-1b, llama-3.2-3b, qwen3-4b, llama-3.1-8b: config only)")
     add_budget_arguments(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", type=Path, default=None, help="also write the plan JSON to this file")
@@ -40,9 +44,17 @@ def run(args: argparse.Namespace) -> int:
     from liftedge.commands import check_calibration_arguments
 
     check_calibration_arguments(args)
-    loaded = load_model(args.model)
-    _, _, sens = calibration_and_sensitivity(loaded, args)
-    result = make_plan(sens, ModelDims.from_config(loaded.config), request)
+    if is_shape(args.model) and args.sensitivity == "measure":
+        print(f"{args.model} is a shape without weights: layers ranked by the prior (--sensitivity prior)",
+              file=sys.stderr)
+        args.sensitivity = "prior"
+    if args.sensitivity != "measure":
+        config, model = config_only_model(args.model)  # nothing but shapes: no weights are read
+        result = make_plan(unmeasured_sensitivity(model, args), ModelDims.from_config(config), request)
+    else:
+        loaded = load_model(args.model)
+        _, _, sens = calibration_and_sensitivity(loaded, args)
+        result = make_plan(sens, ModelDims.from_config(loaded.config), request)
     data = result.to_dict()
     if args.output is not None:
         atomic_write_json(args.output, data)
@@ -51,6 +63,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_plan(result)
     return 0
+
+
+def config_only_model(spec: str):
+    """(config, model on the meta device) of a shape name or a folder's config.json; no weights read."""
+    from liftedge.errors import LiftedgeError
+    from liftedge.model import FAMILIES
+    from liftedge.shapes import is_shape, meta_model, shape_config
+
+    if is_shape(spec):
+        config = shape_config(spec)
+    else:
+        from transformers import AutoConfig
+
+        folder = Path(spec)
+        if not (folder / "config.json").is_file():
+            raise LiftedgeError(f"--sensitivity prior plans from a config.json: {spec} is neither a folder holding "
+                                "one nor a known shape name (llama-3.2-1b, llama-3.2-3b, qwen3-4b, llama-3.1-8b)")
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    if config.model_type not in FAMILIES:
+        raise LiftedgeError(f"model_type {config.model_type!r} is not supported")
+    return config, meta_model(config)
 
 
 def check_plan_output(args: argparse.Namespace) -> None:
