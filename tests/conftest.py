@@ -166,6 +166,12 @@ def sample_text_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def et_kernel_cache(tmp_path_factory) -> Path:
+    """One cache for the ExecuTorch kernel library, so the test modules that load it build it once."""
+    return tmp_path_factory.mktemp("et-kernel-cache")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own empty liftedge cache."""

@@ -62,9 +62,9 @@ def rel_err(got, ref) -> float:
 
 
 @pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory):
-    """One kernel build for the module (the autouse fixture gives each test an empty cache)."""
-    return tmp_path_factory.mktemp("et-kernel-cache")
+def kernel_cache(et_kernel_cache):
+    """One kernel build for the session (the autouse fixture gives each test an empty cache)."""
+    return et_kernel_cache
 
 
 @pytest.fixture(autouse=True)

@@ -40,8 +40,9 @@ CORE = [kernel.KERNEL_DIR / "lq_lut.cpp", kernel.KERNEL_DIR / "lq_linear.cpp"]
 
 
 @pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("lut-kernel-cache")
+def kernel_cache(et_kernel_cache):
+    """The session's kernel build (shared with test_executorch.py)."""
+    return et_kernel_cache
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,8 @@ tensor as packed (float factors fp16), so the `.pte` holds the pack's bytes. `si
 the pack's row-major uint8 [out, row_nbytes] or, as `LqLinear` writes it for the kernel, the
 same bytes in the table-lookup kernel's 32-row-interleaved nibble layout, uint8 [tiles,
 groups, 16] (`liftedge.lutpack`); the rank tells them apart, so the schema is the same and
-`scale` gives the output rows. The torch implementation is the reference computation (`targets/reference/liftquant.py`
-LiftLinear.forward order) in stock torch ops; ExecuTorch runs the C++ kernel (`kernels/`)
+`scale` gives the output rows. The torch implementation is the reference computation
+(`targets/reference/liftquant.py` LiftLinear.forward order) in stock torch ops; ExecuTorch runs the C++ kernel (`kernels/`)
 registered under the same name. `LqLinear` is the module that replaces a reference
 `LiftLinear` before export; `liftedge.bitpack.unpack_signs_torch` is the stock-operator bit unpack the fallback
 lowering (`custom_ops=False`) shares with this implementation.
