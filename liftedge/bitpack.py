@@ -36,7 +36,8 @@ def _check_nbits(nbits: int) -> None:
 
 
 def pack_bits(codes: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Pack unsigned codes (< 2**nbits) along the last dimension into uint8 rows."""
+    """Pack unsigned codes (< 2**nbits) along the last dimension into uint8 rows (on the CPU:
+    packed fields are what packs store; decoders move them to the device of their float fields)."""
     _check_nbits(nbits)
     arr = codes.detach().cpu().numpy()
     if arr.size and (arr.min() < 0 or arr.max() >= (1 << nbits)):
@@ -49,16 +50,23 @@ def pack_bits(codes: torch.Tensor, nbits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, nbits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: uint8 rows -> uint8 codes [..., n]."""
+    """Inverse of `pack_bits`: uint8 rows -> uint8 codes [..., n], on `packed`'s device.
+
+    Torch operators only, so decoding runs where the packed tensor lives (CPU, GPU, or the
+    `meta` device in shape checks) and never mixes devices with the float fields beside it.
+    """
     _check_nbits(nbits)
-    arr = packed.detach().cpu().numpy().astype(np.uint8)
     expected = packed_row_nbytes(n, nbits)
-    if arr.shape[-1] != expected:
-        raise ValueError(f"packed rows hold {arr.shape[-1]} bytes, expected {expected} for {n} codes")
-    bits = np.unpackbits(arr, axis=-1, count=n * nbits, bitorder="little")
-    bits = bits.reshape(*arr.shape[:-1], n, nbits)
-    weights = (1 << np.arange(nbits, dtype=np.uint16)).astype(np.uint16)
-    return torch.from_numpy((bits.astype(np.uint16) * weights).sum(-1).astype(np.uint8))
+    if packed.shape[-1] != expected:
+        raise ValueError(f"packed rows hold {packed.shape[-1]} bytes, expected {expected} for {n} codes")
+    lead = tuple(packed.shape[:-1])
+    masks = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=packed.device)
+    bits = torch.bitwise_and(packed.to(torch.uint8).unsqueeze(-1), masks) != 0  # [..., bytes, 8], LSB first
+    bits = bits.reshape(*lead, -1)[..., : n * nbits].reshape(*lead, n, nbits)
+    out = torch.zeros(*lead, n, dtype=torch.uint8, device=packed.device)
+    for j in range(nbits):
+        out |= bits[..., j].to(torch.uint8) << j
+    return out
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:

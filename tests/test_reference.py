@@ -112,3 +112,49 @@ def test_registering_a_format_is_one_decorator():
             register_format("test-negated")(Negated)
     finally:
         FORMATS.pop("test-negated", None)
+
+
+# ---------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 5, 8])
+def test_bit_packing_round_trips_on_the_packed_device(nbits):
+    from liftedge.bitpack import pack_bits, unpack_bits
+
+    codes = torch.randint(0, 1 << nbits, (3, 13), generator=torch.Generator().manual_seed(nbits))
+    packed = pack_bits(codes, nbits)
+    assert torch.equal(unpack_bits(packed, nbits, 13), codes.to(torch.uint8))
+    on_meta = unpack_bits(packed.to("meta"), nbits, 13)  # decoding stays where the bytes are
+    assert on_meta.device.type == "meta" and on_meta.shape == (3, 13)
+
+
+def _examples() -> list[tuple[str, QuantizedTensor]]:
+    g = torch.Generator().manual_seed(1)
+    symmetric = encode_int(torch.randint(0, 4, (5, 9), generator=g), torch.rand(5, 3, generator=g) + 0.1,
+                           torch.zeros(5, 3), bits=2, group_size=4, symmetric=True)
+    return [(name, fmt.example()) for name, fmt in sorted(FORMATS.items())] + [("int", symmetric)]
+
+
+def test_every_format_decodes_on_the_device_of_its_fields():
+    # `plan --device cuda` crashed in the int decoder ("Expected all tensors to be on the same
+    # device"): constants it made on the CPU met fields on the GPU. The `meta` device stands in
+    # for any second device here: a CPU tensor mixed into a meta computation raises the same way.
+    for name, qt in _examples():
+        fmt = get_format(name)
+        moved = QuantizedTensor(qt.fmt, {k: v.to("meta") for k, v in qt.tensors.items()}, dict(qt.meta))
+        w = fmt.dequantize(moved)
+        assert w.device.type == "meta" and w.shape == fmt.dequantize(qt).shape, name
+        if name in ("fp16", "int"):  # the formats that can hold an embedding table
+            rows = torch.tensor([[0, 2], [1, 1]])
+            assert fmt.dequantize_rows(moved, rows).device.type == "meta", name
+
+
+@pytest.mark.cuda
+def test_formats_decode_on_cuda_as_on_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for name, qt in _examples():
+        fmt = get_format(name)
+        on_gpu = QuantizedTensor(qt.fmt, {k: v.cuda() for k, v in qt.tensors.items()}, dict(qt.meta))
+        # Same float32 arithmetic on another device: equal up to fused-multiply-add rounding.
+        torch.testing.assert_close(fmt.dequantize(on_gpu).cpu(), fmt.dequantize(qt), rtol=1e-5, atol=1e-6)

@@ -69,16 +69,18 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def decode_int(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unpack (codes [out, in], scale [out, ng] float32, zero [out, ng] float32)."""
+    """Unpack (codes [out, in], scale [out, ng] float32, zero [out, ng] float32), all on the
+    device of the stored scale."""
     m = qt.meta
     bits, out_features, in_features = m["bits"], m["out_features"], m["in_features"]
     ng = n_groups(in_features, m["group_size"])
-    codes = unpack_codes(qt.tensors["codes"], bits, in_features)
     scale = qt.tensors["scale"].to(torch.float32)
+    device = scale.device
+    codes = unpack_codes(qt.tensors["codes"].to(device), bits, in_features)
     if m["symmetric"]:
-        zero = torch.full((out_features, ng), float(symmetric_zero(bits)), device=scale.device)
+        zero = torch.full((out_features, ng), float(symmetric_zero(bits)), device=device)
     else:
-        zero = unpack_codes(qt.tensors["zero"], bits, ng).to(torch.float32)
+        zero = unpack_codes(qt.tensors["zero"].to(device), bits, ng).to(torch.float32)
     return codes, scale, zero
 
 
@@ -105,13 +107,13 @@ class IntFormat(Format):
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
         codes, scale, zero = decode_int(qt)
         g = qt.meta["group_size"]
-        cols = torch.arange(qt.meta["in_features"], device=scale.device) // g  # the tensors' device
+        cols = torch.arange(qt.meta["in_features"], device=scale.device) // g
         return (codes.to(torch.float32) - zero[:, cols]) * scale[:, cols]
 
     def dequantize_rows(self, qt: QuantizedTensor, rows: torch.Tensor) -> torch.Tensor:
         # Rows are independent (each packed row starts on a byte): gather the stored rows of
         # every field, then decode that small tensor exactly as a whole weight is decoded.
-        flat = rows.reshape(-1).to(torch.int64).cpu()
+        flat = rows.reshape(-1).to(device=qt.tensors["scale"].device, dtype=torch.int64)
         picked = QuantizedTensor("int", {k: v[flat] for k, v in qt.tensors.items()},
                                  {**qt.meta, "out_features": int(flat.numel())})
         return self.dequantize(picked).reshape(*rows.shape, qt.meta["in_features"])

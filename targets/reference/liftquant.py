@@ -67,8 +67,9 @@ def factors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     """The stored fields decoded to float32 (signs as ±1 [out, n_blocks * D])."""
     m = qt.meta
     width = n_blocks(m["in_features"], m["d"]) * m["D"]
-    out = {k: v.to(torch.float32) for k, v in qt.tensors.items() if k != "signs"}
-    out["signs"] = unpack_signs(qt.tensors["signs"], width)
+    device = qt.tensors["scale"].device  # every factor decoded where the stored scale lives
+    out = {k: v.to(device, torch.float32) for k, v in qt.tensors.items() if k != "signs"}
+    out["signs"] = unpack_signs(qt.tensors["signs"].to(device), width)
     return out
 
 
