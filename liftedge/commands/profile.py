@@ -94,6 +94,9 @@ def _profile_in_scratch(req, out: Path, progress) -> dict:
         report = profile_artifact(req, scratch, progress=progress)
         for item in scratch.iterdir():
             os.replace(item, out / item.name)
+        # the report names its raw files where they now live, not in the scratch folder
+        report["files"] = {k: str(out / Path(v).name) if Path(v).parent == scratch else v
+                           for k, v in report.get("files", {}).items()}
         return report
     except BaseException:
         if created:
