@@ -27,7 +27,7 @@ from liftedge.plan import Option
 from liftedge.model import list_sites, load_model, site_weight
 from liftedge.packed import install_reference_modules
 from liftedge.quantize.liftquant import LiftQuantConfig, LiftQuantQuantizer
-from liftedge.text import calibration_tokens, protocol_text, read_text, tokenize
+from liftedge.text import bos_id, calibration_tokens, protocol_text, read_text, tokenize, with_bos
 
 
 def _kl(ref_logits, logits) -> float:
@@ -61,7 +61,10 @@ def validate(loaded, tokens, sens, eval_ids: torch.Tensor, n_sites: int, option:
     chosen = chosen_sites([n for n in sens.table if n in linear], n_sites)  # linear sites: LiftQuant-coded below
     stats = collect_stats(loaded, tokens)
     sites = {s.name: s for s in list_sites(loaded.model)}
-    batch = eval_ids[: ctx * windows].reshape(windows, ctx)
+    bos = bos_id(loaded.tokenizer)  # windows as `liftedge.evaluate` cuts them: BOS + ctx-1 text tokens where expected
+    width = ctx - (bos is not None)
+    batch = torch.stack([torch.tensor(with_bos(eval_ids[w * width:(w + 1) * width].tolist(), loaded.tokenizer))
+                         for w in range(windows)])
     with torch.no_grad():
         ref = loaded.model(batch).logits
     rows = []

@@ -49,12 +49,12 @@ def get_target(name: str) -> ModuleType:
 
 
 def pack_summary(pack: Path) -> dict[str, Any]:
-    """What the report repeats from the pack's manifest (source, totals, plan, site formats)."""
+    """What the report repeats from the pack's manifest (source, totals, text protocol, plan, site formats)."""
     from liftedge.packed import read_manifest
 
     manifest = read_manifest(pack)
     return {"path": str(pack), "source": manifest.get("source"), "totals": manifest.get("totals"),
-            "plan": manifest.get("plan"),
+            "protocol": manifest.get("protocol"), "plan": manifest.get("plan"),
             "site_formats": {name: entry.get("fmt") for name, entry in manifest.get("sites", {}).items()}}
 
 

@@ -151,6 +151,10 @@ def _load_hf_dir(folder: Path, dtype: torch.dtype, source: str | None = None,
     tokenizer = _call(f"transformers could not load the tokenizer in {folder} (tokenizer.json or "
                       "tokenizer_config.json + vocab files)", AutoTokenizer.from_pretrained,
                       folder, trust_remote_code=False)
+    if (folder / "tokenizer_config.json").is_file():
+        from liftedge.text import follow_tokenizer_config
+
+        follow_tokenizer_config(tokenizer, _read_json(folder / "tokenizer_config.json", what="the tokenizer configuration"))
     if source_hash is None:
         source_hash = _hash_files(folder, [folder / "config.json", *weights, *(folder / n for n in TOKENIZER_FILES)])
     return _finish(model, tokenizer, family, source or str(folder), source_hash)

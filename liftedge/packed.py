@@ -69,6 +69,7 @@ def save_packed(path: str | os.PathLike, loaded, qtensors: Mapping[str, Quantize
     Returns the manifest written.
     """
     from liftedge.model import list_sites
+    from liftedge.text import protocol_name
 
     model = loaded.model
     sites = {s.name: s for s in list_sites(model)}
@@ -86,6 +87,7 @@ def save_packed(path: str | os.PathLike, loaded, qtensors: Mapping[str, Quantize
         "version": PACK_VERSION,
         "liftedge_version": __version__,
         "source": {"path": _absolute_source(loaded.source), "sha256": loaded.source_hash, "family": loaded.family},
+        "protocol": protocol_name(loaded.tokenizer),  # text fed with BOS first or not (liftedge.text)
         "quantizer": quantizer,
         "calibration": calibration,
         "plan": plan,

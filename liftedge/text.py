@@ -79,6 +79,27 @@ def protocol_name(tokenizer) -> str:
     return "bos" if bos_id(tokenizer) is not None else "no-bos"
 
 
+def follow_tokenizer_config(tokenizer, tokenizer_config: dict) -> None:
+    """Make `tokenizer` add BOS exactly when its tokenizer_config.json says `add_bos_token`.
+
+    transformers 5 drops that flag when a tokenizer.json is present and follows the
+    tokenizer.json post-processor alone, so a folder whose config asks for BOS (Llama 2,
+    Gemma exports) but whose tokenizer.json has no template would lose it. Setting the flag
+    on the tokenizer rewrites its template, so a pack saved from it keeps the same protocol.
+    """
+    wanted = tokenizer_config.get("add_bos_token")
+    if not isinstance(wanted, bool) or (bos_id(tokenizer) is not None) == wanted:
+        return
+    if wanted and getattr(tokenizer, "bos_token_id", None) is None:
+        log.warning("tokenizer_config.json asks for a BOS token but names none; text is used without BOS")
+        return
+    if not isinstance(getattr(type(tokenizer), "add_bos_token", None), property):
+        log.warning("this tokenizer cannot be told add_bos_token=%s; following its own template", wanted)
+        return
+    tokenizer.add_bos_token = wanted
+    log.info("tokenizer_config.json sets add_bos_token=%s: the tokenizer now follows it", wanted)
+
+
 def with_bos(ids: Sequence[int], tokenizer) -> list[int]:
     """`ids` with the tokenizer's BOS in front where the model expects one (never doubled)."""
     bos = bos_id(tokenizer)

@@ -103,3 +103,44 @@ def test_verification_prompt_starts_with_bos(tiny_llama_dir, bos_llama_dir):
     plain = load_model(tiny_llama_dir).tokenizer
     tok = load_model(bos_llama_dir).tokenizer
     assert prompt_ids(tok) == [bos_id(tok), *prompt_ids(plain)]
+
+
+@pytest.fixture(scope="module")
+def config_bos_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama whose tokenizer_config.json says `add_bos_token: true` while its
+    tokenizer.json template adds nothing (as Llama 2 / Gemma exports can be): transformers 5
+    reads only the template, liftedge follows the config."""
+    path = tmp_path_factory.mktemp("config_bos")
+    for item in tiny_llama_dir.iterdir():
+        if item.is_file():
+            shutil.copy(item, path / item.name)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    return path
+
+
+def test_tokenizer_config_add_bos_token_is_followed(config_bos_dir, sample_text_file):
+    from transformers import AutoTokenizer
+
+    assert bos_id(AutoTokenizer.from_pretrained(config_bos_dir)) is None  # what transformers alone does
+    tok = load_model(config_bos_dir).tokenizer
+    assert bos_id(tok) == tok.bos_token_id and protocol_name(tok) == "bos"
+    samples = calibration_tokens(tok, [sample_text_file], 3, 16, seed=0)
+    assert (samples[:, 0] == tok.bos_token_id).all()
+
+
+@pytest.mark.parametrize("folder", ["bos_llama_dir", "config_bos_dir", "tiny_llama_dir"])
+def test_pack_manifest_and_report_name_the_protocol(folder, request, tmp_path):
+    """The pack records the protocol, its saved tokenizer keeps it (transformers drops
+    `add_bos_token` from a saved tokenizer_config.json; the template carries it) and the
+    build report repeats it."""
+    from liftedge.lowering import pack_summary
+    from liftedge.packed import load_packed, read_manifest, save_packed
+
+    loaded = load_model(request.getfixturevalue(folder))
+    expected = protocol_name(loaded.tokenizer)
+    assert expected == ("no-bos" if folder == "tiny_llama_dir" else "bos")
+    save_packed(tmp_path / "pack", loaded, {}, method="fp16", calibration={"source": "none"})
+    assert read_manifest(tmp_path / "pack")["protocol"] == expected
+    assert protocol_name(load_packed(tmp_path / "pack").tokenizer) == expected
+    assert pack_summary(tmp_path / "pack")["protocol"] == expected

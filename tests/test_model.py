@@ -195,8 +195,9 @@ def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(hf_dir: Path, path: Path) -> Path:
-    """Write the tiny Llama in `hf_dir` (weights and byte-level BPE tokenizer) as an F32 GGUF."""
+def write_tiny_gguf(hf_dir: Path, path: Path, add_bos: bool | None = None) -> Path:
+    """Write the tiny Llama in `hf_dir` (weights and byte-level BPE tokenizer) as an F32 GGUF
+    (with `tokenizer.ggml.add_bos_token` when `add_bos` is given)."""
     import gguf
 
     config = json.loads((hf_dir / "config.json").read_text())
@@ -222,6 +223,8 @@ def write_tiny_gguf(hf_dir: Path, path: Path) -> Path:
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
     for hf_name, tensor in sorted(load_file(hf_dir / "model.safetensors").items()):
         base, suffix = hf_name.rsplit(".", 1)
@@ -260,6 +263,16 @@ def test_gguf_matches_the_same_weights_from_a_folder(tiny_gguf, loaded):
     # 1e-5 leaves room for float32 summation order, far below any config mismatch (~1e-1).
     assert (la - lb).norm() / lb.norm() < 1e-5
     assert len(from_gguf.source_hash) == 64 and from_gguf.source_hash != from_dir.source_hash
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_gguf_add_bos_token_sets_the_text_protocol(family_dirs, tmp_path, add_bos):
+    """`tokenizer.ggml.add_bos_token` decides whether text starts with BOS (liftedge.text)."""
+    from liftedge.text import bos_id, protocol_name
+
+    tok = load_model(write_tiny_gguf(family_dirs["llama"], tmp_path / "m.gguf", add_bos=add_bos)).tokenizer
+    assert bos_id(tok) == (0 if add_bos else None)
+    assert protocol_name(tok) == ("bos" if add_bos else "no-bos")
 
 
 def test_gguf_with_unsupported_architecture(tmp_path):

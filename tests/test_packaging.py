@@ -75,3 +75,20 @@ def test_build_prints_no_setuptools_warnings(tmp_path):
     noise = [line for line in (done.stdout + done.stderr).splitlines()
              if "Warning" in line and ("setuptools" in line.lower() or "!!" in line)]
     assert noise == []
+
+
+def test_library_code_never_imports_the_cli_layer():
+    """Library modules (all but `liftedge.cli` and `liftedge.commands`) and the targets must not
+    import the argument-parsing layer: the dependency points from the CLI to them."""
+    import ast
+
+    library = [p for p in (ROOT / "liftedge").rglob("*.py")
+               if p != ROOT / "liftedge" / "cli.py" and "commands" not in p.relative_to(ROOT / "liftedge").parts]
+    offenders = []
+    for path in library + sorted((ROOT / "targets").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "liftedge.cli" or n.startswith("liftedge.commands") for n in names):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders

@@ -19,6 +19,7 @@ from liftedge.quantize import (
 from liftedge.quantize.base import int_grid
 from liftedge.targets.reference import dequantize, get_format
 from liftedge.targets.reference.integer import decode_int
+from liftedge.types import QuantizedTensor
 
 BITS = (2, 3, 4, 8)
 
@@ -214,3 +215,24 @@ def test_cli_quantize_and_inspect_end_to_end(tiny_llama_dir, sample_text_file, t
     assert manifest["calibration"]["source"] == "data-free"
     assert manifest["quantizer"]["config"]["act_order"] is False
     assert main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "5", "-o", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", sorted(QUANTIZERS))
+def test_every_quantizer_on_cuda_gives_a_tensor_that_decodes_there(method):
+    """`build --device cuda` quantizes on the GPU: each method's tensor must decode on the GPU
+    (the int decoder once mixed CPU constants into GPU fields) and match the CPU's decode."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    entry = QUANTIZERS[method]
+    w = heavy_tailed(16, 80)
+    stats = Stats(correlated_hessian(80)) if entry.needs_stats else None
+    gpu_stats = Stats(stats.hessian.cuda()) if stats is not None else None
+    qt = make_quantizer(method, entry.example()).quantize(w.cuda(), gpu_stats)
+    get_format(qt.fmt).check(qt)
+    on_gpu = QuantizedTensor(qt.fmt, {k: v.cuda() for k, v in qt.tensors.items()}, dict(qt.meta))
+    deq = dequantize(on_gpu)
+    assert deq.device.type == "cuda" and deq.shape == w.shape
+    # Same fields decoded on the CPU: float32 on two devices, equal up to FMA rounding.
+    torch.testing.assert_close(deq.cpu(), dequantize(qt), rtol=1e-5, atol=1e-6)
+    assert float((deq.cpu() - w).norm() / w.norm()) < 1.0  # as on the CPU: a >= 2-bit grid

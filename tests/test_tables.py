@@ -225,3 +225,28 @@ def test_plan_offers_only_what_the_runtime_lowers(llama_table, monkeypatch):
     assert make_plan(sens, dims, smallest).plan.options_by_site()["model.embed_tokens"] == "int8-g64"
     monkeypatch.setattr(coreml, "TABLE_OPTIONS", (FP16_OPTION,))
     assert make_plan(sens, dims, smallest).plan.options_by_site()["model.embed_tokens"] == FP16_OPTION
+
+
+@pytest.mark.cuda
+def test_planned_pack_quantized_on_cuda_matches_the_plan(llama_table, tmp_path):
+    """`build --device cuda`: the planned pack (LiftQuant linears, int tables) quantized on the
+    GPU stores exactly the planned bytes and decodes to what the CPU's pack decodes to."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from liftedge.quantize.save import quantize_and_save
+
+    loaded, sens = llama_table
+    dims = ModelDims(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=320)
+    plan = make_plan(sens, dims, BudgetRequest(lam=0.0)).plan
+    assert any(c.option in TABLE_OPTIONS for c in plan.choices)  # int sites planned: the case that crashed
+    tokens = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
+    packs = {}
+    for device in ("cpu", "cuda"):
+        manifest = quantize_and_save(load_model(loaded.source), tokens, {}, plan_configs(plan), None,
+                                     tmp_path / device, device=device)
+        assert manifest["totals"]["nbytes"] == plan.total_nbytes
+        packs[device] = read_quantized(tmp_path / device)
+    for name, qt in packs["cpu"].items():
+        if qt.fmt == "int":  # round-to-nearest on the same weights: the same codes on both devices
+            gpu = packs["cuda"][name]
+            assert all(torch.equal(qt.tensors[k], gpu.tensors[k]) for k in qt.tensors), name
