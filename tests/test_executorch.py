@@ -22,7 +22,7 @@ from conftest import make_tiny_pack  # noqa: E402
 from liftedge.errors import ArtifactError  # noqa: E402
 from liftedge.lattice import shipped_rates  # noqa: E402
 from liftedge.lowering import build_artifact  # noqa: E402
-from liftedge.targets.executorch import export, kernel, ops, parse_options, runtime  # noqa: E402
+from liftedge.targets.executorch import export, kernel, ops, parse_options, runner_check, runtime  # noqa: E402
 from liftedge.targets.reference.liftquant import LiftLinear, encode_liftquant, n_blocks  # noqa: E402
 from liftedge.verify import VerificationError  # noqa: E402
 from liftedge.whiten import kron_factors  # noqa: E402
@@ -167,12 +167,37 @@ def test_build_llama_custom_op_verified(builds, mixed_pack):
     assert all(v["why"] for v in report["sites"].values())
     assert report["sites"]["lm_head"]["lowering"] == "liftedge::fp16_linear"  # fp16 head, fp32 sums
     assert json.loads((builds[True]["out"] / "report.json").read_text())["verification"]["passed"]
+    # ExecuTorch's own LLM runner, with the kernel library loaded, reproduces the reference's tokens
+    (runner,) = report["verification"]["runners"]
+    assert runner["runner"].endswith("TextLLMRunner") and runner["accepted"] is True
+    assert runner["tokens"] == runner_check.expected_tokens(report["verification"]["reference_tokens"], [0])
+    assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear", "liftedge::fp16_linear"}
+    assert report["runtime"]["kernel_library"]["operators"] == runner["kernel_library"]["operators"]
+
+
+def test_runner_metadata_from_plan_and_tokenizer(builds):
+    """The constant methods TextLLMRunner reads: prefill bound, planned context, vocab, BOS/EOS."""
+    meta = builds[True]["runner_metadata"]
+    assert meta["get_max_seq_len"] == 64 and meta["get_max_context_len"] == 128
+    assert meta["get_vocab_size"] == 320  # conftest.TINY_VOCAB
+    assert meta["get_bos_id"] == 0 and meta["get_eos_ids"] == [0]  # conftest's tokenizer config
+    assert meta["use_kv_cache"] and meta["enable_dynamic_shape"]
+
+
+def test_runner_check_refuses_other_tokens(builds, mixed_pack):
+    """A runner whose tokens differ from the reference fails verification (the check can fail)."""
+    report = builds[False]
+    wrong = [(t + 1) % 320 if t != 0 else 1 for t in report["verification"]["reference_tokens"]]
+    with pytest.raises(VerificationError, match="TextLLMRunner generated other greedy tokens"):
+        runner_check.check_text_llm_runner(builds[False]["out"], mixed_pack, report, {}, wrong)
 
 
 def test_fallback_needs_no_kernel_and_agrees(builds):
     report = builds[False]
     assert report["verification"]["passed"] and report["requires_kernel_library"] is False
     assert report["custom_op_calls"] == 0
+    (runner,) = report["verification"]["runners"]  # the fallback runs in the stock runner alone
+    assert runner["accepted"] is True and "kernel_library" not in runner
     ids = torch.tensor([[5, 17, 101, 3, 250, 9, 42]])
     pos = torch.arange(ids.shape[1])
     logits = {}
@@ -240,6 +265,7 @@ def test_build_other_families(family, tmp_path):
     pack = make_tiny_pack(family, tmp_path / "pack")
     report = build_artifact(pack, "executorch", tmp_path / "art", options={"max_context": 128, "max_prefill": 64})
     assert report["verification"]["passed"]
+    assert [r["accepted"] for r in report["verification"]["runners"]] == [True]  # TextLLMRunner
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

@@ -11,7 +11,8 @@ Implements the `liftedge.lowering` contract:
 Modules: `ops` (the torch ops `liftedge::lq_linear`, `fp16_linear`, `int_linear` + `.out`),
 `kernel` (build/cache/load the C++ kernel library from `kernels/`), `modules` (export-time
 replacements of the other site formats, int8/int4 embedding tables included), `export` (static KV cache, torch.export, XNNPACK lowering), `runtime`
-(running and verifying a `.pte`). `CMakeLists.txt` links `kernels/` into an app's runtime.
+(running and verifying a `.pte`), `runner_check` (ExecuTorch's TextLLMRunner on the `.pte`,
+registered in `liftedge.runners`). `CMakeLists.txt` links `kernels/` into an app's runtime.
 """
 
 from __future__ import annotations
@@ -54,9 +55,13 @@ def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
     report["runtime"] = {"max_context": opts["max_context"], "max_prefill": opts["max_prefill"],
                          "inputs": "(input_ids int64 [1, n], cache_position int64 [n]), 1 <= n <= max_prefill",
                          "outputs": "logits float32 [1, n, vocab]",
-                         "kernel_library": ("targets/executorch/CMakeLists.txt (liftedge_kernels) "
-                                            "must be linked into the app" if report["requires_kernel_library"]
-                                            else "not needed: stock operators only")}
+                         "kernel_library": ({"needed": True, "operators": report["custom_operators"],
+                                             "cmake_target": "liftedge_kernels (targets/executorch/CMakeLists.txt)",
+                                             "python": "liftedge.targets.executorch.kernel.load_library()"}
+                                            if report["requires_kernel_library"]
+                                            else {"needed": False, "why": "stock operators only"}),
+                         "runner": "executorch.extension.llm.runner.TextLLMRunner reads the metadata "
+                                   "methods " + ", ".join(sorted(report["runner_metadata"]))}
     return report
 
 
@@ -64,6 +69,10 @@ def verify(out: Path, pack: Path, report: dict[str, Any], options: dict[str, Any
     from liftedge.targets.executorch.export import PTE_NAME
     from liftedge.targets.executorch.runtime import verify_pte
 
+    from liftedge.runners import run_checks
+
     opts = parse_options(options)
-    return verify_pte(Path(out) / PTE_NAME, Path(pack), bool(report.get("requires_kernel_library")),
-                      opts["max_prefill"], opts["max_context"], opts["verify_tokens"])
+    record = verify_pte(Path(out) / PTE_NAME, Path(pack), bool(report.get("requires_kernel_library")),
+                        opts["max_prefill"], opts["max_context"], opts["verify_tokens"])
+    record["runners"] = run_checks(NAME, Path(out), Path(pack), report, opts, record["reference_tokens"])
+    return record

@@ -12,6 +12,9 @@
 3. `torch.export` (strict, as DEPS.md found necessary with torch 2.13), then
    `to_edge_transform_and_lower` with the XNNPACK partitioner (attention, norms, fp matmuls),
    then `to_executorch`; the custom op stays outside the delegate and runs the C++ kernel.
+4. The program carries the constant methods ExecuTorch's LLM runner reads
+   (`executorch.extension.llm.runner.TextLLMRunner`; `runner_metadata`): prefill bound,
+   planned context, vocabulary, BOS/EOS ids from the tokenizer config.
 
 This module owns the export; the op is `ops.py`, the kernel `kernel.py`, checks `runtime.py`.
 """
@@ -188,8 +191,39 @@ def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.Export
                                    strict=True)
 
 
+def runner_metadata(loaded, opts: ExportOptions) -> dict[str, Any]:
+    """The constant methods ExecuTorch's LLM runner reads (names as executorch 1.5.1's
+    `llm_runner_helper` spells them; `get_max_seq_len` is required, the others have defaults
+    there that would be wrong for us). Values: the prefill bound, the context the memory plan
+    budgeted, the logits width, BOS/EOS from the tokenizer and generation config."""
+    tok, model = loaded.tokenizer, loaded.model
+    eos: set[int] = set()
+    for source in (getattr(tok, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None),
+                   getattr(model.config, "eos_token_id", None)):
+        for value in source if isinstance(source, (list, tuple)) else [source]:
+            if value is not None:
+                eos.add(int(value))
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(model.config, "bos_token_id", None)
+    meta: dict[str, Any] = {
+        "get_max_seq_len": opts.max_prefill,      # longest chunk one forward call accepts
+        "get_max_context_len": opts.max_context,  # the static KV cache (memory plan's context)
+        "get_vocab_size": int(model.get_output_embeddings().weight.shape[0]
+                              if hasattr(model.get_output_embeddings(), "weight") else model.config.vocab_size),
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,             # forward takes 1..max_prefill tokens per call
+    }
+    if bos is not None:
+        meta["get_bos_id"] = int(bos)
+    if eos:
+        meta["get_eos_ids"] = sorted(eos)
+    return meta
+
+
 def to_pte(program: torch.export.ExportedProgram, partitioners: list | None = None, *,
-           etrecord: Path | None = None):
+           etrecord: Path | None = None, constant_methods: dict[str, Any] | None = None):
     """Lower to ExecuTorch (XNNPACK by default); returns (.pte bytes, operator counts).
 
     With `etrecord`, the ETRecord (the edge graph with debug handles, which the profiler
@@ -200,6 +234,7 @@ def to_pte(program: torch.export.ExportedProgram, partitioners: list | None = No
 
     # IR validity is not checked: liftedge::lq_linear is not a core ATen op (it is ours).
     edge = to_edge_transform_and_lower(program, partitioner=partitioners or [XnnpackPartitioner()],
+                                       constant_methods=constant_methods,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                        generate_etrecord=etrecord is not None)
     counts = op_counts(edge.exported_program().graph_module)
@@ -251,9 +286,13 @@ def lower_pack(pack: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
     """Write `out/model.pte`; return the report's lowering fields."""
     loaded, model, sites = prepare_model(pack, opts)
     program = export_program(model, opts)
+    metadata = runner_metadata(loaded, opts)
     del loaded
-    data, counts = to_pte(program)
+    data, counts = to_pte(program, constant_methods=metadata)
     (out / PTE_NAME).write_bytes(data)
+    custom = sorted(k.split(".")[1] if "." in k else k for k in counts if k.startswith(f"{ops.NAMESPACE}."))
     n_custom = sum(v for k, v in counts.items() if k.startswith(f"{ops.NAMESPACE}."))
     return {"sites": sites, "operators": counts, "custom_op_calls": n_custom,
-            "requires_kernel_library": n_custom > 0}
+            "requires_kernel_library": n_custom > 0,
+            "custom_operators": [f"{ops.NAMESPACE}::{name}" for name in custom],
+            "runner_metadata": metadata}

@@ -31,9 +31,8 @@ TOLERANCE = 1.5e-2
 
 
 def calls_custom_op(path: Path) -> bool:
-    """Whether the program names liftedge::lq_linear (operator names are stored as text)."""
-    data = Path(path).read_bytes()
-    return b"liftedge::lq_linear" in data or b"liftedge::fp16_linear" in data
+    """Whether the program names a liftedge:: operator (operator names are stored as text)."""
+    return b"liftedge::" in Path(path).read_bytes()
 
 
 def load_method(path: Path, needs_kernel: bool):
@@ -53,7 +52,7 @@ def load_method(path: Path, needs_kernel: bool):
     except Exception as exc:  # the runtime raises RuntimeError and logs details on stderr
         hint = ""
         if calls_custom_op(path):
-            hint = ("; the program calls liftedge::lq_linear, whose kernel library is not loaded: call "
+            hint = ("; the program calls liftedge:: operators, whose kernel library is not loaded: call "
                     "liftedge.targets.executorch.kernel.load_library() first (in an app, link "
                     "targets/executorch/CMakeLists.txt's liftedge_kernels)")
         raise ArtifactError(f"ExecuTorch cannot load {path}: {exc}{hint}") from None
