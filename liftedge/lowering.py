@@ -16,8 +16,9 @@ A target is a module under `liftedge.targets` (the repository's `targets/` folde
 `build_artifact` runs lower + verify inside `liftedge.io.atomic_output_dir`, so a failed or
 interrupted build leaves nothing at the destination and an earlier artifact stays intact;
 `report.json` (lowering, verification, sizes, the pack's manifest summary) and the pack's
-tokenizer files are written beside the artifact. This module owns that sequence, the registry
-and the parsing of target options (`parse_target_options`); formats and runtimes belong to the
+tokenizer files are written beside the artifact. This module owns that sequence, the registry,
+the parsing of target options (`parse_target_options`) and what every runner's metadata takes
+from the tokenizer (`special_tokens`: BOS/EOS/PAD ids); formats and runtimes belong to the
 targets.
 """
 
@@ -68,6 +69,50 @@ def copy_tokenizer(pack: Path, out: Path) -> list[str]:
             shutil.copyfile(pack / name, out / name)
             copied.append(name)
     return copied
+
+
+def special_tokens(pack: Path) -> dict[str, Any]:
+    """BOS / EOS / PAD ids an app's runner needs: {"bos_token_id", "eos_token_ids", "pad_token_id"}.
+
+    The tokenizer's own tokens come first (what the text was trained with); EOS ids that only
+    `generation_config.json` or `config.json` list (Llama 3 style stop tokens) are added after
+    them. PAD falls back to the first EOS, as Hugging Face generation does. BOS may be None (a
+    tokenizer without one); EOS is never empty (a runner would then stop only at the length).
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(pack), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raise many types for a bad file
+        raise ArtifactError(f"the tokenizer in {pack} cannot be read ({type(exc).__name__}: {exc})") from None
+    bos, eos = tok.bos_token_id, [] if tok.eos_token_id is None else [int(tok.eos_token_id)]
+    for name in ("generation_config.json", "config.json"):
+        path = Path(pack) / name
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        extra = data.get("eos_token_id")
+        for token in extra if isinstance(extra, list) else [] if extra is None else [extra]:
+            if int(token) not in eos:
+                eos.append(int(token))
+        if bos is None and data.get("bos_token_id") is not None:
+            bos = data["bos_token_id"]
+    if not eos:
+        raise ArtifactError(f"the tokenizer in {pack} names no end-of-sequence token; a runner could not stop")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    return {"bos_token_id": None if bos is None else int(bos), "eos_token_ids": eos, "pad_token_id": int(pad)}
+
+
+def chat_template(pack: Path) -> str | None:
+    """The tokenizer's chat template (`chat_template.jinja`, else `tokenizer_config.json`), or None."""
+    import json
+
+    path = Path(pack) / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text()
+    config = Path(pack) / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
 
 
 def folder_nbytes(folder: Path) -> dict[str, int]:

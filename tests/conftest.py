@@ -90,14 +90,16 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 def make_tiny_pack(family: str, path: Path, *, rate: str = "24/10", mixed: bool = False, seed: int = 0,
-                   embedding: str | None = None) -> Path:
+                   embedding: str | None = None, limit: int | None = None) -> Path:
     """A LiftQuant pack of a tiny random `family` model at `path` (no correction: fast).
 
     `mixed=True` makes the pack look like a planner's: odd blocks' MLP down projections
     become 4-bit integers (RTN, group 32) and the key projections use LQ-12/4, so targets
     see every site format and more than one rate. `embedding` (a table option of
     `liftedge.measure.TABLE_OPTIONS`, e.g. "int8-g64") stores the token embedding with it,
-    and an untied head too (a tied head follows the embedding).
+    and an untied head too (a tied head follows the embedding). `limit` quantizes only the
+    first `limit` linear sites (the rest stay fp16): a pack in a few seconds, for tests of a
+    runtime's I/O rather than of every site's lowering.
     """
     from liftedge.model import list_sites, load_model, site_weight
     from liftedge.packed import save_packed
@@ -109,6 +111,7 @@ def make_tiny_pack(family: str, path: Path, *, rate: str = "24/10", mixed: bool 
     model_dir = make_tiny_model_dir(family, path.parent / f"{path.name}-float", seed=seed)
     loaded = load_model(model_dir)
     sites = [s for s in list_sites(loaded.model) if s.kind == "linear" and s.block is not None and s.tied_to is None]
+    sites = sites[:limit]
     D, d = (int(v) for v in rate.split("/"))
     configs = {s.name: LiftQuantConfig(Rate(D, d)) for s in sites}
     methods = {s.name: "liftquant" for s in sites}

@@ -3,6 +3,7 @@ bad files, tiny models end to end through `build_artifact`, determinism. Real on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 from conftest import make_tiny_pack, tiny_config
-from liftedge.targets.onnxruntime import layers, lower
+from liftedge.targets.onnxruntime import TOLERANCE, genai_runner, layers, lower
 from liftedge.targets.onnxruntime.builder import FLOAT, GraphBuilder
 from liftedge.targets.onnxruntime.families import make_builder
 from liftedge.targets.onnxruntime.ort_format import convert_to_ort
@@ -134,9 +135,22 @@ def test_unknown_option_is_refused(tiny_lq_pack, tmp_path):
         lower(tiny_lq_pack, tmp_path, {"bogus": 1})
 
 
+def _check_genai(report):
+    """onnxruntime-genai (installed in the project's environment) accepted both model files."""
+    runner = report["verification"]["runners"]["onnxruntime-genai"]
+    if genai_runner.available() is None:
+        assert "not installed" in runner["skipped"]
+        return
+    assert runner["accepted"] == ["model.onnx", "model.ort"]
+    for name in runner["accepted"]:
+        assert runner[name]["tokens"] == report["verification"]["onnx"]["reference_tokens"]
+        assert runner[name]["logits_max_rel_error"] < TOLERANCE
+
+
 def _check_report(report):
     for key in ("onnx", "ort"):
         assert report["verification"][key]["passed"] and report["verification"][key]["greedy_tokens_equal"]
+    _check_genai(report)
     assert (report["weights"]["ratio"] - 1) < 0.15  # tiny: the 8 KB sign table is a visible share
     assert "MatMul" in report["ort_mobile_operators"]["ai.onnx"]["13"]
 
@@ -161,6 +175,15 @@ def test_tampered_model_fails_verification(tiny_lq_pack, tmp_path):
     onnx.save(model, str(tmp_path / "model.onnx"))
     with pytest.raises(VerificationError):
         verify(tmp_path, tiny_lq_pack, report, {"new_tokens": 4})
+    if genai_runner.available() is not None:  # the runner check on its own also refuses the model
+        from liftedge.packed import load_packed
+        from liftedge.verify import prompt_ids, reference_run
+
+        loaded = load_packed(tiny_lq_pack)
+        prompt = prompt_ids(loaded.tokenizer)
+        ref = reference_run(loaded.model, prompt, 4)
+        with pytest.raises(VerificationError, match="onnxruntime-genai"):
+            genai_runner.check(tmp_path, ["model.onnx"], prompt, ref, [0], TOLERANCE)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +232,39 @@ def test_int_embedding_and_head_end_to_end(family, option, tmp_path):
     # the table is stored once: one set of embedding codes, and a tied head adds none of its own
     assert names.count("model.embed_tokens.codes") == 1
     assert any(n.startswith("lm_head.") for n in names) == (family == "llama")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3_text", "gpt2", "gpt_neox"])
+def test_genai_runs_every_family(family, tmp_path):
+    """onnxruntime-genai's generator drives the .onnx and .ort of the families the llama and
+    qwen3 tests above do not cover (one LiftQuant site each: the runner's I/O is under test)."""
+    pack = make_tiny_pack(family, tmp_path / "pack", limit=1)
+    report = build_artifact(pack, "onnxruntime", tmp_path / "out", options={"max_context": 96})
+    _check_report(report)
+    config = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    # the planned context, not max_position_embeddings (256 in the tiny configs)
+    assert config["model"]["context_length"] == config["search"]["max_length"] == 96
+    assert config["model"]["type"] == ("decoder" if family in ("gpt2", "gpt_neox") else family)
+    assert config["model"]["eos_token_id"] == 0 and config["model"]["bos_token_id"] == 0
+
+
+def test_special_tokens_and_chat_template(tiny_llama_dir, tmp_path):
+    """BOS/EOS/PAD from the tokenizer, extra stop ids from generation_config.json, and a chat
+    template from chat_template.jinja embedded where onnxruntime-genai's tokenizer reads it."""
+    import shutil
+
+    from liftedge.lowering import chat_template, special_tokens
+    from liftedge.targets.onnxruntime.genai import embed_chat_template
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7]}))
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (folder / "chat_template.jinja").write_text(template)
+    assert special_tokens(folder) == {"bos_token_id": 0, "eos_token_ids": [0, 7], "pad_token_id": 0}
+    assert chat_template(folder) == template
+    assert embed_chat_template(folder, template)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == template
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
 """ONNX Runtime target (`.onnx` / `.ort`): lift-project layers in stock ONNX operators.
 
 The contract of `liftedge.lowering`: `lower` builds `model.onnx` (the decoder graph of
-`graph`/`families`, each site lowered by `layers`), `genai_config.json` and the tokenizer
-files, and by default `model.ort` + `required_operators.config` for ORT Mobile
+`graph`/`families`, each site lowered by `layers`), `genai_config.json` (`genai`) and the
+tokenizer files, and by default `model.ort` + `required_operators.config` for ORT Mobile
 (`ort_format`); `verify` runs both in ONNX Runtime (`session`) against the pack's reference
-model. `pipeline` sequences these steps; this module holds the options and the tolerance.
+model, then through onnxruntime-genai's generator where it is installed (`genai_runner`). `pipeline` sequences these steps; this module holds the options and the tolerance.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ OPTIONS = {
     "ort": "write model.ort for ORT Mobile too: 'yes' (default) or 'no'",
     "threads": "intra-op threads for verification sessions (default: ONNX Runtime's choice)",
     "new_tokens": "greedy tokens compared during verification (default 32)",
+    "max_context": "context length onnxruntime-genai may grow the KV cache to (default 256; the build "
+                   "passes the context the memory plan budgeted)",
+    "genai": "also verify with onnxruntime-genai's generator where it is installed: 'yes' (default) or 'no'",
 }
 # Relative Frobenius error allowed between ORT logits and the reference's. The graph is
 # float32 end to end like the reference (fp16-stored factors are cast, not computed in fp16);
@@ -32,7 +35,7 @@ OPTIONS = {
 TOLERANCE = 1e-4
 
 
-_DEFAULTS = {"ort": True, "threads": None, "new_tokens": 32}
+_DEFAULTS = {"ort": True, "threads": None, "new_tokens": 32, "max_context": 256, "genai": True}
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +43,8 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     out["threads"] = out["threads"] or None  # 0: ONNX Runtime's choice, as unset
     if out["new_tokens"] < 1:
         raise LiftedgeError(f"option new_tokens must be >= 1, got {out['new_tokens']}")
+    if not (8 <= out["max_context"] <= 1 << 20):
+        raise LiftedgeError(f"option max_context must be in [8, 1048576] tokens, got {out['max_context']}")
     return out
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 from liftedge.errors import ArtifactError
-from liftedge.lowering import copy_tokenizer
+from liftedge.lowering import chat_template, copy_tokenizer, special_tokens
 
 MODEL_NAME, GENAI_NAME = "model.onnx", "genai_config.json"
 
@@ -63,8 +63,12 @@ def lower_pack(pack: Path, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
     model, sites, shapes, (config, manifest) = build_model(pack)
     model_path = out / MODEL_NAME
     model_path.write_bytes(model.SerializeToString())
-    (out / GENAI_NAME).write_text(json.dumps(genai.genai_config(config, shapes, MODEL_NAME), indent=2, sort_keys=True) + "\n")
+    tokens = special_tokens(pack)
+    context = min(opts["max_context"], int(getattr(config, "max_position_embeddings", opts["max_context"])))
+    genai_json = genai.genai_config(config, shapes, MODEL_NAME, tokens, context)
+    (out / GENAI_NAME).write_text(json.dumps(genai_json, indent=2, sort_keys=True) + "\n")
     tokenizer = copy_tokenizer(pack, out)
+    template_embedded = genai.embed_chat_template(out, chat_template(pack))
     init_nbytes = initializer_nbytes(model)
     pack_nbytes = manifest["totals"]["nbytes"]
     report = {
@@ -74,6 +78,9 @@ def lower_pack(pack: Path, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
                   "nodes": len(model.graph.node), "operators": operators(model)},
         "weights": {"initializer_nbytes": init_nbytes, "pack_nbytes": pack_nbytes,
                     "ratio": round(init_nbytes / pack_nbytes, 4)},
+        "runtime": {"max_context": context, "genai_type": genai_json["model"]["type"], **tokens,
+                    "chat_template": "embedded in tokenizer_config.json" if template_embedded
+                    else "tokenizer_config.json" if chat_template(pack) else None},
     }
     if opts["ort"]:
         ort_path, ops_path = ort_format.convert_to_ort(model_path, out)
@@ -85,7 +92,7 @@ def lower_pack(pack: Path, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def verify_artifact(out: Path, pack: Path, report: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    from liftedge.targets.onnxruntime import TOLERANCE
+    from liftedge.targets.onnxruntime import TOLERANCE, genai_runner
     from liftedge.targets.onnxruntime.session import make_step, open_session
 
     from liftedge.packed import load_packed
@@ -93,14 +100,22 @@ def verify_artifact(out: Path, pack: Path, report: dict[str, Any], opts: dict[st
 
     loaded = load_packed(pack)
     prompt = prompt_ids(loaded.tokenizer)
+    if len(prompt) + opts["new_tokens"] > report["runtime"]["max_context"]:
+        raise ArtifactError(f"verification needs {len(prompt)} prompt + {opts['new_tokens']} new tokens but the "
+                            f"artifact's context is {report['runtime']['max_context']}; raise max_context")
     ref = reference_run(loaded.model, prompt, opts["new_tokens"])
     del loaded
-    record = {}
-    for key in ("onnx", "ort"):
-        name = report["artifacts"].get(key)
-        if name is None:
-            continue
+    record: dict[str, Any] = {}
+    keys = [key for key in ("onnx", "ort") if key in report["artifacts"]]
+    files = [report["artifacts"][key] for key in keys]
+    for key, name in zip(keys, files):
         session = open_session(out / name, opts["threads"])
         got = greedy(make_step(session), prompt, opts["new_tokens"])
         record[key] = compare(got, ref, TOLERANCE, what=str(out / name))
+    if opts["genai"]:
+        runner = genai_runner.check(out, files, prompt, ref, report["runtime"]["eos_token_ids"],
+                                    TOLERANCE)
+    else:
+        runner = {"runner": genai_runner.RUNNER, "skipped": "option genai=no"}
+    record["runners"] = {genai_runner.RUNNER: runner}
     return record
