@@ -136,15 +136,13 @@ def test_unknown_option_is_refused(tiny_lq_pack, tmp_path):
 
 
 def _check_genai(report):
-    """onnxruntime-genai (installed in the project's environment) accepted both model files."""
-    runner = report["verification"]["runners"]["onnxruntime-genai"]
-    if genai_runner.available() is None:
-        assert "not installed" in runner["skipped"]
-        return
-    assert runner["accepted"] == ["model.onnx", "model.ort"]
-    for name in runner["accepted"]:
-        assert runner[name]["tokens"] == report["verification"]["onnx"]["reference_tokens"]
-        assert runner[name]["logits_max_rel_error"] < TOLERANCE
+    """onnxruntime-genai (a pinned dependency, so never skipped here) accepted both model files."""
+    (runner,) = report["verification"]["runners"]
+    assert runner["runner"] == "onnxruntime-genai" and runner["accepted"] is True, runner
+    assert sorted(runner["files"]) == ["model.onnx", "model.ort"]
+    for record in runner["files"].values():
+        assert record["tokens"] == report["verification"]["onnx"]["reference_tokens"]
+        assert record["logits_max_rel_error"] < TOLERANCE
 
 
 def _check_report(report):
@@ -175,15 +173,15 @@ def test_tampered_model_fails_verification(tiny_lq_pack, tmp_path):
     onnx.save(model, str(tmp_path / "model.onnx"))
     with pytest.raises(VerificationError):
         verify(tmp_path, tiny_lq_pack, report, {"new_tokens": 4})
-    if genai_runner.available() is not None:  # the runner check on its own also refuses the model
-        from liftedge.packed import load_packed
-        from liftedge.verify import prompt_ids, reference_run
+    # the runner check on its own also refuses the model (onnxruntime-genai is a pinned dependency)
+    from liftedge.packed import load_packed
+    from liftedge.verify import prompt_ids, reference_run
 
-        loaded = load_packed(tiny_lq_pack)
-        prompt = prompt_ids(loaded.tokenizer)
-        ref = reference_run(loaded.model, prompt, 4)
-        with pytest.raises(VerificationError, match="onnxruntime-genai"):
-            genai_runner.check(tmp_path, ["model.onnx"], prompt, ref, [0], TOLERANCE)
+    loaded = load_packed(tiny_lq_pack)
+    prompt = prompt_ids(loaded.tokenizer)
+    ref = reference_run(loaded.model, prompt, 4)
+    with pytest.raises(VerificationError, match="onnxruntime-genai"):
+        genai_runner.check(tmp_path, ["model.onnx"], prompt, ref, [0], TOLERANCE)
 
 
 @pytest.fixture(scope="module")

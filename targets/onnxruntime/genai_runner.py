@@ -70,8 +70,9 @@ def check(folder: Path, files: list[str], prompt: list[int], ref: Run, eos: list
     on logits further than `tolerance` (relative) from the reference's while the tokens agree."""
     version = available()
     if version is None:
-        return {"runner": RUNNER, "skipped": "onnxruntime_genai is not installed (pip install onnxruntime-genai)"}
-    record: dict[str, Any] = {"runner": RUNNER, "version": version, "accepted": []}
+        return {"runner": RUNNER, "accepted": None,
+                "skipped": "onnxruntime_genai is not installed (pip install onnxruntime-genai)"}
+    record: dict[str, Any] = {"runner": RUNNER, "version": version, "accepted": False, "files": {}}
     for name in files:
         try:
             got, logits = generate(folder, name, prompt, len(ref.tokens))
@@ -81,7 +82,7 @@ def check(folder: Path, files: list[str], prompt: list[int], ref: Run, eos: list
         mismatch = tokens_match(got, ref, eos)
         agree = len(got) if mismatch is None else mismatch
         worst = max((relative_error(a, b) for a, b in zip(logits[:agree], ref.step_logits)), default=0.0)
-        record[name] = {"greedy_tokens_equal": mismatch is None, "first_mismatch": mismatch,
+        record["files"][name] = {"greedy_tokens_equal": mismatch is None, "first_mismatch": mismatch,
                         "logits_max_rel_error": worst, "tokens": got}
         if mismatch is not None:
             raise VerificationError(f"{RUNNER} {version} on {folder / name}: greedy tokens differ from the "
@@ -89,5 +90,5 @@ def check(folder: Path, files: list[str], prompt: list[int], ref: Run, eos: list
         if worst > tolerance:
             raise VerificationError(f"{RUNNER} {version} on {folder / name}: logits relative error {worst:.3g} "
                                     f"exceeds the tolerance {tolerance:.3g}")
-        record["accepted"].append(name)
+    record["accepted"] = True
     return record
