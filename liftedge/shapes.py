@@ -74,9 +74,10 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_checkpoint(name: str, out: str | Path, seed: int = 0) -> Path:
+def write_checkpoint(name: str, out: str | Path, seed: int = 0, layers: int | None = None) -> Path:
     """A Hugging Face folder of `name` with seeded random weights, one safetensors shard per tensor
     group so that memory stays at one group (an 8B model never has to be held at once).
+    `layers` keeps only the first decoder blocks (every per-block cost is the full model's).
 
     Weights are heavy-tailed (Student-t, 4 degrees of freedom) with a few outlier input
     channels per matrix (x8), as trained LLMs have; scaled by 1/sqrt(fan-in) so activations stay
@@ -84,6 +85,12 @@ def write_checkpoint(name: str, out: str | Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     config = shape_config(name)
+    if layers is not None:
+        if not 1 <= layers <= config.num_hidden_layers:
+            raise LiftedgeError(f"{name} has {config.num_hidden_layers} decoder blocks; layers={layers} asked for")
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = meta_model(config)

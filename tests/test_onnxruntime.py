@@ -283,3 +283,17 @@ def test_smollm2_pack_end_to_end(tmp_path, smollm2_lq_pack):
     # The graph stores exactly the pack's tensors (tied embedding once) plus the 8 KB sign
     # table and shape constants: within 1% of the pack's bytes.
     assert abs(report["weights"]["ratio"] - 1) < 0.01
+
+
+def test_genai_stopping_at_the_references_eos_counts_as_agreement():
+    """onnxruntime-genai ends generation at EOS (with or without the EOS token in the sequence);
+    the reference loop runs on. Agreement up to that EOS is agreement; any other shortfall or a
+    different token is a mismatch at its position."""
+    from liftedge.verify import Run
+
+    ref = Run(np.zeros((1, 4), np.float32), [5, 6, 0, 7, 8])
+    assert genai_runner.tokens_match([5, 6], ref, eos=[0]) is None        # stopped before the EOS
+    assert genai_runner.tokens_match([5, 6, 0], ref, eos=[0]) is None     # the EOS kept
+    assert genai_runner.tokens_match([5, 6, 0, 7, 8], ref, eos=[0]) is None
+    assert genai_runner.tokens_match([5], ref, eos=[0]) == 1              # stopped early, no EOS
+    assert genai_runner.tokens_match([5, 9], ref, eos=[0]) == 1

@@ -209,8 +209,7 @@ def runner_metadata(loaded, opts: ExportOptions) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "get_max_seq_len": opts.max_prefill,      # longest chunk one forward call accepts
         "get_max_context_len": opts.max_context,  # the static KV cache (memory plan's context)
-        "get_vocab_size": int(model.get_output_embeddings().weight.shape[0]
-                              if hasattr(model.get_output_embeddings(), "weight") else model.config.vocab_size),
+        "get_vocab_size": _logits_width(model),
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": False,
         "enable_dynamic_shape": True,             # forward takes 1..max_prefill tokens per call
@@ -220,6 +219,15 @@ def runner_metadata(loaded, opts: ExportOptions) -> dict[str, Any]:
     if eos:
         meta["get_eos_ids"] = sorted(eos)
     return meta
+
+
+def _logits_width(model) -> int:
+    """Rows of the output head (a quantized head may hold its weight in another form)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    return int(getattr(head, "out_features", None) or model.config.vocab_size)
 
 
 def to_pte(program: torch.export.ExportedProgram, partitioners: list | None = None, *,

@@ -30,9 +30,17 @@ from liftedge.verify import compare, greedy, in_chunks, prompt_ids, reference_ru
 TOLERANCE = 1.5e-2
 
 
+def custom_ops(path: Path) -> list[str]:
+    """The liftedge:: operators the program names (operator names are stored as text)."""
+    import re
+
+    return sorted({m.decode() for m in re.findall(rb"liftedge::[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?",
+                                                  Path(path).read_bytes())})
+
+
 def calls_custom_op(path: Path) -> bool:
-    """Whether the program names a liftedge:: operator (operator names are stored as text)."""
-    return b"liftedge::" in Path(path).read_bytes()
+    """Whether the program names a liftedge:: operator."""
+    return bool(custom_ops(path))
 
 
 def load_method(path: Path, needs_kernel: bool):
@@ -51,8 +59,9 @@ def load_method(path: Path, needs_kernel: bool):
         return Runtime.get().load_program(str(path)).load_method("forward")
     except Exception as exc:  # the runtime raises RuntimeError and logs details on stderr
         hint = ""
-        if calls_custom_op(path):
-            hint = ("; the program calls liftedge:: operators, whose kernel library is not loaded: call "
+        ops = custom_ops(path)
+        if ops:
+            hint = (f"; the program calls {', '.join(ops)}, whose kernel library is not loaded: call "
                     "liftedge.targets.executorch.kernel.load_library() first (in an app, link "
                     "targets/executorch/CMakeLists.txt's liftedge_kernels)")
         raise ArtifactError(f"ExecuTorch cannot load {path}: {exc}{hint}") from None
