@@ -300,6 +300,39 @@ def test_compute_units_option(tiny_lq_pack, tmp_path):
         parse_options({"compute_units": "ane"})
 
 
+def test_memory_plan_records_compute_units(tiny_lq_pack, tmp_path, capsys):
+    """The memory model says which compute units a Core ML budget assumes; a pack whose
+    weights, as resident on the chosen units, exceed the budget is refused before lowering."""
+    from conftest import tiny_config
+    from liftedge.cli import main
+    from liftedge.device import load_device
+    from liftedge.memory import ModelDims, budget_breakdown
+    from liftedge.packed import read_manifest, read_quantized, read_weights
+
+    from liftedge.errors import BudgetError, LiftedgeError
+
+    dims, ios = ModelDims.from_config(tiny_config("llama")), load_device("ios", "6GB")
+    ne = budget_breakdown(ios, dims)  # ios -> Core ML, the Neural Engine by default
+    assert ne.compute_units == "cpuAndNeuralEngine" and "weights stay compressed" in ne.terms()[-1][0]
+    gpu = budget_breakdown(ios, dims, compute_units="cpuAndGPU")
+    assert gpu.compute_units == "cpuAndGPU" and "decompressed to fp16 at load" in gpu.terms()[-1][0]
+    assert gpu.to_dict()["compute_units"] == "cpuAndGPU"
+    with pytest.raises(LiftedgeError, match="Core ML only"):
+        budget_breakdown(ios, dims, runtime="executorch", compute_units="cpuAndGPU")
+    manifest = read_manifest(tiny_lq_pack)
+    stored = int(manifest["totals"]["nbytes"])
+    on_gpu = residency.resident_nbytes(stored, read_quantized(tiny_lq_pack, manifest, read_weights(tiny_lq_pack)),
+                                       "cpuAndGPU")
+    memory = {"weight_budget_nbytes": (stored + on_gpu) // 2, "unquantized_nbytes": 0}  # fits compressed only
+    assert residency.require_resident_fit(tiny_lq_pack, None, memory) == stored
+    with pytest.raises(BudgetError, match="on Core ML cpuAndGPU the weights are resident"):
+        residency.require_resident_fit(tiny_lq_pack, "cpuAndGPU", memory)
+    code = main(["build", str(tiny_lq_pack), "--target", "android", "--ram", "8GB", "--compute-units", "cpuAndGPU",
+                 "--seq-len", "64", "-o", str(tmp_path / "out")])
+    assert code == 2 and "Core ML builds only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def _package_digest(folder: Path) -> dict[str, str]:
     return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted(folder.rglob("*")) if f.is_file()}

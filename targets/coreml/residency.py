@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from liftedge.errors import ArtifactError
+from liftedge.errors import ArtifactError, BudgetError
+from liftedge.memory import COREML_COMPUTE_UNITS
 
 # MLComputeUnits names (Swift `MLModelConfiguration.computeUnits`, swift-transformers' CLI).
-COMPUTE_UNITS = ("cpuAndNeuralEngine", "cpuAndGPU", "cpuOnly", "all")
-DEFAULT_COMPUTE_UNITS = "cpuAndNeuralEngine"
+COMPUTE_UNITS = COREML_COMPUTE_UNITS
+DEFAULT_COMPUTE_UNITS = COMPUTE_UNITS[0]
 # Pack formats whose Core ML constexpr is decompressed to fp16 when the model loads.
 DECOMPRESSED_AT_LOAD: dict[str, frozenset[str]] = {
     "cpuAndNeuralEngine": frozenset(),               # just in time on the Neural Engine (iOS 17+)
@@ -89,3 +90,24 @@ def residency_report(stored_nbytes: int, qtensors: dict, compute_units: str) -> 
             "resident_weight_nbytes": per_unit,
             "resident_over_stored": {u: round(n / stored_nbytes, 4) for u, n in per_unit.items()},
             "why": dict(WHY), "source": SOURCE}
+
+
+def require_resident_fit(pack, compute_units: str | None, memory: dict[str, Any]) -> int:
+    """Refuse (`BudgetError`) a pack whose weights, as resident on `compute_units`, exceed the
+    memory plan's budget for all stored weights; return the resident bytes."""
+    from liftedge.packed import read_manifest, read_quantized, read_weights
+    from liftedge.sizes import format_size
+
+    units = check_compute_units(compute_units or DEFAULT_COMPUTE_UNITS)
+    manifest = read_manifest(pack)
+    stored = int(manifest["totals"]["nbytes"])
+    budget = int(memory["weight_budget_nbytes"]) + int(memory.get("unquantized_nbytes") or 0)
+    if not DECOMPRESSED_AT_LOAD[units]:
+        return stored
+    resident = resident_nbytes(stored, read_quantized(pack, manifest, read_weights(pack)), units)
+    if resident > budget:
+        raise BudgetError(
+            f"on Core ML {units} the weights are resident at {format_size(resident)} ({WHY[units]}; Apple's "
+            f"coremltools documentation, unmeasured here), over the {format_size(budget)} the memory plan leaves "
+            f"for weights; build for cpuAndNeuralEngine (the default, weights stay compressed) or a device with more RAM")
+    return resident

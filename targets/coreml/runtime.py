@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 # and on SmolLM2-135M (see the report). 1e-2 leaves a 10x margin for longer decodes while
 # still catching any wrong weight, transform or mask (those give errors of order 1).
 TOLERANCE = 1e-2
+# The standard runner this package is written for (the same record shape as `liftedge.runners`).
+RUNNER = {"runner": "swift-transformers LanguageModel (stateful, Core ML)", "accepted": None,
+          "skipped": "Core ML does not run on Linux: the spec's interface was checked against the runner's "
+                     "contract (names, dtypes, flexible ranges, states, metadata) and the program was "
+                     "interpreted with its input convention"}
 # The masked entries of causalMask: -max(fp16), as swift-transformers' additive masks use.
 MASK_MIN = np.float16(-65504.0)
 
@@ -108,6 +113,6 @@ def verify_package(out: Path, pack: Path, report: dict[str, Any], new_tokens: in
     record = compare(got, ref, TOLERANCE, what=f"{package.name} (read back, numpy interpreter)")
     record.update({"engine": "numpy interpreter of the read-back MIL program (Core ML does not run on Linux)",
                    "interpreter_seconds": round(seconds, 3), "structure": structure,
-                   "weights_bit_exact": weights})
+                   "weights_bit_exact": weights, "runners": [RUNNER]})
     log.info("coreml: %s verified (%d tokens, rel err %.2e)", package, new_tokens, record["prompt_logits_rel_error"])
     return record
