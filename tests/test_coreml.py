@@ -382,6 +382,26 @@ def test_unsupported_inputs_fail_clearly(tiny_lq_pack, tmp_path):
         program._program(lambda x: program.Weights({}, {"s": int3}).linear(x, "s"), x_spec(10))
 
 
+@pytest.mark.parametrize("family", sorted(set(program.FAMILIES) - {"llama"}))
+def test_every_family_has_the_contract(family, tmp_path):
+    """Each family's package has the stateful contract (inputs, stacked states, logits,
+    metadata), read back from the saved spec and program. One quantized site keeps the pack
+    quick; the full per-family numeric verification is the slow test below (llama: above)."""
+    pack = make_tiny_pack(family, tmp_path / "pack", limit=1)
+    report = lower(pack, tmp_path, {"max_context": 48, "max_prefill": 8})
+    package_path = tmp_path / program.PACKAGE_NAME
+    fmts = [e["fmt"] for e in json.loads((pack / "manifest.json").read_text())["sites"].values()]
+    structure = readback.check_structure(readback.load_program(package_path), report["program"],
+                                         fmts.count("liftquant"), fmts.count("int"))
+    assert structure["states"] == 2 and structure["state_shape"][0] == 2  # [layers=2, 1, kv, 48, hd]
+    assert structure["state_shape"][3] == 48
+    spec = readback.check_spec(package_path, report)
+    assert spec == {"inputs": ["causalMask", "inputIds"], "states": ["keyCache", "valueCache"],
+                    "metadata_keys": len(report["metadata"])}
+    architecture = json.loads((pack / "config.json").read_text())["architectures"][0]  # e.g. GPT2LMHeadModel
+    assert report["metadata"]["co.huggingface.exporters.architecture"] == architecture
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma3_text", "gpt2", "gpt_neox"])
 def test_build_other_families(family, tmp_path):
