@@ -248,10 +248,10 @@ class MemoryBudget:
     def _weights_label(self) -> str:
         if self.compute_units is None:
             return "weight budget"
-        if self.compute_units == COREML_COMPUTE_UNITS[0]:
-            return f"weight budget (Core ML {self.compute_units}: weights stay compressed)"
-        return (f"weight budget (Core ML {self.compute_units}: compressed weights are decompressed to fp16 at load; "
-                "resident bytes in the build report)")
+        # Where Core ML decompresses at load the weights occupy more than the plan's stored bytes:
+        # the Core ML build report gives those resident bytes and refuses what does not fit.
+        state = "kept compressed" if self.compute_units == COREML_COMPUTE_UNITS[0] else "fp16 at load"
+        return f"weight budget (Core ML {self.compute_units}, {state})"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

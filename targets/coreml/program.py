@@ -21,15 +21,14 @@ diff") and keeps the pack's bytes as the constants: no float weight is ever mate
 Supported families: Llama (SmolLM2), Mistral (sliding window), Qwen2 (q/k/v biases), Qwen3
 (q/k norms) here; Gemma 3 text in `gemma3`, GPT-2 in `gpt2`, GPT-NeoX in `gpt_neox`; any
 other family is refused with an `ArtifactError`. This module owns the Llama-like decoder
-graph, the shared attention and cache code, the family table and package writing; the
-per-site op patterns are in `layers`.
+graph, the I/O contract's names and placeholders, the shared attention and cache code and
+the family table; the per-site op patterns are in `layers`, writing the package in `package`.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -396,33 +395,3 @@ def attend(q, k, v, s: Shapes, pos: Positions, cache: LayerCache, window, scale:
     out = mb.matmul(x=probs, y=values)                                          # [1, kv, G*T, hd]
     out = mb.reshape(x=out, shape=[1, s.heads, -1, s.head_dim])
     return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[1, -1, s.heads * s.head_dim])
-
-
-def lower_pack(pack: Path, out: Path, max_context: int, max_prefill: int) -> dict[str, Any]:
-    """Write out/model.mlpackage for `pack`; return the lowering report."""
-    from transformers import AutoConfig
-
-    from liftedge.packed import read_manifest, read_quantized, read_weights
-
-    manifest = read_manifest(pack)
-    config = AutoConfig.from_pretrained(str(pack), trust_remote_code=False)
-    family_of(config)
-    tensors = read_weights(pack)
-    prog, sites, s = build_program(config, tensors, read_quantized(pack, manifest, tensors), max_context, max_prefill)
-    path = save_package(prog, out, s)
-    weights = path / "Data" / "com.apple.CoreML" / "weights"
-    weight_nbytes = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file())
-    pack_nbytes = int(manifest["totals"]["nbytes"])
-    return {
-        "artifacts": {"package": PACKAGE_NAME},
-        "sites": sites,
-        "program": {"deployment_target": "iOS18", "family": config.model_type, "layers": s.layers,
-                    "states": {"names": "k_cache_<i>, v_cache_<i>", "dtype": "fp16",
-                               "shape": [1, s.kv_heads, s.max_context, s.head_dim]},
-                    "compute": "fp32 activations, fp16 constants and KV cache"},
-        "runtime": {"max_context": s.max_context, "max_prefill": s.max_prefill,
-                    "inputs": "input_ids int32 [1, T] (1 <= T <= max_prefill), position int32 [1]",
-                    "outputs": "logits float32 [1, T, vocab]"},
-        "sizes": {"weight_file_nbytes": weight_nbytes, "pack_tensor_nbytes": pack_nbytes,
-                  "weight_file_over_pack": round(weight_nbytes / pack_nbytes, 6)},
-    }
