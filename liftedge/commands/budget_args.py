@@ -14,6 +14,7 @@ import sys
 from liftedge.commands.quantize import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from liftedge.errors import LiftedgeError
 from liftedge.measure import DEFAULT_MENU
+from liftedge.memory import COREML_COMPUTE_UNITS
 
 
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--increased-memory-limit", dest="increased_memory_limit", action="store_true",
                    help="iOS: the app has the increased-memory-limit entitlement")
     g.add_argument("--compute-units", dest="compute_units", default=None,
-                   choices=("cpuAndNeuralEngine", "cpuAndGPU", "cpuOnly", "all"),
+                   choices=COREML_COMPUTE_UNITS,
                    help="Core ML: the MLComputeUnits the app loads the model with (default cpuAndNeuralEngine, "
                         "where weights stay compressed; the others decompress them to fp16 at load, per Apple's "
                         "documentation)")

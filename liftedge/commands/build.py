@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     from liftedge.build import check_pack_fits, planned_pack
     from liftedge.packed import is_pack
     from liftedge.lowering import build_artifact
-    from liftedge.memory import ModelDims
+    from liftedge.memory import COREML_COMPUTE_UNITS, ModelDims
     from liftedge.model import load_model
     from liftedge.planner import make_plan
     from liftedge.sizes import format_size
@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
 
         require_resident_fit(pack, request.compute_units, extra["memory"])
     wanted = {"max_context": int(context), "custom_ops": bool(args.custom_ops),
-              "compute_units": request.compute_units or "cpuAndNeuralEngine"}
+              "compute_units": request.compute_units or COREML_COMPUTE_UNITS[0]}
     options = {k: v for k, v in wanted.items() if k in get_target(runtime).OPTIONS}
     print(f"lowering for {runtime} (context {context}) and verifying against the reference ...")
     report = build_artifact(pack, runtime, args.output, options=options, force=args.force, extra_report=extra)
