@@ -49,6 +49,9 @@ def main() -> None:
     result = {
         "pack": str(args.pack), "bits_per_weight": report["pack"]["totals"]["bits_per_weight"],
         "sizes": report["sizes"], "files": report["files"],
+        # Resident weight bytes per compute units: from Apple's documentation, not measured here.
+        "residency": {k: report["residency"][k] for k in ("compute_units", "resident_weight_nbytes",
+                                                         "resident_over_stored", "source")},
         "site_lowerings": sorted({s["lowering"] for s in report["sites"].values()}),
         "verification": {k: v[k] for k in ("prompt_tokens", "new_tokens", "tolerance", "prompt_logits_rel_error",
                                            "decode_logits_max_rel_error", "greedy_tokens_equal", "passed",

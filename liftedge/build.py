@@ -72,6 +72,7 @@ def check_pack_fits(pack: Path, request) -> dict[str, Any] | None:
     config = json.loads((pack / "config.json").read_text())
     dims = ModelDims.from_config(config)
     mem = budget_breakdown(request.device, dims, request.context, request.kv_bits, runtime=request.runtime,
-                           increased_memory_limit=request.increased_memory_limit)
+                           increased_memory_limit=request.increased_memory_limit,
+                           compute_units=request.compute_units)
     require_fit(mem, int(manifest["totals"]["nbytes"]), request.device, dims)
     return mem.to_dict()

@@ -144,7 +144,8 @@ def parse_target_options(target: str, options: dict[str, Any] | None, defaults: 
     """A target's options with its defaults filled in; unknown names are refused.
 
     Each value is read as its default's type: a bool default takes true/false, yes/no, on/off
-    or 1/0; any other default (an int, or None for "the runtime's choice") takes an integer.
+    or 1/0; a str default takes a string; any other default (an int, or None for "the
+    runtime's choice") takes an integer.
     Range checks beyond that belong to the target.
     """
     options = dict(options or {})
@@ -167,6 +168,8 @@ def _as_type(name: str, value: Any, default: Any) -> Any:
         raise ArtifactError(f"option {name} must be true or false, got {value!r}")
     if value is None:
         return None
+    if isinstance(default, str):  # a named choice; the target checks it against its list
+        return str(value)
     try:
         return int(value)
     except (TypeError, ValueError):

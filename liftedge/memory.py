@@ -15,6 +15,13 @@ and `require_fit`. It does not choose rates (that is `liftedge.plan`) nor measur
 
 The estimates are flagged (`*_is_estimate=True`); the runtime terms were calibrated against
 peak RSS of the real runtimes on a desktop (benchmarks/runtime_overhead.py), not on phones.
+
+Core ML: the weight budget holds the stored (compressed) weights, which stay compressed in
+memory only where Core ML decompresses them just in time, mainly on the Neural Engine (iOS
+17+); the CPU (and the GPU for palettized weights) decompress them to fp16 at load (Apple's
+coremltools guides; unmeasured here). A budget records the compute units it assumes
+(`compute_units`, default the Neural Engine); the Core ML build report gives the resident
+bytes on the others (`liftedge.targets.coreml.residency`).
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ ORT_HEAD_CAST_BYTES = 4
 # Byte-level BPE tokenizers hold the token strings, the merge table and two hash maps:
 # ~48 bytes per vocabulary entry (ESTIMATE, from a 50k-vocab tokenizer.json of ~2.4 MB).
 TOKENIZER_NBYTES_PER_TOKEN = 48
+# MLComputeUnits a Core ML plan may assume; the first is the default (weights resident compressed).
+COREML_COMPUTE_UNITS = ("cpuAndNeuralEngine", "cpuAndGPU", "cpuOnly", "all")
 KV_BITS = (4, 8, 16, 32)
 ACTIVATION_BITS = (16, 32)
 DEFAULT_PREFILL_CHUNK = 128
@@ -207,6 +216,7 @@ class MemoryBudget:
     unquantized_nbytes: int
     weight_budget_nbytes: int
     head_cast_nbytes: int = 0
+    compute_units: str | None = None  # Core ML: the MLComputeUnits the budget assumes (None elsewhere)
 
     @property
     def fixed_nbytes(self) -> int:
@@ -232,8 +242,16 @@ class MemoryBudget:
             (f"activations (prefill chunk {self.prefill_chunk})", -self.activation_nbytes, self.activation_is_estimate),
             ("tokenizer tables", -self.tokenizer_nbytes, self.tokenizer_is_estimate),
             ("unquantized tables", -self.unquantized_nbytes, False),
-            ("weight budget", self.weight_budget_nbytes, True),
+            (self._weights_label(), self.weight_budget_nbytes, True),
         ]
+
+    def _weights_label(self) -> str:
+        if self.compute_units is None:
+            return "weight budget"
+        # Where Core ML decompresses at load the weights occupy more than the plan's stored bytes:
+        # the Core ML build report gives those resident bytes and refuses what does not fit.
+        state = "kept compressed" if self.compute_units == COREML_COMPUTE_UNITS[0] else "fp16 at load"
+        return f"weight budget (Core ML {self.compute_units}, {state})"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,18 +283,34 @@ def _fixed_terms(dims: ModelDims, runtime: str, context: int, kv_bits: int, pref
     )
 
 
+def compute_units_for(runtime: str, compute_units: str | None) -> str | None:
+    """The compute units a budget for `runtime` assumes: Core ML's (default the Neural Engine),
+    None for the other runtimes (which refuse a choice)."""
+    if runtime != "coreml":
+        if compute_units is not None:
+            raise LiftedgeError(f"--compute-units applies to Core ML only, not to {runtime}")
+        return None
+    if compute_units is None:
+        return COREML_COMPUTE_UNITS[0]
+    if compute_units not in COREML_COMPUTE_UNITS:
+        raise LiftedgeError(f"compute units {compute_units!r} unknown; choose one of {', '.join(COREML_COMPUTE_UNITS)}")
+    return compute_units
+
+
 def budget_breakdown(profile: DeviceProfile, model_dims: ModelDims, context: int | None = None, kv_bits: int = 16,
                      *, runtime: str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                      activation_bits: int = 32, unquantized_nbytes: int = 0,
-                     increased_memory_limit: bool = False) -> MemoryBudget:
+                     increased_memory_limit: bool = False, compute_units: str | None = None) -> MemoryBudget:
     """Split the app-usable RAM of `profile` into overheads and the bytes left for weights.
 
     `context` defaults to the profile's, `runtime` to its default runtime.
     `increased_memory_limit` assumes the iOS entitlement
     `com.apple.developer.kernel.increased-memory-limit` (ignored on other platforms).
+    `compute_units` (Core ML only) is recorded as the budget's assumption.
     """
     context = profile.default_context if context is None else context
     runtime = runtime or profile.default_runtime
+    units = compute_units_for(runtime, compute_units)
     fixed = _fixed_terms(model_dims, runtime, context, kv_bits, prefill_chunk, activation_bits, unquantized_nbytes)
     usable = profile.app_usable_nbytes(increased_memory_limit)
     weight_budget = usable - sum(v for k, v in fixed.items() if k.endswith("_nbytes"))
@@ -284,7 +318,8 @@ def budget_breakdown(profile: DeviceProfile, model_dims: ModelDims, context: int
         device=profile.name, ram_nbytes=profile.ram_nbytes, app_share=profile.usable_share(increased_memory_limit),
         increased_memory_limit=increased_memory_limit, app_usable_nbytes=usable, runtime=runtime,
         runtime_overhead_is_estimate=True, context=context, kv_bits=kv_bits, activation_bits=activation_bits,
-        activation_is_estimate=True, tokenizer_is_estimate=True, weight_budget_nbytes=weight_budget, **fixed,
+        activation_is_estimate=True, tokenizer_is_estimate=True, weight_budget_nbytes=weight_budget,
+        compute_units=units, **fixed,
     )
 
 

@@ -51,6 +51,7 @@ class BudgetRequest:
     runtime: str | None = None
     kv_bits: int = 16
     increased_memory_limit: bool = False
+    compute_units: str | None = None  # Core ML: MLComputeUnits the memory plan assumes (default the Neural Engine)
     lam: float | None = None
     bits: float | None = None
     weights_budget: int | None = None
@@ -73,6 +74,12 @@ class BudgetRequest:
             raise LiftedgeError(f"--context must be between 1 and {1 << 20} tokens, got {self.context}")
         if self.kv_bits not in (4, 8, 16, 32):
             raise LiftedgeError(f"--kv-bits must be 4, 8, 16 or 32, got {self.kv_bits}")
+        if self.compute_units is not None:
+            from liftedge.memory import COREML_COMPUTE_UNITS
+
+            if self.compute_units not in COREML_COMPUTE_UNITS:
+                raise LiftedgeError(f"--compute-units must be one of {', '.join(COREML_COMPUTE_UNITS)}, "
+                                    f"got {self.compute_units!r}")
 
     @property
     def explicit(self) -> bool:
@@ -93,6 +100,7 @@ class PlanResult:
                           "context": None if self.memory is None else self.memory.context,
                           "runtime": None if self.memory is None else self.memory.runtime,
                           "kv_bits": req.kv_bits, "lam": req.lam, "bits": req.bits,
+                          "compute_units": None if self.memory is None else self.memory.compute_units,
                           "weights_budget": req.weights_budget}
         return out
 
@@ -101,7 +109,8 @@ def device_budget(sens: Sensitivity, dims: ModelDims, req: BudgetRequest) -> Mem
     """The memory split of `req.device`, refusing (with the RAM needed) when not even the smallest plan fits."""
     profile = req.device
     mem = budget_breakdown(profile, dims, req.context, req.kv_bits, runtime=req.runtime,
-                           unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit)
+                           unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit,
+                           compute_units=req.compute_units)
     smallest, _ = plan_bounds(sens.table)
     if mem.weight_budget_nbytes < smallest:
         need = min_ram_for(smallest, profile, dims, mem.context, mem.kv_bits, runtime=mem.runtime,

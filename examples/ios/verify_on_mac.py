@@ -1,6 +1,6 @@
 """Run a liftedge Core ML package with Core ML on a Mac and compare it with the PyTorch reference.
 
-    python examples/ios/verify_on_mac.py ARTIFACT_DIR PACK_DIR [--tokens 32] [--compute-units cpu]
+    python examples/ios/verify_on_mac.py ARTIFACT_DIR PACK_DIR [--tokens 32] [--compute-units cpuOnly]
 
 ARTIFACT_DIR is what `liftedge build --target coreml` wrote (model.mlpackage + report.json);
 PACK_DIR is the pack it was built from. The script prefills the verification prompt, decodes
@@ -13,6 +13,10 @@ Needs macOS 15+ (iOS 18-era Core ML: states, constexpr_lut_to_dense with uint1) 
 repository installed (`pip install -e .`, coremltools 9). It CANNOT run on Linux: coremltools
 has no Core ML runtime there, which is why the build itself verifies the read-back program
 with a numpy interpreter instead. It was therefore not run while this target was written.
+
+It feeds the package as swift-transformers' stateful `LanguageModel` does (inputIds [1, T],
+causalMask [1, 1, T, E] with E - T the first position, states keyCache / valueCache), with
+the triangular mask of the Core ML examples.
 
 Tolerance: the program computes in fp32 with an fp16 KV cache. On the CPU compute unit Core
 ML keeps fp32, so the error should match the build's report (~1e-3); the GPU and Neural
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-COMPUTE_UNITS = {"cpu": "CPU_ONLY", "gpu": "CPU_AND_GPU", "ne": "CPU_AND_NE", "all": "ALL"}
+COMPUTE_UNITS = {"cpuOnly": "CPU_ONLY", "cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE", "all": "ALL"}
 
 
 def coreml_step(package: Path, compute_units: str, max_prefill: int, timings: list):
@@ -43,10 +47,10 @@ def coreml_step(package: Path, compute_units: str, max_prefill: int, timings: li
     def reset() -> None:
         holder["state"] = model.make_state()
 
-    def predict(ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+    def predict(feed: dict[str, np.ndarray]) -> np.ndarray:
         start = time.perf_counter()
-        out = model.predict({"input_ids": ids, "position": position}, state=holder["state"])["logits"]
-        timings.append((ids.shape[1], time.perf_counter() - start))
+        out = model.predict(feed, state=holder["state"])["logits"]
+        timings.append((feed["inputIds"].shape[1], time.perf_counter() - start))
         return out
 
     return step_function(predict, reset, max_prefill)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("pack", type=Path)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--compute-units", choices=sorted(COMPUTE_UNITS), default="cpu")
+    parser.add_argument("--compute-units", choices=sorted(COMPUTE_UNITS), default="cpuOnly")
     parser.add_argument("--tolerance", type=float, default=None, help="default: the build's tolerance")
     args = parser.parse_args(argv)
 

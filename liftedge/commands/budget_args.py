@@ -14,6 +14,7 @@ import sys
 from liftedge.commands.quantize import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from liftedge.errors import LiftedgeError
 from liftedge.measure import DEFAULT_MENU
+from liftedge.memory import COREML_COMPUTE_UNITS
 
 
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,11 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-bits", dest="kv_bits", type=int, default=16, help="KV cache precision (default 16)")
     g.add_argument("--increased-memory-limit", dest="increased_memory_limit", action="store_true",
                    help="iOS: the app has the increased-memory-limit entitlement")
+    g.add_argument("--compute-units", dest="compute_units", default=None,
+                   choices=COREML_COMPUTE_UNITS,
+                   help="Core ML: the MLComputeUnits the app loads the model with (default cpuAndNeuralEngine, "
+                        "where weights stay compressed; the others decompress them to fp16 at load, per Apple's "
+                        "documentation)")
     g.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="position on the menu: 0 = smallest plan, 1 = most precise")
     g.add_argument("--bits", type=float, default=None, help="average stored bits per weight of the linear layers")
@@ -61,7 +67,8 @@ def budget_request(args: argparse.Namespace):
         raise LiftedgeError("--ram and --context need a device: add --target android (or ios, or a phone name)")
     weights_budget = None if args.weights_budget is None else parse_size(args.weights_budget)
     return BudgetRequest(device=device, context=args.context, runtime=args.runtime, kv_bits=args.kv_bits,
-                         increased_memory_limit=args.increased_memory_limit, lam=args.lam, bits=args.bits,
+                         increased_memory_limit=args.increased_memory_limit,
+                         compute_units=getattr(args, "compute_units", None), lam=args.lam, bits=args.bits,
                          weights_budget=weights_budget)
 
 

@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     from liftedge.build import check_pack_fits, planned_pack
     from liftedge.packed import is_pack
     from liftedge.lowering import build_artifact
-    from liftedge.memory import ModelDims
+    from liftedge.memory import COREML_COMPUTE_UNITS, ModelDims
     from liftedge.model import load_model
     from liftedge.planner import make_plan
     from liftedge.sizes import format_size
@@ -59,6 +59,10 @@ def _run(args: argparse.Namespace) -> int:
 
     check_calibration_arguments(args)  # every option checked before a model or pack is read
     runtime = args.runtime or (request.device.default_runtime if request.device else "executorch")
+    if request.compute_units is not None and runtime != "coreml":
+        from liftedge.errors import LiftedgeError
+
+        raise LiftedgeError(f"--compute-units applies to Core ML builds only (this build is for {runtime})")
     request = dataclasses.replace(request, runtime=runtime)  # the plan takes only options this runtime lowers
     extra = {}
     if is_pack(args.model):
@@ -79,7 +83,12 @@ def _run(args: argparse.Namespace) -> int:
     context = args.max_context or args.context or (request.device.default_context if request.device else 512)
     from liftedge.lowering import get_target
 
-    wanted = {"max_context": int(context), "custom_ops": bool(args.custom_ops)}
+    if runtime == "coreml" and extra["memory"] is not None:
+        from liftedge.targets.coreml.residency import require_resident_fit
+
+        require_resident_fit(pack, request.compute_units, extra["memory"])
+    wanted = {"max_context": int(context), "custom_ops": bool(args.custom_ops),
+              "compute_units": request.compute_units or COREML_COMPUTE_UNITS[0]}
     options = {k: v for k, v in wanted.items() if k in get_target(runtime).OPTIONS}
     print(f"lowering for {runtime} (context {context}) and verifying against the reference ...")
     report = build_artifact(pack, runtime, args.output, options=options, force=args.force, extra_report=extra)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from liftedge.targets.coreml import layers
 from liftedge.targets.coreml.program import (
+    LayerCache,
     Positions,
     Shapes,
     Weights,
@@ -55,14 +56,14 @@ def build_program(config, tensors, qtensors, s: Shapes):
     ropes, win = rope_tables(config), windows(config, s.layers)
     scale = float(config.query_pre_attn_scalar) ** -0.5
 
-    def main(input_ids, position, *caches):
-        pos = Positions(input_ids, position, s, None, 1.0)
+    def main(input_ids, causal_mask, key_cache, value_cache):
+        pos = Positions(input_ids, causal_mask, s, None, 1.0)
         embed = w.table("model.embed_tokens")
         h = mb.cast(x=mb.gather(x=embed, indices=input_ids, axis=0), dtype="fp32")
         h = mb.mul(x=h, y=np.float32(s.hidden ** 0.5))
         for i in range(s.layers):
             rope = pos.rope(*ropes[config.layer_types[i]])
-            h = block(h, f"model.layers.{i}", w, s, pos, rope, win[i], scale, caches[2 * i], caches[2 * i + 1])
+            h = block(h, f"model.layers.{i}", w, s, pos, rope, win[i], scale, LayerCache(key_cache, value_cache, i))
         h = norm(h, w, "model.norm.weight", s.eps)
         return mb.cast(x=head(h, w, embed, config), dtype="fp32", name="logits")
 
@@ -80,7 +81,7 @@ def norm(x, w: Weights, name: str, eps: float):
     return layers.rms_norm(x, plus_one(w, name), eps)
 
 
-def block(h, p: str, w: Weights, s: Shapes, pos: Positions, rope, window, scale: float, k_state, v_state):
+def block(h, p: str, w: Weights, s: Shapes, pos: Positions, rope, window, scale: float, cache: LayerCache):
     from coremltools.converters.mil.mil import Builder as mb
 
     a = f"{p}.self_attn"
@@ -90,7 +91,7 @@ def block(h, p: str, w: Weights, s: Shapes, pos: Positions, rope, window, scale:
     k = _heads(w.linear(x, f"{a}.k_proj"), s.kv_heads, s.head_dim, plus_one(w, f"{a}.k_norm.weight"), s.eps)
     q, k = layers.rotate(q, cos, sin, s.head_dim), layers.rotate(k, cos, sin, s.head_dim)
     v = _heads(w.linear(x, f"{a}.v_proj"), s.kv_heads, s.head_dim)
-    attn = w.linear(attend(q, k, v, s, pos, k_state, v_state, window, scale), f"{a}.o_proj")
+    attn = w.linear(attend(q, k, v, s, pos, cache, window, scale), f"{a}.o_proj")
     h = mb.add(x=h, y=norm(attn, w, f"{p}.post_attention_layernorm.weight", s.eps))
     x = norm(h, w, f"{p}.pre_feedforward_layernorm.weight", s.eps)
     gate = mb.gelu(x=w.linear(x, f"{p}.mlp.gate_proj"), mode="TANH_APPROXIMATION")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from liftedge.targets.coreml import layers
 from liftedge.targets.coreml.program import (
+    LayerCache,
     Positions,
     Shapes,
     Weights,
@@ -40,15 +41,15 @@ def build_program(config, tensors, qtensors, s: Shapes):
     check_config(config)
     w = Weights(tensors, qtensors)
 
-    def main(input_ids, position, *caches):
-        pos = Positions(input_ids, position, s, None, 1.0)
+    def main(input_ids, causal_mask, key_cache, value_cache):
+        pos = Positions(input_ids, causal_mask, s, None, 1.0)
         wte = w.table("transformer.wte")
         wpe = mb.const(val=tensors["transformer.wpe.weight"].numpy(), name="transformer_wpe_weight")
         positions = mb.squeeze(x=pos.q_col, axes=[1])
         h = mb.add(x=mb.cast(x=mb.gather(x=wte, indices=input_ids, axis=0), dtype="fp32"),
                    y=mb.cast(x=mb.gather(x=wpe, indices=positions, axis=0), dtype="fp32"))
         for i in range(s.layers):
-            h = block(h, f"transformer.h.{i}", w, s, pos, caches[2 * i], caches[2 * i + 1])
+            h = block(h, f"transformer.h.{i}", w, s, pos, LayerCache(key_cache, value_cache, i))
         h = norm(h, w, "transformer.ln_f", s.eps)
         logits = w.tied_head(h, wte, "GPT-2 ties its head to the token embedding")
         return mb.cast(x=logits, dtype="fp32", name="logits")
@@ -60,14 +61,14 @@ def norm(x, w: Weights, name: str, eps: float):
     return layers.layer_norm(x, w.plain(f"{name}.weight"), w.plain(f"{name}.bias"), eps)
 
 
-def block(h, p: str, w: Weights, s: Shapes, pos: Positions, k_state, v_state):
+def block(h, p: str, w: Weights, s: Shapes, pos: Positions, cache: LayerCache):
     from coremltools.converters.mil.mil import Builder as mb
 
     qkv = w.linear(norm(h, w, f"{p}.ln_1", s.eps), f"{p}.attn.c_attn", transposed=True)
     width = s.heads * s.head_dim
     q, k, v = (mb.slice_by_size(x=qkv, begin=[0, 0, j * width], size=[-1, -1, width]) for j in range(3))
     heads = [_heads(t, s.heads, s.head_dim) for t in (q, k, v)]
-    attn = attend(*heads, s, pos, k_state, v_state, None)
+    attn = attend(*heads, s, pos, cache, None)
     h = mb.add(x=h, y=w.linear(attn, f"{p}.attn.c_proj", transposed=True))
     x = w.linear(norm(h, w, f"{p}.ln_2", s.eps), f"{p}.mlp.c_fc", transposed=True)
     x = mb.gelu(x=x, mode="TANH_APPROXIMATION")

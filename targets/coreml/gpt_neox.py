@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from liftedge.targets.coreml import layers
 from liftedge.targets.coreml.program import (
+    LayerCache,
     Positions,
     Shapes,
     Weights,
@@ -35,12 +36,12 @@ def build_program(config, tensors, qtensors, s: Shapes):
     rot = 2 * len(inv_freq)
     parallel = bool(getattr(config, "use_parallel_residual", True))
 
-    def main(input_ids, position, *caches):
-        pos = Positions(input_ids, position, s, inv_freq, rope_scale)
+    def main(input_ids, causal_mask, key_cache, value_cache):
+        pos = Positions(input_ids, causal_mask, s, inv_freq, rope_scale)
         embed = w.table("gpt_neox.embed_in")
         h = mb.cast(x=mb.gather(x=embed, indices=input_ids, axis=0), dtype="fp32")
         for i in range(s.layers):
-            h = block(h, f"gpt_neox.layers.{i}", w, s, pos, rot, parallel, caches[2 * i], caches[2 * i + 1])
+            h = block(h, f"gpt_neox.layers.{i}", w, s, pos, rot, parallel, LayerCache(key_cache, value_cache, i))
         h = norm(h, w, "gpt_neox.final_layer_norm", s.eps)
         return mb.cast(x=head(h, w, embed, config), dtype="fp32", name="logits")
 
@@ -62,7 +63,7 @@ def partial_rotate(x, pos: Positions, rot: int, head_dim: int):
     return mb.concat(values=[layers.rotate(x_rot, pos.cos, pos.sin, rot), x_pass], axis=-1)
 
 
-def block(h, p: str, w: Weights, s: Shapes, pos: Positions, rot: int, parallel: bool, k_state, v_state):
+def block(h, p: str, w: Weights, s: Shapes, pos: Positions, rot: int, parallel: bool, cache: LayerCache):
     from coremltools.converters.mil.mil import Builder as mb
 
     qkv = w.linear(norm(h, w, f"{p}.input_layernorm", s.eps), f"{p}.attention.query_key_value")
@@ -70,7 +71,7 @@ def block(h, p: str, w: Weights, s: Shapes, pos: Positions, rot: int, parallel: 
     q, k, v = (mb.slice_by_size(x=qkv, begin=[0, 0, 0, j * s.head_dim], size=[-1, -1, -1, s.head_dim])
                for j in range(3))
     q, k = partial_rotate(q, pos, rot, s.head_dim), partial_rotate(k, pos, rot, s.head_dim)
-    attn = w.linear(attend(q, k, v, s, pos, k_state, v_state, None), f"{p}.attention.dense")
+    attn = w.linear(attend(q, k, v, s, pos, cache, None), f"{p}.attention.dense")
     mlp_in = h if parallel else mb.add(x=h, y=attn)
     x = w.linear(norm(mlp_in, w, f"{p}.post_attention_layernorm", s.eps), f"{p}.mlp.dense_h_to_4h")
     out = w.linear(mb.gelu(x=x, mode="EXACT"), f"{p}.mlp.dense_4h_to_h")

@@ -59,6 +59,13 @@ def _pad(x, pad, mode="constant", constant_val=0.0):
     return np.pad(x, pad, constant_values=np.asarray(constant_val, x.dtype))
 
 
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    if any(np.any(m) for m in (begin_mask, end_mask, squeeze_mask) if m is not None) or \
+            (stride is not None and np.any(np.asarray(stride) != 1)):
+        raise ArtifactError("slice_by_index with masks or strides is not emitted by liftedge")
+    return x[tuple(slice(int(b), int(e)) for b, e in zip(begin, end))]
+
+
 def _slice_update(x, update, begin, end, **_):
     out = x.copy()
     out[tuple(slice(b, e) for b, e in zip(begin, end))] = update
@@ -123,6 +130,8 @@ OPS: dict[str, Callable[..., Any]] = {
     "logical_and": lambda x, y: np.logical_and(x, y),
     "select": lambda cond, a, b: np.where(cond, a, b),
     "slice_update": _slice_update,
+    "slice_by_index": _slice_by_index,
+    "tile": lambda x, reps: np.tile(x, tuple(int(r) for r in reps)),
 }
 CONSTEXPR = {"constexpr_lut_to_dense": lambda indices, lut: lut_to_dense(indices, lut),
              "constexpr_blockwise_shift_scale": lambda data, scale, offset=None: blockwise_shift_scale(data, scale, offset)}
@@ -142,8 +151,7 @@ class Interpreter:
         self._constants: dict[str, np.ndarray] = {}
 
     def reset(self) -> None:
-        for s in self.states.values():
-            s[...] = 0
+        self.states = {name: np.zeros_like(s) for name, s in self.states.items()}
 
     def __call__(self, **inputs: np.ndarray) -> list[np.ndarray]:
         env: dict[str, Any] = {name: np.asarray(v) for name, v in inputs.items()}
@@ -160,11 +168,15 @@ class Interpreter:
             if op.name not in self._constants:
                 self._constants[op.name] = CONSTEXPR[op.op_type](**self._args(op, env))
             return [self._constants[op.name]]
+        # No op here writes into an array in place (slice_update copies), so a state is handed
+        # out and replaced by reference: one copy per cache write, not three.
         if op.op_type == "read_state":
-            return [self.states[op.inputs["input"].name].copy()]
+            return [self.states[op.inputs["input"].name]]
         if op.op_type == "coreml_update_state":
-            value = env[op.inputs["value"].name]
-            self.states[op.inputs["state"].name][...] = value
+            name, value = op.inputs["state"].name, env[op.inputs["value"].name]
+            if value.shape != self.states[name].shape or value.dtype != np.float16:
+                raise ArtifactError(f"{op.name}: writes {value.dtype}{list(value.shape)} into state {name}")
+            self.states[name] = value
             return [value]
         return [OPS[op.op_type](**self._args(op, env))]
 

@@ -1,30 +1,34 @@
 """Build the Core ML ML program of a pack with the MIL builder (no PyTorch conversion).
 
-The program (iOS 18, one function `main`):
+The program (iOS 18, one function `main`) has the stateful I/O contract of swift-transformers'
+`LanguageModel` and of the stateful Llama / Mistral Core ML examples (Apple's "On Device Llama
+3.1 with Core ML", swift-transformers' Examples/Mistral7B):
 
-    inputs   input_ids int32 [1, T] (1 <= T <= max_prefill), position int32 [1] (first token's
-             position in the cache)
-    states   k_cache_<i>, v_cache_<i>: fp16 [1, kv_heads, max_context, head_dim] per block
+    inputs   inputIds   int32 [1, T]         (1 <= T <= max_prefill)
+             causalMask fp16  [1, 1, T, E]   (1 <= E <= max_context): additive mask over the
+                        cache positions 0..E-1; E - T is the first token's position
+    states   keyCache, valueCache: fp16 [layers, 1, kv_heads, max_context, head_dim]
     output   logits fp32 [1, T, vocab]
 
-Prefill is one call with the prompt at position 0; decode is one call per token. Attention
-always spans the whole cache with a causal mask built from `position` (entries past the
-current token are masked), so one program serves both. Writing MIL directly sidesteps the
+Prefill is one call with the prompt (E = T); decode is one call per token (T = 1, E = tokens
+so far). Attention spans cache positions 0..E-1. Besides the caller's mask the program applies
+causality and each layer's sliding window itself (from the positions E - T .. E - 1), so a
+runner that passes an all-zero mask (swift-transformers does) still gets causal attention, and
+models that mix full and sliding layers need only the one mask. Writing MIL directly sidesteps the
 converter's gaps on Hugging Face code (transformers' mask construction, "Unsupported fx node
 diff") and keeps the pack's bytes as the constants: no float weight is ever materialised.
 
 Supported families: Llama (SmolLM2), Mistral (sliding window), Qwen2 (q/k/v biases), Qwen3
 (q/k norms) here; Gemma 3 text in `gemma3`, GPT-2 in `gpt2`, GPT-NeoX in `gpt_neox`; any
 other family is refused with an `ArtifactError`. This module owns the Llama-like decoder
-graph, the shared attention and cache code, the family table and package writing; the
-per-site op patterns are in `layers`.
+graph, the I/O contract's names and placeholders, the shared attention and cache code and
+the family table; the per-site op patterns are in `layers`, writing the package in `package`.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,16 +209,25 @@ def build_llama(config, tensors: dict[str, torch.Tensor], qtensors: dict, s: Sha
     win = windows(config, s.layers)
     w = Weights(tensors, qtensors)
 
-    def main(input_ids, position, *caches):
-        pos = Positions(input_ids, position, s, inv_freq, rope_scale)
+    def main(input_ids, causal_mask, key_cache, value_cache):
+        pos = Positions(input_ids, causal_mask, s, inv_freq, rope_scale)
         embed = w.table("model.embed_tokens")
         h = mb.cast(x=mb.gather(x=embed, indices=input_ids, axis=0), dtype="fp32")
         for i in range(s.layers):
-            h = decoder_block(h, i, w, family, s, pos, caches[2 * i], caches[2 * i + 1], win[i])
+            h = decoder_block(h, i, w, family, s, pos, LayerCache(key_cache, value_cache, i), win[i])
         h = layers.rms_norm(h, w.plain("model.norm.weight"), s.eps)
         return mb.cast(x=head(h, w, embed, config), dtype="fp32", name="logits")
 
     return _program(main, io_specs(s)), w.sites, s
+
+
+# The names of the contract (swift-transformers `LanguageModel.Keys`).
+INPUT_IDS, CAUSAL_MASK, KEY_CACHE, VALUE_CACHE, LOGITS = "inputIds", "causalMask", "keyCache", "valueCache", "logits"
+
+
+def cache_shape(s: Shapes) -> tuple[int, ...]:
+    """keyCache / valueCache: [layers, batch 1, kv_heads, max_context, head_dim], as the examples stack them."""
+    return (s.layers, 1, s.kv_heads, s.max_context, s.head_dim)
 
 
 def io_specs(s: Shapes) -> dict:
@@ -222,12 +235,19 @@ def io_specs(s: Shapes) -> dict:
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.converters.mil.mil import get_new_symbol, types
 
-    cache_shape = (1, s.kv_heads, s.max_context, s.head_dim)
-    specs = {"input_ids": mb.TensorSpec((1, get_new_symbol()), dtype=types.int32),
-             "position": mb.TensorSpec((1,), dtype=types.int32)}
-    specs.update({f"{kv}_cache_{i}": mb.StateTensorSpec(cache_shape, dtype=types.fp16)
-                  for i in range(s.layers) for kv in ("k", "v")})
-    return specs
+    return {INPUT_IDS: mb.TensorSpec((1, get_new_symbol()), dtype=types.int32),
+            CAUSAL_MASK: mb.TensorSpec((1, 1, get_new_symbol(), get_new_symbol()), dtype=types.fp16),
+            KEY_CACHE: mb.StateTensorSpec(cache_shape(s), dtype=types.fp16),
+            VALUE_CACHE: mb.StateTensorSpec(cache_shape(s), dtype=types.fp16)}
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """One block's view of the stacked states: its index into keyCache / valueCache."""
+
+    key: Any
+    value: Any
+    layer: int
 
 
 def _program(main, specs: dict):
@@ -253,18 +273,24 @@ def head(h, w: Weights, embed, config):
 
 
 class Positions:
-    """Per-call values every block shares: RoPE cos/sin [T, hd], query and key positions."""
+    """Per-call values every block shares: RoPE cos/sin [T, hd], query and key positions, masks.
 
-    def __init__(self, input_ids, position, s: Shapes, inv_freq: np.ndarray, rope_scale: float):
+    The first token's position is E - T (causalMask [1, 1, T, E], inputIds [1, T]), the
+    convention of the stateful Core ML examples (`past_seen_tokens = mask.shape[-1] - T`).
+    """
+
+    def __init__(self, input_ids, causal_mask, s: Shapes, inv_freq: np.ndarray, rope_scale: float):
         from coremltools.converters.mil.mil import Builder as mb
 
-        self.start = mb.squeeze(x=position, axes=[0])
         n = mb.gather(x=mb.shape(x=input_ids), indices=1, axis=0)
-        self.end = mb.add(x=self.start, y=n)
+        self.end = mb.gather(x=mb.shape(x=causal_mask), indices=3, axis=0)
+        self.start = mb.sub(x=self.end, y=n)
         q = mb.range_1d(start=self.start, end=self.end, step=1)               # [T] int32
         self.q_col = mb.expand_dims(x=q, axes=[1])                            # [T, 1]
-        self.k_row = np.arange(s.max_context, dtype=np.int32)[None, :]       # [1, C]
-        self._masks: dict[int | None, Any] = {}
+        k = mb.range_1d(start=np.int32(0), end=self.end, step=np.int32(1))   # [E] int32
+        self.k_row = mb.expand_dims(x=k, axes=[0])                            # [1, E]
+        self.given = mb.squeeze(x=mb.cast(x=causal_mask, dtype="fp32"), axes=[0, 1])  # [T, E]
+        self._masks: dict[tuple[int | None, int], Any] = {}
         self._ropes: dict[tuple, Any] = {}
         if inv_freq is not None:  # None: learned positions (GPT-2), no rotary tables
             self.cos, self.sin = self.rope(inv_freq, rope_scale)
@@ -281,24 +307,30 @@ class Positions:
                                 mb.mul(x=mb.sin(x=emb), y=np.float32(scale)))
         return self._ropes[key]
 
-    def mask(self, window: int | None):
-        """Additive mask [T, C]: 0 where key k may be seen by query q (k <= q, q - k < window)."""
+    def mask(self, window: int | None, group: int = 1):
+        """Additive mask [group*T, E]: the caller's causalMask plus MASKED where key k may not be
+        seen by query q (k > q, or q - k >= window), repeated for the `group` query heads of a
+        kv head (row g*T + t is head g of the group at token t)."""
         from coremltools.converters.mil.mil import Builder as mb
 
-        if window not in self._masks:
+        if (window, group) not in self._masks:
+            if group > 1:
+                self._masks[window, group] = mb.tile(x=self.mask(window), reps=[group, 1])
+                return self._masks[window, group]
             ok = mb.less_equal(x=self.k_row, y=self.q_col)
             if window is not None:
                 ok = mb.logical_and(x=ok, y=mb.greater(x=self.k_row, y=mb.sub(x=self.q_col, y=np.int32(window))))
-            self._masks[window] = mb.select(cond=ok, a=np.float32(0.0), b=MASKED)
-        return self._masks[window]
+            own = mb.select(cond=ok, a=np.float32(0.0), b=MASKED)
+            self._masks[window, group] = mb.add(x=own, y=self.given)
+        return self._masks[window, group]
 
 
-def decoder_block(h, i: int, w: Weights, family: Family, s: Shapes, pos: Positions, k_state, v_state, window):
+def decoder_block(h, i: int, w: Weights, family: Family, s: Shapes, pos: Positions, cache: LayerCache, window):
     from coremltools.converters.mil.mil import Builder as mb
 
     p = f"model.layers.{i}"
     x = layers.rms_norm(h, w.plain(f"{p}.input_layernorm.weight"), s.eps)
-    h = mb.add(x=h, y=attention(x, p, w, family, s, pos, k_state, v_state, window))
+    h = mb.add(x=h, y=attention(x, p, w, family, s, pos, cache, window))
     x = layers.rms_norm(h, w.plain(f"{p}.post_attention_layernorm.weight"), s.eps)
     gate = mb.silu(x=w.linear(x, f"{p}.mlp.gate_proj"))
     up = w.linear(x, f"{p}.mlp.up_proj")
@@ -315,22 +347,29 @@ def _heads(x, n_heads: int, head_dim: int, norm=None, eps: float = 0.0):
     return mb.transpose(x=x, perm=[0, 2, 1, 3])
 
 
-def _write_cache(state, new, pos: Positions, s: Shapes):
-    """Write new [1, kv, T, hd] at positions start..end of the fp16 cache; the whole cache after."""
+def _write_cache(state, new, pos: Positions, s: Shapes, layer: int):
+    """Write new [1, kv, T, hd] at positions start..end of block `layer` in the stacked fp16
+    state; return the block's cache positions 0..end-1 as fp32 [1, kv, end, hd]."""
     from coremltools.converters.mil.mil import Builder as mb
 
-    begin = mb.concat(values=[np.zeros(2, np.int32), mb.expand_dims(x=pos.start, axes=[0]),
-                              np.zeros(1, np.int32)], axis=0)
-    end = mb.concat(values=[np.array([1, s.kv_heads], np.int32), mb.expand_dims(x=pos.end, axes=[0]),
-                            np.array([s.head_dim], np.int32)], axis=0)
-    full = mb.slice_update(x=mb.read_state(input=state), update=mb.cast(x=new, dtype="fp16"), begin=begin, end=end)
+    def index(first: int, position):
+        return mb.concat(values=[np.array([first, 0, 0], np.int32), mb.expand_dims(x=position, axes=[0]),
+                                 np.zeros(1, np.int32)], axis=0)
+
+    def upto(position):
+        return mb.concat(values=[np.array([layer + 1, 1, s.kv_heads], np.int32), mb.expand_dims(x=position, axes=[0]),
+                                 np.array([s.head_dim], np.int32)], axis=0)
+
+    update = mb.expand_dims(x=mb.cast(x=new, dtype="fp16"), axes=[0])                # [1, 1, kv, T, hd]
+    full = mb.slice_update(x=mb.read_state(input=state), update=update, begin=index(layer, pos.start), end=upto(pos.end))
     # Named explicitly: the auto-name's counter runs across programs in one process, which
     # would make a second build's spec differ.
-    mb.coreml_update_state(state=state, value=full, name=f"{state.name}_update")
-    return mb.cast(x=full, dtype="fp32")
+    mb.coreml_update_state(state=state, value=full, name=f"{state.name}_update_{layer}")
+    seen = mb.slice_by_index(x=full, begin=index(layer, np.int32(0)), end=upto(pos.end))  # [1, 1, kv, end, hd]
+    return mb.cast(x=mb.squeeze(x=seen, axes=[0]), dtype="fp32")
 
 
-def attention(x, p: str, w: Weights, family: Family, s: Shapes, pos: Positions, k_state, v_state, window):
+def attention(x, p: str, w: Weights, family: Family, s: Shapes, pos: Positions, cache: LayerCache, window):
     """Llama-style attention: q/k/v projections, optional q/k norms, RoPE, GQA, o_proj."""
     a = f"{p}.self_attn"
     qn = w.plain(f"{a}.q_norm.weight") if family.qk_norm else None
@@ -338,101 +377,21 @@ def attention(x, p: str, w: Weights, family: Family, s: Shapes, pos: Positions, 
     q = layers.rotate(_heads(w.linear(x, f"{a}.q_proj"), s.heads, s.head_dim, qn, s.eps), pos.cos, pos.sin, s.head_dim)
     k = layers.rotate(_heads(w.linear(x, f"{a}.k_proj"), s.kv_heads, s.head_dim, kn, s.eps), pos.cos, pos.sin, s.head_dim)
     v = _heads(w.linear(x, f"{a}.v_proj"), s.kv_heads, s.head_dim)
-    return w.linear(attend(q, k, v, s, pos, k_state, v_state, window), f"{a}.o_proj")
+    return w.linear(attend(q, k, v, s, pos, cache, window), f"{a}.o_proj")
 
 
-def attend(q, k, v, s: Shapes, pos: Positions, k_state, v_state, window, scale: float | None = None):
-    """Cache k, v [1, kv, T, hd]; softmax(q k^T / sqrt(hd) + mask) v over the whole cache,
-    queries grouped by their kv head (GQA; MHA is kv == heads). Returns [1, T, heads*hd]."""
+def attend(q, k, v, s: Shapes, pos: Positions, cache: LayerCache, window, scale: float | None = None):
+    """Cache k, v [1, kv, T, hd]; softmax(q k^T / sqrt(hd) + mask) v over cache positions
+    0..E-1, queries grouped by their kv head (GQA; MHA is kv == heads). Returns [1, T, heads*hd]."""
     from coremltools.converters.mil.mil import Builder as mb
 
-    keys, values = _write_cache(k_state, k, pos, s), _write_cache(v_state, v, pos, s)
+    keys = _write_cache(cache.key, k, pos, s, cache.layer)
+    values = _write_cache(cache.value, v, pos, s, cache.layer)
     group = s.heads // s.kv_heads
     qg = mb.reshape(x=q, shape=[1, s.kv_heads, -1, s.head_dim])                 # [1, kv, G*T, hd]
-    scores = mb.matmul(x=qg, y=keys, transpose_y=True)                          # [1, kv, G*T, C]
+    scores = mb.matmul(x=qg, y=keys, transpose_y=True)                          # [1, kv, G*T, E]
     scores = mb.mul(x=scores, y=np.float32(s.head_dim ** -0.5 if scale is None else scale))
-    scores = mb.reshape(x=scores, shape=[1, s.kv_heads, group, -1, s.max_context])
-    probs = mb.softmax(x=mb.add(x=scores, y=pos.mask(window)), axis=-1)
-    probs = mb.reshape(x=probs, shape=[1, s.kv_heads, -1, s.max_context])
+    probs = mb.softmax(x=mb.add(x=scores, y=pos.mask(window, group)), axis=-1)  # mask [G*T, E]
     out = mb.matmul(x=probs, y=values)                                          # [1, kv, G*T, hd]
     out = mb.reshape(x=out, shape=[1, s.heads, -1, s.head_dim])
     return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[1, -1, s.heads * s.head_dim])
-
-
-def save_package(prog, out: Path, s: Shapes) -> Path:
-    """Serialise the decoder program as out/model.mlpackage (flexible T up to max_prefill)."""
-    import coremltools as ct
-
-    inputs = [ct.TensorType("input_ids", shape=(1, ct.RangeDim(1, s.max_prefill)), dtype=np.int32),
-              ct.TensorType("position", shape=(1,), dtype=np.int32)]
-    return save_mlpackage(prog, Path(out) / PACKAGE_NAME, inputs)
-
-
-def save_mlpackage(prog, path: Path, inputs=None) -> Path:
-    """Write `prog` as an ML program package with no graph passes: the ops stay as written
-    (the default pipeline would fold the fp16->fp32 casts of constants into fp32 copies)."""
-    import coremltools as ct
-
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                       inputs=inputs, pass_pipeline=ct.PassPipeline.EMPTY,
-                       compute_precision=ct.precision.FLOAT32, skip_model_load=True)
-    model.save(str(path))
-    make_manifest_deterministic(path)
-    drop_conversion_date(path)
-    return path
-
-
-def lower_pack(pack: Path, out: Path, max_context: int, max_prefill: int) -> dict[str, Any]:
-    """Write out/model.mlpackage for `pack`; return the lowering report."""
-    from transformers import AutoConfig
-
-    from liftedge.packed import read_manifest, read_quantized, read_weights
-
-    manifest = read_manifest(pack)
-    config = AutoConfig.from_pretrained(str(pack), trust_remote_code=False)
-    family_of(config)
-    tensors = read_weights(pack)
-    prog, sites, s = build_program(config, tensors, read_quantized(pack, manifest, tensors), max_context, max_prefill)
-    path = save_package(prog, out, s)
-    weights = path / "Data" / "com.apple.CoreML" / "weights"
-    weight_nbytes = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file())
-    pack_nbytes = int(manifest["totals"]["nbytes"])
-    return {
-        "artifacts": {"package": PACKAGE_NAME},
-        "sites": sites,
-        "program": {"deployment_target": "iOS18", "family": config.model_type, "layers": s.layers,
-                    "states": {"names": "k_cache_<i>, v_cache_<i>", "dtype": "fp16",
-                               "shape": [1, s.kv_heads, s.max_context, s.head_dim]},
-                    "compute": "fp32 activations, fp16 constants and KV cache"},
-        "runtime": {"max_context": s.max_context, "max_prefill": s.max_prefill,
-                    "inputs": "input_ids int32 [1, T] (1 <= T <= max_prefill), position int32 [1]",
-                    "outputs": "logits float32 [1, T, vocab]"},
-        "sizes": {"weight_file_nbytes": weight_nbytes, "pack_tensor_nbytes": pack_nbytes,
-                  "weight_file_over_pack": round(weight_nbytes / pack_nbytes, 6)},
-    }
-
-
-def drop_conversion_date(path: Path) -> None:
-    """coremltools stamps today's date into the spec; drop it so a rebuild is byte-identical."""
-    from coremltools.proto import Model_pb2
-
-    file = path / "Data" / "com.apple.CoreML" / "model.mlmodel"
-    spec = Model_pb2.Model()
-    spec.ParseFromString(file.read_bytes())
-    spec.description.metadata.userDefined.pop("com.github.apple.coremltools.conversion_date", None)
-    file.write_bytes(spec.SerializeToString(deterministic=True))
-
-
-def make_manifest_deterministic(path: Path) -> None:
-    """coremltools names the package's items with random UUIDs; derive them from the paths."""
-    import json
-    import uuid
-
-    file = path / "Manifest.json"
-    manifest = json.loads(file.read_text())
-    entries = manifest["itemInfoEntries"]
-    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "liftedge-coreml:" + item["path"]))
-               for old, item in entries.items()}
-    manifest["itemInfoEntries"] = {renamed[k]: v for k, v in sorted(entries.items(), key=lambda kv: kv[1]["path"])}
-    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
-    file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")

@@ -6,7 +6,8 @@
   stored field (uint1 sign indices with the packed signs, the LUT with [-scale, +scale],
   int codes/scales/zero points, fp16 factors, norms, embedding); each constexpr is then
   decompressed and compared with the dense matrix its fields define.
-- `check_structure`: inputs, states (names, fp16, shapes), output, op counts per pattern.
+- `check_structure`: inputs, states (the contract's names, dtypes, shapes), output, op counts
+  per pattern.
 
 Any difference raises `VerificationError` naming the constant. This module owns the
 checks; the op patterns are `layers`, executing the program is `interpreter`.
@@ -156,25 +157,33 @@ def check_weights(prog, tensors: dict[str, torch.Tensor], qtensors: dict, sites:
 
 
 def check_structure(prog, program_report: dict[str, Any], n_lq: int, n_int: int) -> dict[str, Any]:
-    """Inputs, outputs, states and op counts are what `program` writes."""
+    """Inputs, outputs, states (the swift-transformers contract) and op counts are what `program` writes."""
+    from liftedge.targets.coreml.program import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
+
     from coremltools.converters.mil.mil import types
 
     fn = prog.functions["main"]
     layers_n = program_report["layers"]
-    want_states = {f"{kv}_cache_{i}" for i in range(layers_n) for kv in ("k", "v")}
     states = {n: v for n, v in fn.inputs.items() if types.is_state(v.sym_type)}
     problems = []
-    if set(states) != want_states:
-        problems.append(f"states {sorted(states)[:4]}... != {sorted(want_states)[:4]}...")
+    if sorted(states) != sorted([KEY_CACHE, VALUE_CACHE]):
+        problems.append(f"states {sorted(states)} != {[KEY_CACHE, VALUE_CACHE]}")
     shape = program_report["states"]["shape"]
     for name, var in states.items():
         wrapped = var.sym_type.wrapped_type()
         if list(wrapped.get_shape()) != shape or wrapped.get_primitive() != types.fp16:
             problems.append(f"state {name} is not fp16{shape}")
-    if set(fn.inputs) - set(states) != {"input_ids", "position"}:
-        problems.append(f"inputs {sorted(set(fn.inputs) - set(states))} != ['input_ids', 'position']")
-    if [v.name for v in fn.outputs] != ["logits"]:
-        problems.append(f"outputs {[v.name for v in fn.outputs]} != ['logits']")
+    inputs = {n: v for n, v in fn.inputs.items() if n not in states}
+    want = {INPUT_IDS: (types.int32, 2), CAUSAL_MASK: (types.fp16, 4)}
+    if set(inputs) != set(want):
+        problems.append(f"inputs {sorted(inputs)} != {sorted(want)}")
+    for name, (dtype, rank) in want.items():
+        var = inputs.get(name)
+        if var is not None and (var.dtype != dtype or var.rank != rank):
+            problems.append(f"input {name} is {types.builtin_to_string(var.dtype)} rank {var.rank}, expected "
+                            f"{types.builtin_to_string(dtype)} rank {rank}")
+    if [v.name for v in fn.outputs] != [LOGITS]:
+        problems.append(f"outputs {[v.name for v in fn.outputs]} != [{LOGITS!r}]")
     counts = collections.Counter(op.op_type for op in fn.operations)
     expect = {"constexpr_lut_to_dense": n_lq, "constexpr_blockwise_shift_scale": n_int,
               "read_state": 2 * layers_n, "coreml_update_state": 2 * layers_n, "softmax": layers_n}
@@ -183,3 +192,39 @@ def check_structure(prog, program_report: dict[str, Any], n_lq: int, n_int: int)
         raise VerificationError("the package's program is not what was written: " + "; ".join(problems))
     return {"opset": str(fn.opset_version), "op_counts": dict(sorted(counts.items())),
             "states": len(states), "state_shape": shape}
+
+
+def _feature_ranges(feature) -> list[tuple[int, int]]:
+    shape_range = feature.type.multiArrayType.shapeRange.sizeRanges
+    return [(int(r.lowerBound), int(r.upperBound)) for r in shape_range]
+
+
+def check_spec(package: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The saved spec's interface is the contract: feature names, dtypes, flexible ranges,
+    state shapes, and the metadata the report records."""
+    import coremltools as ct
+    from coremltools.proto import FeatureTypes_pb2 as ft
+    from liftedge.targets.coreml.program import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
+
+    desc = ct.models.MLModel(str(package), skip_model_load=True).get_spec().description
+    rt, array = report["runtime"], ft.ArrayFeatureType
+    t, e = (1, rt["max_prefill"]), (1, rt["max_context"])
+    want_inputs = {INPUT_IDS: (array.INT32, [(1, 1), t]), CAUSAL_MASK: (array.FLOAT16, [(1, 1), (1, 1), t, e])}
+    got_inputs = {f.name: (f.type.multiArrayType.dataType, _feature_ranges(f)) for f in desc.input}
+    want_states = {n: (array.FLOAT16, report["program"]["states"]["shape"]) for n in (KEY_CACHE, VALUE_CACHE)}
+    got_states = {f.name: (f.type.stateType.arrayType.dataType, list(f.type.stateType.arrayType.shape))
+                  for f in desc.state}
+    problems = []
+    if got_inputs != want_inputs:
+        problems.append(f"inputs {got_inputs} != {want_inputs}")
+    if got_states != want_states:
+        problems.append(f"states {got_states} != {want_states}")
+    if [f.name for f in desc.output] != [LOGITS]:
+        problems.append(f"outputs {[f.name for f in desc.output]} != [{LOGITS!r}]")
+    metadata = dict(desc.metadata.userDefined)
+    wrong = sorted(k for k, v in report["metadata"].items() if metadata.get(k) != v)
+    if wrong:
+        problems.append(f"metadata {wrong} differ from the report")
+    if problems:
+        raise VerificationError("the package's interface is not the stateful LLM contract: " + "; ".join(problems))
+    return {"inputs": sorted(got_inputs), "states": sorted(got_states), "metadata_keys": len(report["metadata"])}
