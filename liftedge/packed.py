@@ -81,19 +81,11 @@ def save_packed(path: str | os.PathLike, loaded, qtensors: Mapping[str, Quantize
     if clash:
         raise ArtifactError(f"quantized fields clash with parameter names: {clash[:3]}")
     tensors.update(params)
-    site_entries = {name: _site_entry(sites[name], qt, method) for name, qt in qtensors.items()}
-    manifest = {
-        "format": PACK_FORMAT,
-        "version": PACK_VERSION,
-        "liftedge_version": __version__,
-        "source": {"path": _absolute_source(loaded.source), "sha256": loaded.source_hash, "family": loaded.family},
-        "protocol": protocol_name(loaded.tokenizer),  # text fed with BOS first or not (liftedge.text)
-        "quantizer": quantizer,
-        "calibration": calibration,
-        "plan": plan,
-        "sites": site_entries,
-        "totals": _totals(sites, qtensors, tensors),
-    }
+    manifest = pack_manifest(sites, qtensors, tensors, method=method,
+                             source={"path": _absolute_source(loaded.source), "sha256": loaded.source_hash,
+                                     "family": loaded.family},
+                             protocol=protocol_name(loaded.tokenizer), quantizer=quantizer,
+                             calibration=calibration, plan=plan)
     with atomic_output_dir(path, force=force) as tmp:
         _write_weights(tmp / WEIGHTS_NAME, tensors)
         model.config.save_pretrained(tmp)
@@ -105,6 +97,26 @@ def save_packed(path: str | os.PathLike, loaded, qtensors: Mapping[str, Quantize
     log.info("wrote pack %s (%d quantized sites, %.3f bits/weight)", path, len(qtensors),
              manifest["totals"]["bits_per_weight"])
     return manifest
+
+
+def pack_manifest(sites: Mapping[str, Site], qtensors: Mapping[str, QuantizedTensor],
+                  tensors: Mapping[str, torch.Tensor], *, method: str | Mapping[str, str], source: dict[str, Any],
+                  protocol: str, quantizer: dict[str, Any] | None, calibration: dict[str, Any] | None,
+                  plan: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest of a pack (all but `weights_sha256`), from shapes and dtypes alone: `tensors`
+    (every stored tensor, site fields included) and `qtensors` may live on the meta device."""
+    return {
+        "format": PACK_FORMAT,
+        "version": PACK_VERSION,
+        "liftedge_version": __version__,
+        "source": source,
+        "protocol": protocol,  # text fed with BOS first or not (liftedge.text)
+        "quantizer": quantizer,
+        "calibration": calibration,
+        "plan": plan,
+        "sites": {name: _site_entry(sites[name], qt, method) for name, qt in qtensors.items()},
+        "totals": _totals(sites, qtensors, tensors),
+    }
 
 
 def _absolute_source(source) -> str:
@@ -194,6 +206,45 @@ def _write_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     # One metadata key only: safetensors writes its metadata map in hash order, so several
     # keys would make the bytes differ from run to run.
     save_file(dict(sorted(tensors.items())), str(path), metadata={"format": PACK_FORMAT})
+
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8",
+                       torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def write_weights_streaming(path: Path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], produce) -> None:
+    """Write a safetensors file of the tensors `specs` names (name -> (dtype, shape)), asking
+    `produce(name)` for each in turn: only one tensor is ever held, whatever the total size.
+
+    The header is laid out from the specs first (names sorted, data back to back, header padded
+    to 8 bytes as safetensors does); a produced tensor that differs from its spec is an error.
+    `safetensors.torch.load_file` reads the result like any other file.
+    """
+    import json
+    import struct
+
+    names = sorted(specs)
+    header: dict[str, Any] = {"__metadata__": {"format": PACK_FORMAT}}
+    offset = 0
+    for name in names:
+        dtype, shape = specs[name]
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in names:
+            dtype, shape = specs[name]
+            t = produce(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ArtifactError(f"{name}: produced {t.dtype} {list(t.shape)}, the header says {dtype} {list(shape)}")
+            data = t.detach().cpu().contiguous()
+            if data.numel():
+                f.write(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+            del t, data
 
 
 # ---------------------------------------------------------------- reading

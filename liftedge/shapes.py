@@ -146,7 +146,12 @@ def _student_t(shape: tuple[int, ...], gen: torch.Generator, dof: float = 4.0) -
 
 
 def _write_tokenizer(out: Path, config) -> None:
-    """A byte-level BPE tokenizer trained on a fixed text, its vocabulary within the model's."""
+    """A byte-level BPE tokenizer trained on a fixed text, with exactly the model's vocabulary.
+
+    Training reaches a few hundred tokens; the rest of the vocabulary is filled with pieces no
+    merge produces (distinct strings of the byte alphabet), so that every id the model can
+    predict is a token: a runner that maps generated pieces back to ids (ExecuTorch's
+    TextLLMRunner) then sees the same ids as the reference."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -158,4 +163,20 @@ def _write_tokenizer(out: Path, config) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = "A shape-true model with random weights: its bytes and speed are real, its text is not. " * 20
     tok.train_from_iterator([text], trainer=trainer)
+    data = json.loads(tok.to_str())
+    pieces = data["model"]["vocab"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    i = 0
+    while len(pieces) < config.vocab_size:  # base-256 numerals in the byte alphabet, 3+ characters
+        digits, n = [], i
+        while True:
+            digits.append(alphabet[n % len(alphabet)])
+            n //= len(alphabet)
+            if n == 0 and len(digits) >= 3:
+                break
+        piece = "".join(reversed(digits))
+        if piece not in pieces:
+            pieces[piece] = len(pieces)
+        i += 1
+    tok = Tokenizer.from_str(json.dumps(data))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
