@@ -297,3 +297,26 @@ def test_genai_stopping_at_the_references_eos_counts_as_agreement():
     assert genai_runner.tokens_match([5, 6, 0, 7, 8], ref, eos=[0]) is None
     assert genai_runner.tokens_match([5], ref, eos=[0]) == 1              # stopped early, no EOS
     assert genai_runner.tokens_match([5, 9], ref, eos=[0]) == 1
+
+
+def test_external_data_round_trips(tiny_lq_pack, tmp_path):
+    """Past the threshold (forced to 0 here; 1 GiB by default, protobuf stops at 2 GiB) the weights
+    go to model.onnx.data: ONNX Runtime, the .ort converter and genai read them, and the logits are
+    the inline model's."""
+    import onnx
+
+    inline = build_artifact(tiny_lq_pack, "onnxruntime", tmp_path / "inline", options={"genai": False})
+    report = build_artifact(tiny_lq_pack, "onnxruntime", tmp_path / "ext", options={"external_data": 0})
+    assert report["artifacts"]["onnx_data"] == "model.onnx.data" and "onnx_data" not in inline["artifacts"]
+    assert report["verification"]["onnx"]["passed"] and report["verification"]["ort"]["passed"]
+    assert report["verification"]["runners"][0]["accepted"]
+    graph = onnx.load(str(tmp_path / "ext" / "model.onnx"), load_external_data=False)
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and (tmp_path / "ext" / "model.onnx").stat().st_size < (tmp_path / "inline" / "model.onnx").stat().st_size
+    ids = [1, 5, 9, 3]
+    a = open_session(tmp_path / "inline" / "model.onnx")
+    b = open_session(tmp_path / "ext" / "model.onnx")
+    from liftedge.targets.onnxruntime.session import make_step
+
+    # the same float32 graph and bytes, read from another file: identical logits
+    np.testing.assert_array_equal(make_step(a)(ids, 0), make_step(b)(ids, 0))

@@ -25,6 +25,8 @@ OPTIONS = {
     "max_context": "context length onnxruntime-genai may grow the KV cache to (default 256; the build "
                    "passes the context the memory plan budgeted)",
     "genai": "also verify with onnxruntime-genai's generator where it is installed: 'yes' (default) or 'no'",
+    "external_data": "initializer bytes past which the weights go to model.onnx.data beside model.onnx (ONNX "
+                     "external data; default 1 GiB: protobuf refuses a model.onnx past 2 GiB)",
 }
 # Relative Frobenius error allowed between ORT logits and the reference's. The graph is
 # float32 end to end like the reference (fp16-stored factors are cast, not computed in fp16);
@@ -35,7 +37,10 @@ OPTIONS = {
 TOLERANCE = 1e-4
 
 
-_DEFAULTS = {"ort": True, "threads": None, "new_tokens": 32, "max_context": 256, "genai": True}
+# Half protobuf's 2 GiB message limit: the graph's own bytes and the serializer's overhead fit beside it.
+EXTERNAL_DATA_NBYTES = 1 << 30
+_DEFAULTS = {"ort": True, "threads": None, "new_tokens": 32, "max_context": 256, "genai": True,
+             "external_data": EXTERNAL_DATA_NBYTES}
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -43,6 +48,8 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     out["threads"] = out["threads"] or None  # 0: ONNX Runtime's choice, as unset
     if out["new_tokens"] < 1:
         raise LiftedgeError(f"option new_tokens must be >= 1, got {out['new_tokens']}")
+    if out["external_data"] < 0:
+        raise LiftedgeError(f"option external_data must be >= 0 bytes, got {out['external_data']}")
     if not (8 <= out["max_context"] <= 1 << 20):
         raise LiftedgeError(f"option max_context must be in [8, 1048576] tokens, got {out['max_context']}")
     return out

@@ -40,6 +40,9 @@ def convert_to_ort(onnx_path: Path, out_dir: Path) -> tuple[Path, Path]:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
         shutil.copyfile(onnx_path, src / onnx_path.name)
+        data = onnx_path.with_name(onnx_path.name + ".data")  # external data, where the model has it
+        if data.is_file():
+            shutil.copyfile(data, src / data.name)
         cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src),
                "--output_dir", str(dst), "--optimization_style", "Fixed"]
         preexec = _no_aslr if sys.platform.startswith("linux") else None

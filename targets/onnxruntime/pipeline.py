@@ -15,7 +15,12 @@ import onnx
 from liftedge.errors import ArtifactError
 from liftedge.lowering import chat_template, copy_tokenizer, special_tokens
 
-MODEL_NAME, GENAI_NAME = "model.onnx", "genai_config.json"
+MODEL_NAME, GENAI_NAME, DATA_NAME = "model.onnx", "genai_config.json", "model.onnx.data"
+# Initializers smaller than this stay inside model.onnx when the rest go to external data
+# (norm weights, constants: reading them from a second file gains nothing).
+EXTERNAL_MIN_TENSOR_NBYTES = 1024
+# The .ort file is one flatbuffer, which cannot address past 2 GiB (no external data in it).
+ORT_FORMAT_MAX_NBYTES = 1 << 31
 
 
 def read_pack(pack: Path):
@@ -57,22 +62,34 @@ def operators(model: onnx.ModelProto) -> dict[str, list[str]]:
     return {d: sorted(v) for d, v in sorted(ops.items())}
 
 
+def write_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write `model` to `path`; with `external`, its initializers (those of 1 KiB and more) to
+    DATA_NAME beside it, one file, which ONNX Runtime and onnxruntime-genai read from there."""
+    if not external:
+        path.write_bytes(model.SerializeToString())
+        return
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_NAME, size_threshold=EXTERNAL_MIN_TENSOR_NBYTES)
+
+
 def lower_pack(pack: Path, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
     from liftedge.targets.onnxruntime import genai, ort_format
 
     model, sites, shapes, (config, manifest) = build_model(pack)
     model_path = out / MODEL_NAME
-    model_path.write_bytes(model.SerializeToString())
+    init_nbytes = initializer_nbytes(model)
+    external = init_nbytes > opts["external_data"]
+    write_model(model, model_path, external)
     tokens = special_tokens(pack)
     context = min(opts["max_context"], int(getattr(config, "max_position_embeddings", opts["max_context"])))
     genai_json = genai.genai_config(config, shapes, MODEL_NAME, tokens, context)
     (out / GENAI_NAME).write_text(json.dumps(genai_json, indent=2, sort_keys=True) + "\n")
     tokenizer = copy_tokenizer(pack, out)
     template_embedded = genai.embed_chat_template(out, chat_template(pack))
-    init_nbytes = initializer_nbytes(model)
     pack_nbytes = manifest["totals"]["nbytes"]
     report = {
-        "artifacts": {"onnx": MODEL_NAME, "genai_config": GENAI_NAME, "tokenizer": tokenizer},
+        "artifacts": {"onnx": MODEL_NAME, "genai_config": GENAI_NAME, "tokenizer": tokenizer,
+                      **({"onnx_data": DATA_NAME} if external else {})},
         "sites": sites,
         "graph": {"opset": model.opset_import[0].version, "ir_version": model.ir_version,
                   "nodes": len(model.graph.node), "operators": operators(model)},
@@ -82,7 +99,10 @@ def lower_pack(pack: Path, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
                     "chat_template": "embedded in tokenizer_config.json" if template_embedded
                     else "tokenizer_config.json" if chat_template(pack) else None},
     }
-    if opts["ort"]:
+    if opts["ort"] and init_nbytes >= ORT_FORMAT_MAX_NBYTES:
+        report["ort_skipped"] = (f"the weights ({init_nbytes} bytes) exceed the .ort format's 2 GiB flatbuffer "
+                                 "limit; ORT Mobile loads model.onnx with its external data instead")
+    elif opts["ort"]:
         ort_path, ops_path = ort_format.convert_to_ort(model_path, out)
         report["artifacts"].update(ort=ort_path.name, required_operators=ops_path.name)
         report["ort_mobile_operators"] = ort_format.read_ops_config(ops_path)

@@ -121,7 +121,10 @@ class LiftLinear(nn.Module):
     """Reference lift-project linear: transform, lift, ±1 matmul, scale (the runtime order).
 
     Buffers hold the stored fields (packed signs included, so `state_dict` shows the
-    packed form); the ±1 matrix is unpacked once into a float buffer for speed.
+    packed form); the ±1 matrix is unpacked for speed at the first forward call, not before
+    (a model whose layers are only swapped for a target's own modules, an export, never holds
+    it), and kept as int8, cast to float32 one layer at a time: as float32 it would take
+    4 x D/d bytes per weight, 6 GB for a 1B model at 16/4 (the cast is exact).
     """
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None):
@@ -130,8 +133,9 @@ class LiftLinear(nn.Module):
         self.in_features, self.out_features = qt.meta["in_features"], qt.meta["out_features"]
         for field, tensor in qt.tensors.items():
             self.register_buffer(f"q_{field}", tensor.detach().clone())
-        f = factors(qt)
-        self.register_buffer("sign_matrix", f["signs"], persistent=False)
+        device = qt.tensors["scale"].device
+        f = {k: v.to(device, torch.float32) for k, v in qt.tensors.items() if k != "signs"}
+        self.register_buffer("sign_matrix", None, persistent=False)  # unpacked at the first forward
         for name in ("scale", "in_scale", "mix1", "mix2", "codebook"):
             self.register_buffer(name, f[name], persistent=False)
         self.register_buffer("block_scale_full", expand_block_scale(f["block_scale"], qt.meta["d"], self.in_features),
@@ -145,7 +149,10 @@ class LiftLinear(nn.Module):
         if pad:
             v = torch.nn.functional.pad(v, (0, pad))
         u = torch.matmul(v.reshape(*v.shape[:-1], -1, d), self.codebook).reshape(*v.shape[:-1], -1)
-        y = torch.matmul(u, self.sign_matrix.T) * self.scale
+        if self.sign_matrix is None:
+            width = n_blocks(self.in_features, d) * D
+            self.sign_matrix = unpack_signs(self.q_signs.to(self.scale.device), width, dtype=torch.int8)
+        y = torch.matmul(u, self.sign_matrix.T.to(u.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
