@@ -188,6 +188,7 @@ def artifacts_markdown(data: dict) -> str:
              "| shape | device | runtime | plan b/w | pack | pack write (s / peak RSS) | build (s / peak RSS) | "
              "artifact | runtime load (s) | runtime peak RSS | predicted runtime memory | decode tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    tail = [""] + [f"- {note}" for note in data.get("notes", [])]
     for r in data["rows"]:
         pk, b, pf = r.get("synthetic_pack", {}), r.get("build", {}), (r.get("profile") or {})
         rep = pf.get("report") or {}
@@ -203,7 +204,7 @@ def artifacts_markdown(data: dict) -> str:
                      f"{gib(r.get('pack_nbytes'))} | {step(pk)} | {step(b)} | {gib(art) if art else '-'} | "
                      f"{rep.get('load_seconds', '-')} | {gib(rep.get('peak_rss_nbytes'))} | {gib(predicted)} | "
                      f"{rep.get('decode_tokens_per_second', '-')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + tail) + "\n"
 
 
 def main() -> None:
@@ -225,7 +226,8 @@ def main() -> None:
         old = json.loads(path.read_text())["rows"] if path.is_file() else []
         keys = {(r["shape"], r["device"], r["runtime"]) for r in rows}
         merged = [r for r in old if (r["shape"], r["device"], r["runtime"]) not in keys] + rows
-        path.write_text(json.dumps({"machine": "2 CPU cores and 24 GiB shared with ~6 other engineers' jobs "
+        notes = json.loads(path.read_text()).get("notes", []) if path.is_file() else []
+        path.write_text(json.dumps({"notes": notes, "machine": "2 CPU cores and 24 GiB shared with ~6 other engineers' jobs "
                                                "(contended: times are ~3x an idle machine's)", "rows": merged},
                                    indent=1, sort_keys=True, default=str) + "\n")
         (RESULTS / "scale.md").write_text(artifacts_markdown(json.loads(path.read_text())))
