@@ -198,12 +198,14 @@ def artifacts_markdown(data: dict) -> str:
         predicted = r["planned_weights_nbytes"] + sum(pred.get(k, 0) for k in (
             "kv_cache_nbytes", "activation_nbytes", "runtime_overhead_nbytes", "tokenizer_nbytes",
             "head_cast_nbytes")) if pred else None
+        load = f"{rep['load_ms'] / 1000:.1f}" if rep.get("load_ms") else "-"
+        tps = f"{rep['decode_tokens_per_s']['median']:.2f}" if rep.get("decode_tokens_per_s") else "-"
         step = lambda m: "-" if not m else (f"{m['seconds']:.0f} / {gib(m['peak_rss_nbytes'])}"  # noqa: E731
                                             + ("" if m.get("exit") == 0 else f" (exit {m.get('exit')})"))
         lines.append(f"| {r['shape']} | {r['device']} | {r['runtime']} | {r['bits_per_weight']:.2f} | "
                      f"{gib(r.get('pack_nbytes'))} | {step(pk)} | {step(b)} | {gib(art) if art else '-'} | "
-                     f"{rep.get('load_seconds', '-')} | {gib(rep.get('peak_rss_nbytes'))} | {gib(predicted)} | "
-                     f"{rep.get('decode_tokens_per_second', '-')} |")
+                     f"{load} | {gib(rep.get('peak_rss_nbytes'))} | {gib(predicted)} | "
+                     f"{tps} |")
     return "\n".join(lines + tail) + "\n"
 
 
