@@ -14,6 +14,11 @@ the loop, the prompt and the comparison live here once.
 
 This module owns the prompt, the greedy loop, the comparison and `VerificationError`; the
 runtimes' step functions belong to the targets.
+
+Runner records: each target's verification lists, under `runners`, the standard LLM runners
+that drove the artifact, one record each: `{"runner": name, "accepted": True}` plus what the
+runner produced, or `{"runner": name, "accepted": None, "skipped": why}` where it cannot run
+here; a runner that generates other greedy tokens raises `VerificationError`.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # and on SmolLM2-135M (see the report). 1e-2 leaves a 10x margin for longer decodes while
 # still catching any wrong weight, transform or mask (those give errors of order 1).
 TOLERANCE = 1e-2
-# The standard runner this package is written for (the same record shape as `liftedge.runners`).
+# The standard runner this package is written for (a runner record, `liftedge.verify`).
 RUNNER = {"runner": "swift-transformers LanguageModel (stateful, Core ML)", "accepted": None,
           "skipped": "Core ML does not run on Linux: the spec's interface was checked against the runner's "
                      "contract (names, dtypes, flexible ranges, states, metadata) and the program was "

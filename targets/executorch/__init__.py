@@ -11,8 +11,7 @@ Implements the `liftedge.lowering` contract:
 Modules: `ops` (the torch ops `liftedge::lq_linear`, `fp16_linear`, `int_linear` + `.out`),
 `kernel` (build/cache/load the C++ kernel library from `kernels/`), `modules` (export-time
 replacements of the other site formats, int8/int4 embedding tables included), `export` (static KV cache, torch.export, XNNPACK lowering), `runtime`
-(running and verifying a `.pte`), `runner_check` (ExecuTorch's TextLLMRunner on the `.pte`,
-registered in `liftedge.runners`). `CMakeLists.txt` links `kernels/` into an app's runtime.
+(running and verifying a `.pte`), `runner_check` (ExecuTorch's TextLLMRunner on the `.pte`). `CMakeLists.txt` links `kernels/` into an app's runtime.
 """
 
 from __future__ import annotations
@@ -69,10 +68,10 @@ def verify(out: Path, pack: Path, report: dict[str, Any], options: dict[str, Any
     from liftedge.targets.executorch.export import PTE_NAME
     from liftedge.targets.executorch.runtime import verify_pte
 
-    from liftedge.runners import run_checks
+    from liftedge.targets.executorch.runner_check import check_text_llm_runner
 
     opts = parse_options(options)
     record = verify_pte(Path(out) / PTE_NAME, Path(pack), bool(report.get("requires_kernel_library")),
                         opts["max_prefill"], opts["max_context"], opts["verify_tokens"])
-    record["runners"] = run_checks(NAME, Path(out), Path(pack), report, opts, record["reference_tokens"])
+    record["runners"] = [check_text_llm_runner(Path(out), Path(pack), report, opts, record["reference_tokens"])]
     return record

@@ -113,7 +113,7 @@ def run_text_llm_runner(pte: Path, tokenizer_json: Path, new_tokens: int, *, nee
 
 def check_text_llm_runner(out: Path, pack: Path, report: dict[str, Any], options: dict[str, Any],
                           reference_tokens: list[int]) -> dict[str, Any]:
-    """The `liftedge.runners` check for ExecuTorch: TextLLMRunner's greedy tokens == reference."""
+    """ExecuTorch's runner check (a `liftedge.verify` runner record): TextLLMRunner's greedy tokens == reference."""
     from liftedge.targets.executorch.export import PTE_NAME
 
     if _runner_classes() is None:

@@ -137,5 +137,5 @@ def verify_artifact(out: Path, pack: Path, report: dict[str, Any], opts: dict[st
                                     TOLERANCE)
     else:
         runner = {"runner": genai_runner.RUNNER, "accepted": None, "skipped": "option genai=no"}
-    record["runners"] = [runner]  # the same shape as every target's runner records (liftedge.runners)
+    record["runners"] = [runner]  # a runner record, as every target writes (liftedge.verify)
     return record
