@@ -31,11 +31,9 @@ OPTIONS = {
                   "needed at run time); false: stock-operator fallback (bit unpack in the graph)",
     "max_context": "KV-cache length in tokens (default 256; the build passes the device's context)",
     "max_prefill": "longest prompt chunk one call accepts (default 128, at most max_context)",
-    "int8_head": "true (default): an fp16 head runs as XNNPACK's int8 linear (int8 per-row weights, int8 "
-                 "dynamic activations; a tied table gains an int8 copy); false: the head as packed",
     "verify_tokens": "greedy tokens compared with the reference during verification (default 32)",
 }
-_DEFAULTS = {"custom_ops": True, "int8_head": True, "max_context": 256, "max_prefill": 128, "verify_tokens": 32}
+_DEFAULTS = {"custom_ops": True, "max_context": 256, "max_prefill": 128, "verify_tokens": 32}
 
 
 def parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -52,7 +50,7 @@ def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
 
     opts = parse_options(options)
     report = lower_pack(Path(pack), Path(out), ExportOptions(opts["custom_ops"], opts["max_context"],
-                                                             opts["max_prefill"], opts["int8_head"]))
+                                                             opts["max_prefill"]))
     report["artifacts"] = {"program": PTE_NAME}
     report["runtime"] = {"max_context": opts["max_context"], "max_prefill": opts["max_prefill"],
                          "inputs": "(input_ids int64 [1, n], cache_position int64 [n]), 1 <= n <= max_prefill",
@@ -69,13 +67,12 @@ def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
 
 def verify(out: Path, pack: Path, report: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     from liftedge.targets.executorch.export import PTE_NAME
-    from liftedge.targets.executorch.runtime import TOLERANCE, TOLERANCE_INT8_HEAD, verify_pte
+    from liftedge.targets.executorch.runtime import verify_pte
 
     from liftedge.runners import run_checks
 
     opts = parse_options(options)
     record = verify_pte(Path(out) / PTE_NAME, Path(pack), bool(report.get("requires_kernel_library")),
-                        opts["max_prefill"], opts["max_context"], opts["verify_tokens"],
-                        tolerance=TOLERANCE_INT8_HEAD if report.get("int8_head") else TOLERANCE)
+                        opts["max_prefill"], opts["max_context"], opts["verify_tokens"])
     record["runners"] = run_checks(NAME, Path(out), Path(pack), report, opts, record["reference_tokens"])
     return record

@@ -28,9 +28,6 @@ from liftedge.verify import compare, greedy, in_chunks, prompt_ids, reference_ru
 # models ~1.5e-3. 1.5e-2 leaves room for that; a wrong layout or sign gives O(1), and greedy
 # tokens must match exactly in any case.
 TOLERANCE = 1.5e-2
-# With the int8 head (`modules.int8_head`: int8 per-row weights, activations quantized per
-# token to int8), the head adds its own rounding on top: MEASURED_INT8_HEAD. 
-TOLERANCE_INT8_HEAD = 1.5e-2
 
 
 def calls_custom_op(path: Path) -> bool:
