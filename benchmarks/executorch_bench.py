@@ -6,10 +6,14 @@ peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss` in the child):
 
 | variant    | linear layers                                   | embedding / head          |
 |------------|-------------------------------------------------|---------------------------|
-| custom_op  | liftedge::lq_linear (C++ kernel, packed signs)  | fp16 (as packed, tied)    |
-| fallback   | stock-op lift-project (bit unpack in the graph) | fp16                      |
+| custom_op  | liftedge::lq_linear (C++ kernel, packed signs)  | fp16 embedding; head per --head |
+| fallback   | stock-op lift-project (bit unpack in the graph) | same                      |
 | fp32       | XNNPACK fp32 on the pack's dequantized weights  | fp32                      |
-| 8da4w      | torchao int4 g32 + int8 dynamic act, XNNPACK    | fp16 (same as custom_op)  |
+| 8da4w      | torchao int4 g32 + int8 dynamic act, XNNPACK    | same as custom_op         |
+
+`--head int8` (default, the target's default): the head is XNNPACK's int8 linear
+(`modules.int8_head`); `--head fp16`: liftedge::fp16_linear over the tied fp16 table. Every
+program computes the head on the last position only (`export.export_program`).
 
 It also measures this machine's copy bandwidth (numpy, 256 MiB) and reports, per variant,
 the bytes read per decoded token (constant weights the decode touches: all linears and the
@@ -17,7 +21,7 @@ head, one embedding row) and the bound bandwidth / bytes. Load average before/af
 run is recorded and `contended` is set when another process was using the CPU.
 
     .venv/bin/python benchmarks/executorch_bench.py --pack PACK   (e.g. a pack from `liftedge quantize default --rate 24/10 -o PACK`)
-        [--prefill 64] [--decode 32] [--variants custom_op,fallback,fp32,8da4w]
+        [--prefill 64] [--decode 32] [--variants custom_op,fallback,fp32,8da4w] [--head int8|fp16]
 Writes benchmarks/results/executorch_bench.json and .md.
 """
 
@@ -63,7 +67,7 @@ def copy_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     return measure_bandwidth_gbs("copy", nbytes, repeats)
 
 
-def dense_model(pack: Path, fp16_embeddings: bool):
+def dense_model(pack: Path, fp16_embeddings: bool, int8_head: bool = False):
     """The pack's model with every quantized site as a plain fp32 nn.Linear (dequantized)."""
     import torch
 
@@ -82,7 +86,7 @@ def dense_model(pack: Path, fp16_embeddings: bool):
                 lin.bias.copy_(old.bias)
         replace_module(model, name, lin)
     if fp16_embeddings:
-        export.swap_embeddings(model, {})
+        export.swap_embeddings(model, {}, int8_head=int8_head)
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
     return model.eval()
@@ -94,10 +98,10 @@ def build_variant(variant: str, pack: Path, out: Path, opts) -> dict:
     from liftedge.targets.executorch import export
 
     if variant in ("custom_op", "fallback"):
-        opts = export.ExportOptions(variant == "custom_op", opts.max_context, opts.max_prefill)
+        opts = export.ExportOptions(variant == "custom_op", opts.max_context, opts.max_prefill, opts.int8_head)
         _, model, _ = export.prepare_model(pack, opts)
     else:
-        model = dense_model(pack, fp16_embeddings=(variant == "8da4w"))
+        model = dense_model(pack, fp16_embeddings=(variant == "8da4w"), int8_head=opts.int8_head)
     if variant == "8da4w":
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerGroup
@@ -113,15 +117,17 @@ def build_variant(variant: str, pack: Path, out: Path, opts) -> dict:
             "delegates": counts.get("executorch_call_delegate", 0)}
 
 
-def bytes_per_token(variant: str, pack: Path, pte_bytes: int) -> int:
+def bytes_per_token(variant: str, pack: Path, pte_bytes: int, int8_head: bool) -> int:
     """Constant bytes one decode step reads: the program's weights less the embedding table
-    (one row of it is read), plus that table again when the head is tied to it."""
+    (one row of it is read), plus that table again when the head reads it (tied fp16 head;
+    the int8 head has its own copy, already in the program's bytes)."""
     from transformers import AutoConfig
 
     from liftedge.profile.bound import pte_weight_nbytes
 
     cfg = AutoConfig.from_pretrained(str(pack))
-    return pte_weight_nbytes(pte_bytes, cfg.vocab_size, cfg.hidden_size, bool(getattr(cfg, "tie_word_embeddings", False)),
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and not (int8_head and variant != "fp32")
+    return pte_weight_nbytes(pte_bytes, cfg.vocab_size, cfg.hidden_size, tied,
                              table_itemsize=4 if variant == "fp32" else 2)
 
 
@@ -145,12 +151,14 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--max-context", type=int, default=256)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--head", choices=("int8", "fp16"), default="int8",
+                    help="head of the custom_op, fallback and 8da4w programs (default: int8, the target's default)")
     ap.add_argument("--workdir", default=None, help="keep the .pte files here (default: a temp folder)")
     ap.add_argument("--reuse", action="store_true", help="reuse <workdir>/<variant>.pte files that exist")
     ap.add_argument("--out", default=str(RESULTS / "executorch_bench"), help="results path without suffix")
     args = ap.parse_args(argv)
     pack = Path(args.pack)
-    opts = export.ExportOptions(True, args.max_context, max(args.prefill, 2))
+    opts = export.ExportOptions(True, args.max_context, max(args.prefill, 2), args.head == "int8")
     variants = [v for v in args.variants.split(",") if v]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="et-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -167,13 +175,14 @@ def main(argv=None) -> int:
             info = build_variant(v, pack, pte, opts)
         vocab = json.loads((pack / "config.json").read_text())["vocab_size"]
         info.update(run_child(pte, info["custom_op_calls"] > 0, args.prefill, args.decode, vocab))
-        info["bytes_per_decoded_token"] = bytes_per_token(v, pack, info["pte_bytes"])
+        info["bytes_per_decoded_token"] = bytes_per_token(v, pack, info["pte_bytes"], opts.int8_head)
         info["decode_bound_tokens_per_s"] = bandwidth * 1e9 / info["bytes_per_decoded_token"]
         rows[v] = info
         print(v, json.dumps(info), flush=True)
     loads = [r.get(k, 0) for r in rows.values() for k in ("loadavg_1min_before", "loadavg_1min_after")]
     result = {"pack": str(pack), "pack_totals": manifest["totals"], "prefill_tokens": args.prefill,
               "decode_tokens": args.decode, "max_context": args.max_context, "cpu_count": os.cpu_count(),
+              "head": args.head, "prefill_logits": "last position only", "threads": os.cpu_count(),  # ExecuTorch's threadpool: one thread per core
               "copy_bandwidth_gbs": bandwidth, "variants": rows,
               "contended": max(loads, default=0) > 0.5 * (os.cpu_count() or 1),
               "contention_note": "load average sampled before/after each run; contended = some sample above "
@@ -188,7 +197,8 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     lines = [f"# ExecuTorch on this CPU ({r['cpu_count']} cores{', CONTENDED' if r['contended'] else ''})", "",
              f"Pack `{r['pack']}`; prefill {r['prefill_tokens']} tokens, decode {r['decode_tokens']}; "
-             f"copy bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s.", "",
+             f"copy bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s; head {r.get('head', 'fp16')}; "
+             f"prefill logits: {r.get('prefill_logits', 'every position')}; threads {r.get('threads', r['cpu_count'])}.", "",
              "| variant | .pte MB | prefill tok/s | decode tok/s | bound tok/s | MB/token | peak RSS MB | load before/after |",
              "|---|---|---|---|---|---|---|---|"]
     for v, x in r["variants"].items():
@@ -199,6 +209,11 @@ def markdown(r: dict) -> str:
                      f"{x['decode_tokens_per_s']:.2f} | {x['decode_bound_tokens_per_s']:.1f} | "
                      f"{x['bytes_per_decoded_token'] / 1e6:.1f} | {x['peak_rss_mb']:.0f} | "
                      f"{x['loadavg_1min_before']:.1f}/{x['loadavg_1min_after']:.1f} |")
+    v = r["variants"]
+    if all(k in v and "error" not in v[k] for k in ("custom_op", "8da4w")):
+        lines += ["", "LQ (custom_op) / 8da4w: decode {:.2f}x, prefill {:.2f}x.".format(
+            v["custom_op"]["decode_tokens_per_s"] / v["8da4w"]["decode_tokens_per_s"],
+            v["custom_op"]["prefill_tokens_per_s"] / v["8da4w"]["prefill_tokens_per_s"])]
     lines += ["", r["contention_note"], ""]
     return "\n".join(lines)
 

@@ -166,6 +166,7 @@ def test_build_llama_custom_op_verified(builds, mixed_pack):
     assert export.CUSTOM_OP in lowerings and any(x.startswith("stock-op dequant int4") for x in lowerings)
     assert all(v["why"] for v in report["sites"].values())
     assert report["sites"]["lm_head"]["lowering"] == "liftedge::fp16_linear"  # fp16 head, fp32 sums
+    assert report["int8_head"] is False
     assert json.loads((builds[True]["out"] / "report.json").read_text())["verification"]["passed"]
     # ExecuTorch's own LLM runner, with the kernel library loaded, reproduces the reference's tokens
     (runner,) = report["verification"]["runners"]
@@ -173,6 +174,22 @@ def test_build_llama_custom_op_verified(builds, mixed_pack):
     assert runner["tokens"] == runner_check.expected_tokens(report["verification"]["reference_tokens"], [0])
     assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear", "liftedge::fp16_linear"}
     assert report["runtime"]["kernel_library"]["operators"] == runner["kernel_library"]["operators"]
+
+
+def test_int8_head_option(tiny_lq_pack):
+    """ExportOptions.int8_head (the benchmark's equal-head programs) swaps the fp16 head for
+    torchao's int8 linear; builds keep the pack's head (liftedge::fp16_linear)."""
+    opts = dict(max_context=16, max_prefill=8)
+    _, model, sites = export.prepare_model(tiny_lq_pack, export.ExportOptions(**opts))
+    assert sites["lm_head"]["lowering"] == "liftedge::fp16_linear"
+    x = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    want = model.lm_head(x).detach()
+    _, model, sites = export.prepare_model(tiny_lq_pack, export.ExportOptions(**opts, int8_head=True))
+    assert sites["lm_head"]["lowering"].startswith(export.INT8_HEAD)
+    # int8 weights (per-row scale) and int8 activations (per-token scale): ~1/127 of each
+    # operand's range, averaged over the hidden width; 2e-2 of the largest logit is ~5x that,
+    # and a wrong table or transpose gives O(1)
+    assert rel_err(model.lm_head(x).detach(), want) < 2e-2
 
 
 def test_runner_metadata_from_plan_and_tokenizer(builds):
@@ -204,6 +221,10 @@ def test_fallback_needs_no_kernel_and_agrees(builds):
     for flag in (True, False):
         method = runtime.load_method(builds[flag]["out"] / export.PTE_NAME, needs_kernel=flag)
         logits[flag] = method.execute([ids, pos])[0].numpy()
+        # prefill returns the last position's logits only; a one-token call at that position agrees
+        assert logits[flag].shape == (1, 1, 320)
+        again = method.execute([ids[:, -1:], pos[-1:]])[0].numpy()
+        assert rel_err(again, logits[flag]) < LUT_RTOL  # same math in another call shape (summation order)
     assert rel_err(logits[False], logits[True]) < AGREE_RTOL
 
 

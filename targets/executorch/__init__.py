@@ -53,7 +53,7 @@ def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
     report["artifacts"] = {"program": PTE_NAME}
     report["runtime"] = {"max_context": opts["max_context"], "max_prefill": opts["max_prefill"],
                          "inputs": "(input_ids int64 [1, n], cache_position int64 [n]), 1 <= n <= max_prefill",
-                         "outputs": "logits float32 [1, n, vocab]",
+                         "outputs": "logits float32 [1, 1, vocab] (the last position)",
                          "kernel_library": ({"needed": True, "operators": report["custom_operators"],
                                              "cmake_target": "liftedge_kernels (targets/executorch/CMakeLists.txt)",
                                              "python": "liftedge.targets.executorch.kernel.load_library()"}

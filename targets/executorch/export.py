@@ -40,6 +40,7 @@ PTE_NAME = "model.pte"
 # Families whose HF implementation exports with transformers' static cache (tested: tests/test_executorch.py).
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gpt_neox")
 CUSTOM_OP = f"{ops.NAMESPACE}::{ops.OP}"
+INT8_HEAD = "xnnpack int8 linear"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class ExportOptions:
     custom_ops: bool = True
     max_context: int = 256
     max_prefill: int = 128
+    # An fp16 head as XNNPACK's int8 linear (`modules.int8_head`). Off in builds: it changes the
+    # model the pack describes (SmolLM2: greedy tokens leave the fp16-head reference after ~15-25
+    # of 32, so verification fails); an int8 head the plan chose (int8-g64 table) is verified
+    # through liftedge::int_linear. On for the benchmark's equal-head comparisons.
+    int8_head: bool = False
 
     def __post_init__(self) -> None:
         if not (8 <= self.max_context <= 1 << 16):
@@ -102,8 +108,10 @@ def swap_sites(model: nn.Module, qtensors: dict, custom_ops: bool) -> dict[str, 
     return sites
 
 
-def swap_embeddings(model: nn.Module, qtensors: dict, custom_ops: bool = True) -> dict[str, dict[str, str]]:
-    """Embedding and head as the pack stores them (fp16 or "int"), the tied table stored once."""
+def swap_embeddings(model: nn.Module, qtensors: dict, custom_ops: bool = True,
+                    int8_head: bool = False) -> dict[str, dict[str, str]]:
+    """Embedding and head as the pack stores them (fp16 or "int"), the tied table stored once;
+    with `int8_head`, an fp16 head becomes XNNPACK's int8 linear (`modules.int8_head`)."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     emb_name = next(n for n, m in model.named_modules() if m is emb)
@@ -121,6 +129,14 @@ def swap_embeddings(model: nn.Module, qtensors: dict, custom_ops: bool = True) -
     if head_name is None or head_name in qtensors:  # no head, or a quantized untied head (`swap_sites`)
         return sites
     bias = getattr(head, "bias", None)
+    if int8_head and not isinstance(new_emb, modules.IntEmbedding):
+        weight = new_emb.table if tied else head.weight
+        _replace(model, head_name, modules.int8_head(weight, bias))
+        sites[head_name] = {"lowering": f"{INT8_HEAD} (per-row int8 weights, int8 dynamic activations)",
+                            "why": "fp16 head in the pack: the vocabulary-sized GEMV is the largest read of a "
+                                   "decode step; int8 halves it and XNNPACK's int8 GEMM runs it"
+                                   + ("; tied: the fp16 table stays for the embedding lookup" if tied else "")}
+        return sites
     if tied and isinstance(new_emb, modules.IntEmbedding):
         new_head, sites[head_name] = _int_tied_head(new_emb, bias, custom_ops)
     elif tied:
@@ -172,16 +188,37 @@ def prepare_model(pack: Path, opts: ExportOptions):
     model = loaded.model
     qtensors = read_quantized(pack)
     sites = swap_sites(model, qtensors, opts.custom_ops)
-    sites.update(swap_embeddings(model, qtensors, opts.custom_ops))
+    sites.update(swap_embeddings(model, qtensors, opts.custom_ops, opts.int8_head))
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
     return loaded, model.eval(), sites
 
 
-def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.ExportedProgram:
+def _last_logits_wrapper(model: nn.Module, max_context: int) -> nn.Module:
+    """transformers' static-cache wrapper whose forward computes the head on the last position
+    only (`logits_to_keep=1`): logits [1, 1, vocab] for any n. Greedy decoding and ExecuTorch's
+    TextLLMRunner read only the last position; a prompt's logits per position come from
+    one-token calls (`runtime.pte_step`)."""
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
-    wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=opts.max_context)
+    class LastLogits(TorchExportableModuleWithStaticCache):
+        def forward(self, input_ids=None, inputs_embeds=None, cache_position=None):
+            for layer in self.static_cache.layers:  # as the parent: the cache restarts at cache_position[0]
+                layer.cumulative_length.copy_(cache_position[0])
+            outs = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=None,
+                              cache=self.static_cache, use_cache=True, logits_to_keep=1)
+            return outs.logits
+
+    return LastLogits(model, batch_size=1, max_cache_len=max_context)
+
+
+def export_program(model: nn.Module, opts: ExportOptions, *, last_logits: bool = True) -> torch.export.ExportedProgram:
+    """The static-cache program: (input_ids [1, n], cache_position [n]) -> logits [1, 1, vocab]
+    (the last position; `last_logits=False`: [1, n, vocab], every position)."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    wrapper = (_last_logits_wrapper(model, opts.max_context) if last_logits else
+               TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=opts.max_context))
     seq = torch.export.Dim("seq", min=1, max=opts.max_prefill)
     ids = torch.zeros((1, 2), dtype=torch.long)
     pos = torch.arange(2, dtype=torch.long)
@@ -300,7 +337,8 @@ def lower_pack(pack: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
     (out / PTE_NAME).write_bytes(data)
     custom = sorted(k.split(".")[1] if "." in k else k for k in counts if k.startswith(f"{ops.NAMESPACE}."))
     n_custom = sum(v for k, v in counts.items() if k.startswith(f"{ops.NAMESPACE}."))
-    return {"sites": sites, "operators": counts, "custom_op_calls": n_custom,
+    return {"sites": sites, "operators": counts, "int8_head": any(
+                v["lowering"].startswith(INT8_HEAD) for v in sites.values()), "custom_op_calls": n_custom,
             "requires_kernel_library": n_custom > 0,
             "custom_operators": [f"{ops.NAMESPACE}::{name}" for name in custom],
             "runner_metadata": metadata}

@@ -159,3 +159,22 @@ class Fp16Head(nn.Module):
         else:
             y = nn.functional.linear(x.to(torch.float16), w).to(torch.float32)
         return y if self.bias is None else y + self.bias
+
+
+def int8_head(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A head over `weight` (the fp16 table) as torchao's int8 dynamic-activation, int8
+    per-row weight linear, which ExecuTorch's XNNPACK partitioner lowers to its int8 GEMM
+    (qd8-f32-qc8w): one int8 byte per weight plus an fp32 scale per row, held in the XNNPACK
+    blob (a tied table is therefore stored a second time, in int8, beside the fp16 one the
+    embedding reads). Activations are quantized per token to int8 at run time."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(weight.detach().float())
+        if bias is not None:
+            lin.bias.copy_(bias.detach().float())
+    holder = nn.Sequential(lin)
+    quantize_(holder, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
+    return holder[0]

@@ -68,6 +68,10 @@ def load_method(path: Path, needs_kernel: bool):
 
 
 def pte_step(path: Path, needs_kernel: bool, max_prefill: int, max_context: int):
+    """The `liftedge.verify` step over the program. The program returns the last position's
+    logits only, so a step of n > 1 tokens runs the first n - 1 one token at a time (their
+    rows) and then all n as prefill chunks (the static cache is rewritten at the same
+    positions); its last row is the chunked prefill's, so both call shapes are checked."""
     method = load_method(path, needs_kernel)
     position = [0]
 
@@ -75,7 +79,12 @@ def pte_step(path: Path, needs_kernel: bool, max_prefill: int, max_context: int)
         x = torch.tensor([part], dtype=torch.long)
         pos = torch.arange(start, start + len(part), dtype=torch.long)
         (logits,) = method.execute([x, pos])
-        return logits[0].float().numpy()
+        return logits[0, -1:].float().numpy()
+
+    def all_rows(ids: list[int], start_pos: int) -> np.ndarray:
+        rows = [run_chunk([t], start_pos + i) for i, t in enumerate(ids[:-1])]
+        last = in_chunks(run_chunk, ids, start_pos, max_prefill)[-1:]
+        return np.concatenate([*rows, last])
 
     def step(ids: list[int], start_pos: int) -> np.ndarray:
         if start_pos + len(ids) > max_context:
@@ -83,7 +92,7 @@ def pte_step(path: Path, needs_kernel: bool, max_prefill: int, max_context: int)
                                 "rebuild with a larger max_context")
         if start_pos != position[0]:
             raise ArtifactError(f"the .pte's cache holds {position[0]} tokens, step starts at {start_pos}")
-        logits = in_chunks(run_chunk, ids, start_pos, max_prefill)
+        logits = all_rows(ids, start_pos)
         position[0] = start_pos + len(ids)
         return logits
 
