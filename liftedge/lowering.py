@@ -25,6 +25,7 @@ targets.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from types import ModuleType
@@ -60,15 +61,36 @@ def pack_summary(pack: Path) -> dict[str, Any]:
 
 
 def copy_tokenizer(pack: Path, out: Path) -> list[str]:
-    """Copy the pack's tokenizer files into `out`; return the names copied."""
+    """Copy the pack's tokenizer files into `out` (tokenizer.json as `portable_tokenizer_json`
+    writes it); return the names copied."""
     import shutil
 
     copied = []
     for name in TOKENIZER_FILES:
-        if (pack / name).is_file():
+        if not (pack / name).is_file():
+            continue
+        if name == "tokenizer.json":
+            data = json.loads((pack / name).read_text(encoding="utf-8"))
+            (out / name).write_text(json.dumps(portable_tokenizer_json(data), ensure_ascii=False), encoding="utf-8")
+        else:
             shutil.copyfile(pack / name, out / name)
-            copied.append(name)
+        copied.append(name)
     return copied
+
+
+def portable_tokenizer_json(data: dict[str, Any]) -> dict[str, Any]:
+    """The same tokenizer in the form the on-device C++ tokenizers read.
+
+    A `Sequence` normalizer or pre-tokenizer with no members (transformers writes one when it
+    converts a GGUF vocabulary) does nothing; ExecuTorch's HF tokenizer (pytorch/tokenizers)
+    refuses to load it ("Missing normalizers for Normalizer of type Sequence"). It is written as
+    null, which tokenizes identically."""
+    data = dict(data)
+    for key, members in (("normalizer", "normalizers"), ("pre_tokenizer", "pretokenizers")):
+        part = data.get(key)
+        if isinstance(part, dict) and part.get("type") == "Sequence" and not part.get(members):
+            data[key] = None
+    return data
 
 
 def special_tokens(pack: Path) -> dict[str, Any]:

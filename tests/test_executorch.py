@@ -209,6 +209,26 @@ def test_runner_check_refuses_other_tokens(builds, mixed_pack):
         runner_check.check_text_llm_runner(builds[False]["out"], mixed_pack, report, {}, wrong)
 
 
+def test_shipped_tokenizer_loads_in_text_llm_runner(builds, tmp_path):
+    """The artifact's tokenizer.json is what TextLLMRunner loads, unchanged. transformers' GGUF
+    conversion writes an empty `Sequence` normalizer, which the runner's C++ tokenizer refuses
+    (the real SmolLM2 GGUF did): it is shipped as null (same tokenization), and a shipped file the
+    runner cannot load fails the check."""
+    from liftedge.lowering import portable_tokenizer_json
+
+    shipped = json.loads((builds[True]["out"] / "tokenizer.json").read_text())
+    gguf_style = {**shipped, "normalizer": {"type": "Sequence", "normalizers": []}}
+    assert portable_tokenizer_json(gguf_style)["normalizer"] is None
+    kept = {"type": "Sequence", "normalizers": [{"type": "NFC"}]}
+    assert portable_tokenizer_json({**shipped, "normalizer": kept})["normalizer"] == kept
+    bad = tmp_path / "art"
+    shutil.copytree(builds[True]["out"], bad)
+    (bad / "tokenizer.json").write_text(json.dumps(gguf_style))
+    report = builds[True]
+    with pytest.raises(VerificationError, match="Failed to load tokenizer"):
+        runner_check.check_text_llm_runner(bad, None, report, {}, report["verification"]["reference_tokens"])
+
+
 def test_fallback_needs_no_kernel_and_agrees(builds):
     report = builds[False]
     assert report["verification"]["passed"] and report["requires_kernel_library"] is False
@@ -287,6 +307,18 @@ def test_build_other_families(family, tmp_path):
     report = build_artifact(pack, "executorch", tmp_path / "art", options={"max_context": 128, "max_prefill": 64})
     assert report["verification"]["passed"]
     assert [r["accepted"] for r in report["verification"]["runners"]] == [True]  # TextLLMRunner
+
+
+@pytest.mark.slow
+def test_smollm2_pack_runs_in_text_llm_runner(tmp_path, smollm2_lq_pack):
+    """The real SmolLM2 LQ-24/10 .pte: verification (logits, 32 greedy tokens) and ExecuTorch's own
+    TextLLMRunner, with the kernel library loaded, reproduce the reference's greedy tokens."""
+    report = build_artifact(smollm2_lq_pack, "executorch", tmp_path / "art")
+    assert report["verification"]["passed"]
+    (runner,) = report["verification"]["runners"]
+    assert runner["accepted"] and runner["runner"].endswith("TextLLMRunner"), runner
+    # the lift-project layers and the tied fp16 head (a quantize pack keeps the head fp16)
+    assert set(report["custom_operators"]) == {export.CUSTOM_OP, f"{ops.NAMESPACE}::fp16_linear"}
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

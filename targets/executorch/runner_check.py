@@ -3,12 +3,13 @@
 `check_text_llm_runner` loads `model.pte` with `executorch.extension.llm.runner.TextLLMRunner`
 (the C++ runner behind ExecuTorch's Android/iOS demo apps, shipped in the executorch wheel),
 generates greedily from the verification prompt and requires the PyTorch reference's tokens.
-The runner reads the program's metadata methods (`export.runner_metadata`) and the pack's
-`tokenizer.json`; the kernel library is loaded first (RTLD_GLOBAL) when the program names a
+The runner reads the program's metadata methods (`export.runner_metadata`) and the artifact's
+`tokenizer.json` (the file shipped beside the `.pte`; it must load unchanged, decoder
+included, as an app loads it); the kernel library is loaded first (RTLD_GLOBAL) when the program names a
 `liftedge::` operator, as an app links it.
 
 Token ids: the runner hands back decoded text pieces, and a random model's byte tokens are not
-valid UTF-8 on their own. The runner is therefore given a copy of the tokenizer without its
+valid UTF-8 on their own. After the shipped file has loaded, generation is therefore run with a copy of the tokenizer without its
 decoder (each piece is then the vocabulary entry itself, mapped back to its id exactly) and
 without its post-processor (the prompt is encoded without special tokens, as
 `liftedge.verify.prompt_ids` does). Encoding is unchanged: same model, pre-tokenizer, normalizer.
@@ -95,6 +96,7 @@ def run_text_llm_runner(pte: Path, tokenizer_json: Path, new_tokens: int, *, nee
         error = None
         with _native_output_to(log_path):
             try:
+                text_runner(str(pte), str(tokenizer_json))  # the shipped file loads, as an app loads it
                 runner = text_runner(str(pte), str(path))
                 config = generation_config(echo=False, max_new_tokens=new_tokens, temperature=0.0)
                 runner.generate(prompt, config, token_callback=pieces.append, stats_callback=stats.append)
@@ -120,7 +122,7 @@ def check_text_llm_runner(out: Path, pack: Path, report: dict[str, Any], options
         return {"runner": RUNNER, "accepted": None, "skipped": "executorch has no LLM runner bindings"}
     metadata = report.get("runner_metadata", {})
     needs_kernel = bool(report.get("requires_kernel_library"))
-    got = run_text_llm_runner(Path(out) / PTE_NAME, Path(pack) / "tokenizer.json", len(reference_tokens),
+    got = run_text_llm_runner(Path(out) / PTE_NAME, Path(out) / "tokenizer.json", len(reference_tokens),
                               needs_kernel=needs_kernel)
     want = expected_tokens(reference_tokens, list(metadata.get("get_eos_ids", [])))
     if got["tokens"] != want:
