@@ -393,7 +393,15 @@ def _build_model(path: Path, shapes: dict[str, tuple[int, ...]]) -> torch.nn.Mod
         raise ArtifactError(f"{file} cannot be read ({type(exc).__name__}: {exc})") from None
     if getattr(config, "auto_map", None):
         raise ArtifactError(f"{file} asks for remote code (auto_map); liftedge never runs it")
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device (no fp32 copy of the whole model, no random init: a 1B
+    # config would cost 4.9 GB and minutes here); buffers (rotary tables) are real.
+    # `_load_parameters` assigns the pack's tensors; quantized sites are replaced by modules.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # inside the context, tying re-creates the parameter and loses the identity
+    return model
 
 
 def _load_parameters(model: torch.nn.Module, params: dict[str, torch.Tensor], sites: set[str], file: Path) -> None:
@@ -404,13 +412,19 @@ def _load_parameters(model: torch.nn.Module, params: dict[str, torch.Tensor], si
     missing = sorted(k for k in expected if k not in params and k.removesuffix(".weight") not in sites)
     if missing:
         raise ArtifactError(f"{file} lacks parameters {missing[:3]}; the pack is incomplete")
+    new: dict[int, torch.nn.Parameter] = {}
     for name, value in params.items():
         target = expected[name]
         if tuple(target.shape) != tuple(value.shape):
             raise ArtifactError(f"{file}: {name} has shape {list(value.shape)}, the model expects "
                                 f"{list(target.shape)}")
-        with torch.no_grad():
-            target.copy_(value)
+        new[id(target)] = torch.nn.Parameter(value.to(target.dtype), requires_grad=False)
+    # Assigned, not copied (the model's parameters are on the meta device), everywhere the old
+    # parameter object is held, so a tied head keeps sharing its embedding's weight.
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and id(param) in new:
+                module._parameters[key] = new[id(param)]
 
 
 def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
