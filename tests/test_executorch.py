@@ -229,6 +229,25 @@ def test_shipped_tokenizer_loads_in_text_llm_runner(builds, tmp_path):
         runner_check.check_text_llm_runner(bad, None, report, {}, report["verification"]["reference_tokens"])
 
 
+def test_fp16_sites_stay_fp16(tmp_path):
+    """Linears a plan keeps fp16 go into the .pte as fp16 through liftedge::fp16_linear (as the plan
+    counts their bytes), not as XNNPACK fp32 (twice the bytes: what kept a 1B plan's export past 8 GB)."""
+    pack = make_tiny_pack("llama", tmp_path / "pack", limit=2)
+    report = build_artifact(pack, "executorch", tmp_path / "art", options={"max_context": 128, "max_prefill": 64})
+    assert report["verification"]["passed"] and report["verification"]["greedy_tokens_equal"]
+    fp16 = [name for name, v in report["sites"].items() if v["lowering"] == f"{ops.NAMESPACE}::fp16_linear"]
+    quantized = json.loads((pack / "manifest.json").read_text())["sites"]
+    linears = [n for n in report["sites"] if n not in quantized and ".layers." in n]
+    assert linears and set(linears) <= set(fp16)
+    # fp16 weights: the .pte holds each fp16 site's weight bytes as stored in the pack, once
+    from liftedge.packed import read_weights
+
+    weights = read_weights(pack)
+    pte = (tmp_path / "art" / export.PTE_NAME).read_bytes()
+    for name in linears:
+        assert pte.count(weights[f"{name}.weight"].to(torch.float16).numpy().tobytes()) == 1, name
+
+
 def test_fallback_needs_no_kernel_and_agrees(builds):
     report = builds[False]
     assert report["verification"]["passed"] and report["requires_kernel_library"] is False

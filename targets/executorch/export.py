@@ -108,6 +108,29 @@ def swap_sites(model: nn.Module, qtensors: dict, custom_ops: bool) -> dict[str, 
     return sites
 
 
+def swap_fp16_linears(model: nn.Module, custom_ops: bool) -> dict[str, dict[str, str]]:
+    """Decoder linears the pack keeps fp16 (plain weights after `load_packed`): with the kernel
+    library, `liftedge::fp16_linear` over the fp16 weight (the plan's 2 bytes per weight, fp32
+    activations and sums); without it, XNNPACK's fp32 linear (twice the bytes)."""
+    sites = {}
+    head = model.get_output_embeddings()  # already swapped (`swap_embeddings`), or the int8 head option's
+    for name, layer in list(model.named_modules()):
+        if type(layer) is not nn.Linear or layer is head:
+            continue
+        if not custom_ops:
+            sites[name] = {"lowering": "xnnpack fp32 linear",
+                           "why": "fp16 site, custom_ops=False: stock XNNPACK linear over fp32 weights"}
+            continue
+        holder = nn.Module()
+        holder.register_buffer("weight", layer.weight.detach().to(torch.float16).clone())
+        new = modules.Fp16Head(holder, "weight", layer.bias, custom_op=True)
+        new.holder = holder
+        _replace(model, name, new)
+        sites[name] = {"lowering": f"{ops.NAMESPACE}::fp16_linear",
+                            "why": "fp16 site: stored fp16 as planned, read in place by the C++ kernel"}
+    return sites
+
+
 def swap_embeddings(model: nn.Module, qtensors: dict, custom_ops: bool = True,
                     int8_head: bool = False) -> dict[str, dict[str, str]]:
     """Embedding and head as the pack stores them (fp16 or "int"), the tied table stored once;
@@ -189,6 +212,7 @@ def prepare_model(pack: Path, opts: ExportOptions):
     qtensors = read_quantized(pack)
     sites = swap_sites(model, qtensors, opts.custom_ops)
     sites.update(swap_embeddings(model, qtensors, opts.custom_ops, opts.int8_head))
+    sites.update(swap_fp16_linears(model, opts.custom_ops))
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
     return loaded, model.eval(), sites

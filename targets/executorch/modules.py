@@ -5,7 +5,9 @@
 | "liftquant" linear   | `ops.LqLinear`          | `liftedge::lq_linear` (or its stock-op expansion)  |
 | "int" linear         | `IntDequantLinear`      | packed codes -> bit planes (bitwise_and) -> float, |
 |                      |                         | (code - zero) * fp16 scale, then linear            |
-| fp16 linear / norms  | unchanged (fp32)        | XNNPACK                                            |
+| fp16 linear          | `Fp16Head` over its own | `liftedge::fp16_linear` (custom_ops=False:         |
+|                      |  fp16 weight            |  unchanged, XNNPACK fp32)                          |
+| norms                | unchanged (fp32)        | XNNPACK                                            |
 | embedding (fp16)     | `Fp16Embedding`         | gather rows of the fp16 table, cast to fp32        |
 | head (fp16, maybe tied) | `Fp16Head`           | fp16 linear on the same fp16 table, cast to fp32   |
 | embedding ("int")    | `IntEmbedding`          | index_select of code/scale/zero rows, dequantized  |
