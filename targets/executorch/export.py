@@ -127,7 +127,7 @@ def swap_fp16_linears(model: nn.Module, custom_ops: bool) -> dict[str, dict[str,
         new.holder = holder
         _replace(model, name, new)
         sites[name] = {"lowering": f"{ops.NAMESPACE}::fp16_linear",
-                            "why": "fp16 site: stored fp16 as planned, read in place by the C++ kernel"}
+                       "why": "fp16 site: stored fp16 as planned, read in place by the C++ kernel"}
     return sites
 
 
