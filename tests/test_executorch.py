@@ -201,12 +201,12 @@ def test_runner_metadata_from_plan_and_tokenizer(builds):
     assert meta["use_kv_cache"] and meta["enable_dynamic_shape"]
 
 
-def test_runner_check_refuses_other_tokens(builds, mixed_pack):
+def test_runner_check_refuses_other_tokens(builds):
     """A runner whose tokens differ from the reference fails verification (the check can fail)."""
     report = builds[False]
     wrong = [(t + 1) % 320 if t != 0 else 1 for t in report["verification"]["reference_tokens"]]
     with pytest.raises(VerificationError, match="TextLLMRunner generated other greedy tokens"):
-        runner_check.check_text_llm_runner(builds[False]["out"], mixed_pack, report, {}, wrong)
+        runner_check.check_text_llm_runner(builds[False]["out"], report, wrong)
 
 
 def test_shipped_tokenizer_loads_in_text_llm_runner(builds, tmp_path):
@@ -226,7 +226,7 @@ def test_shipped_tokenizer_loads_in_text_llm_runner(builds, tmp_path):
     (bad / "tokenizer.json").write_text(json.dumps(gguf_style))
     report = builds[True]
     with pytest.raises(VerificationError, match="Failed to load tokenizer"):
-        runner_check.check_text_llm_runner(bad, None, report, {}, report["verification"]["reference_tokens"])
+        runner_check.check_text_llm_runner(bad, report, report["verification"]["reference_tokens"])
 
 
 def test_fp16_sites_stay_fp16(tmp_path):

@@ -73,5 +73,5 @@ def verify(out: Path, pack: Path, report: dict[str, Any], options: dict[str, Any
     opts = parse_options(options)
     record = verify_pte(Path(out) / PTE_NAME, Path(pack), bool(report.get("requires_kernel_library")),
                         opts["max_prefill"], opts["max_context"], opts["verify_tokens"])
-    record["runners"] = [check_text_llm_runner(Path(out), Path(pack), report, opts, record["reference_tokens"])]
+    record["runners"] = [check_text_llm_runner(Path(out), report, record["reference_tokens"])]
     return record

@@ -121,11 +121,7 @@ def swap_fp16_linears(model: nn.Module, custom_ops: bool) -> dict[str, dict[str,
             sites[name] = {"lowering": "xnnpack fp32 linear",
                            "why": "fp16 site, custom_ops=False: stock XNNPACK linear over fp32 weights"}
             continue
-        holder = nn.Module()
-        holder.register_buffer("weight", layer.weight.detach().to(torch.float16).clone())
-        new = modules.Fp16Head(holder, "weight", layer.bias, custom_op=True)
-        new.holder = holder
-        _replace(model, name, new)
+        _replace(model, name, modules.fp16_linear(layer.weight, layer.bias))
         sites[name] = {"lowering": f"{ops.NAMESPACE}::fp16_linear",
                        "why": "fp16 site: stored fp16 as planned, read in place by the C++ kernel"}
     return sites
@@ -167,10 +163,7 @@ def swap_embeddings(model: nn.Module, qtensors: dict, custom_ops: bool = True,
         why = ("tied to the embedding: one fp16 table serves both" if custom_ops else
                "custom_ops=False: XNNPACK fp16 linear, which keeps its own copy of the tied table")
     else:
-        holder = nn.Module()
-        holder.register_buffer("weight", head.weight.detach().to(torch.float16).clone())
-        new_head = modules.Fp16Head(holder, "weight", bias, custom_ops)
-        new_head.holder = holder
+        new_head = modules.fp16_linear(head.weight, bias, custom_ops)
         why = "pack stores it fp16"
     if head_name not in sites:
         sites[head_name] = {"lowering": f"{ops.NAMESPACE}::fp16_linear" if custom_ops else "xnnpack fp16 linear",
@@ -236,13 +229,10 @@ def _last_logits_wrapper(model: nn.Module, max_context: int) -> nn.Module:
     return LastLogits(model, batch_size=1, max_cache_len=max_context)
 
 
-def export_program(model: nn.Module, opts: ExportOptions, *, last_logits: bool = True) -> torch.export.ExportedProgram:
+def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.ExportedProgram:
     """The static-cache program: (input_ids [1, n], cache_position [n]) -> logits [1, 1, vocab]
-    (the last position; `last_logits=False`: [1, n, vocab], every position)."""
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
-
-    wrapper = (_last_logits_wrapper(model, opts.max_context) if last_logits else
-               TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=opts.max_context))
+    (the last position)."""
+    wrapper = _last_logits_wrapper(model, opts.max_context)
     seq = torch.export.Dim("seq", min=1, max=opts.max_prefill)
     ids = torch.zeros((1, 2), dtype=torch.long)
     pos = torch.arange(2, dtype=torch.long)

@@ -163,6 +163,16 @@ class Fp16Head(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def fp16_linear(weight: torch.Tensor, bias: torch.Tensor | None, custom_op: bool = True) -> Fp16Head:
+    """An `Fp16Head` over its own copy of `weight` in fp16 (an untied head, or a linear the pack
+    keeps fp16); the table is registered on a holder the module keeps."""
+    holder = nn.Module()
+    holder.register_buffer("weight", weight.detach().to(torch.float16).clone())
+    layer = Fp16Head(holder, "weight", bias, custom_op)
+    layer.holder = holder
+    return layer
+
+
 def int8_head(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A head over `weight` (the fp16 table) as torchao's int8 dynamic-activation, int8
     per-row weight linear, which ExecuTorch's XNNPACK partitioner lowers to its int8 GEMM

@@ -113,8 +113,7 @@ def run_text_llm_runner(pte: Path, tokenizer_json: Path, new_tokens: int, *, nee
             "prompt_tokens": int(stats[-1].num_prompt_tokens) if stats else None, "log": log}
 
 
-def check_text_llm_runner(out: Path, pack: Path, report: dict[str, Any], options: dict[str, Any],
-                          reference_tokens: list[int]) -> dict[str, Any]:
+def check_text_llm_runner(out: Path, report: dict[str, Any], reference_tokens: list[int]) -> dict[str, Any]:
     """ExecuTorch's runner check (a `liftedge.verify` runner record): TextLLMRunner's greedy tokens == reference."""
     from liftedge.targets.executorch.export import PTE_NAME
 
