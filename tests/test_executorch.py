@@ -351,3 +351,51 @@ def test_cmakelists_builds_against_the_wheel(tmp_path):
     res = subprocess.run(["cmake", "--build", str(tmp_path), "-j2"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert list(tmp_path.glob("libliftedge_kernels.*"))
+
+
+def test_attention_in_llm_ops_agrees_with_stock(builds, mixed_pack):
+    """Default builds attend through ExecuTorch's LLM ops (llama::update_cache + custom_sdpa over
+    a [1, S, H_kv, D] cache: no GQA repeat copy, no mask over the whole cache); the program agrees
+    with the stock-operator attention program on a prefill and the decode steps after it."""
+    report = builds[True]
+    assert report["attention"]["lowering"] == "llm ops" and report["requires_llm_ops"] is True
+    from collections import Counter
+
+    from liftedge.profile.executorch import instruction_names
+
+    ops_used = Counter(name for name, _, _ in instruction_names(builds[True]["out"] / export.PTE_NAME).values())
+    # per block: one sdpa, a keys and a values update, written in place (no functional copy of the cache)
+    assert ops_used["llama::custom_sdpa.out"] == 2 and ops_used["llama::update_cache.out"] == 4
+    assert not any(("expand_copy" in k or "index_put" in k or "where" in k) for k in ops_used)
+    assert report["runner_metadata"]["use_sdpa_with_kv_cache"] is True
+
+    opts = export.ExportOptions(max_context=32, max_prefill=8, llm_attention=False)
+    _, model, _ = export.prepare_model(mixed_pack, opts)
+    assert export.attention_lowering(model, opts) == {"lowering": "stock operators", "why": "llm_attention=False"}
+    data, counts = export.to_pte(export.export_program(model, opts))
+    assert not any(k.startswith("llama.") for k in counts)
+    stock = builds[True]["out"].parent / "stock-attention.pte"
+    stock.write_bytes(data)
+    ids = torch.tensor([[5, 17, 101, 3, 250, 9, 42, 7, 11, 300, 2]])
+    rows = {}
+    for name, path in (("llm", builds[True]["out"] / export.PTE_NAME), ("stock", stock)):
+        method = runtime.load_method(path, needs_kernel=True)
+        out = [method.execute([ids[:, :6], torch.arange(6)])[0].numpy()]
+        out += [method.execute([ids[:, t:t + 1], torch.tensor([t])])[0].numpy() for t in range(6, 11)]
+        rows[name] = np.concatenate(out, axis=1)
+    # same fp32 math in other kernels (softmax and the sums run in another order): ~1e-6; the
+    # LUT kernel's rounding is the same in both; 1e-4 fails on any wrong position or head mapping (O(1))
+    assert rel_err(rows["llm"], rows["stock"]) < 1e-4
+
+
+def test_sliding_window_shorter_than_context_keeps_stock_attention():
+    """custom_sdpa attends to every earlier position: a model whose window is shorter than the
+    context keeps transformers' attention, and the report says why."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("gemma3_text"))
+    window = model.config.sliding_window
+    short = export.attention_lowering(model, export.ExportOptions(max_context=window * 2, max_prefill=8))
+    assert short["lowering"] == "stock operators" and f"sliding window {window}" in short["why"]
+    assert export.attention_lowering(model, export.ExportOptions(max_context=window, max_prefill=8))["lowering"] == "llm ops"

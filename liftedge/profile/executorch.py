@@ -229,6 +229,9 @@ def run_live(pte: Path, *, prompt_tokens: int, new_tokens: int, repeats: int, ma
     if max_context is not None and prompt_tokens + new_tokens > max_context:
         raise ArtifactError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the KV cache of "
                             f"{max_context} positions; lower --prompt-tokens or --new-tokens")
+    from liftedge.targets.executorch.attention import load_ops
+
+    load_ops()  # ExecuTorch's LLM ops (attention)
     if calls_custom_op(pte):
         from liftedge.targets.executorch.kernel import load_library
 

@@ -4,11 +4,15 @@
 
 1. `load_packed(pack)` gives the HF model with reference modules; each site is replaced by
    its export module (`modules.py`, `ops.LqLinear`) and the reason is recorded per site.
-2. transformers' `TorchExportableModuleWithStaticCache` wraps the model: the KV cache is a
-   set of static buffers of `max_context` positions (sliding-window layers become full
-   static layers, so generation stops at `max_context`). Its forward takes
-   (input_ids [1, n], cache_position [n]) and returns logits [1, n, vocab]; n is a dynamic
-   dimension in [1, max_prefill], so one method serves prefill and decode.
+2. A static-cache wrapper: the KV cache is a set of static buffers of `max_context`
+   positions; its forward takes (input_ids [1, n], cache_position [n]) and returns the last
+   position's logits [1, 1, vocab]; n is a dynamic dimension in [1, max_prefill], so one
+   method serves prefill and decode. By default attention runs in ExecuTorch's LLM ops
+   (`attention.py`: `llama::update_cache` + `llama::custom_sdpa` over [1, S, H_kv, D]
+   buffers, as ExecuTorch's own Llama export); where they do not fit (a sliding window
+   shorter than the context) or with `llm_attention=False`, transformers'
+   `TorchExportableModuleWithStaticCache` in stock operators (sliding-window layers become
+   full static layers, so generation stops at `max_context`).
 3. `torch.export` (strict, as DEPS.md found necessary with torch 2.13), then
    `to_edge_transform_and_lower` with the XNNPACK partitioner (attention, norms, fp matmuls),
    then `to_executorch`; the custom op stays outside the delegate and runs the C++ kernel.
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from liftedge.errors import ArtifactError
-from liftedge.targets.executorch import modules, ops
+from liftedge.targets.executorch import attention, modules, ops
 from liftedge.targets.reference import TiedHead
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ class ExportOptions:
     # of 32, so verification fails); an int8 head the plan chose (int8-g64 table) is verified
     # through liftedge::int_linear. On for the benchmark's equal-head comparisons.
     int8_head: bool = False
+    # Attention + KV cache through ExecuTorch's LLM ops (`attention.py`) where the model allows.
+    llm_attention: bool = True
 
     def __post_init__(self) -> None:
         if not (8 <= self.max_context <= 1 << 16):
@@ -229,10 +235,24 @@ def _last_logits_wrapper(model: nn.Module, max_context: int) -> nn.Module:
     return LastLogits(model, batch_size=1, max_cache_len=max_context)
 
 
+def attention_lowering(model: nn.Module, opts: ExportOptions) -> dict[str, Any]:
+    """How the program's attention is lowered: ExecuTorch's LLM ops, or stock operators and why."""
+    if not opts.llm_attention:
+        return {"lowering": "stock operators", "why": "llm_attention=False"}
+    reason = attention.unsupported_reason(model, opts.max_context)
+    if reason is not None:
+        return {"lowering": "stock operators", "why": reason}
+    return {"lowering": "llm ops", "operators": list(attention.OPERATORS),
+            "kv_cache": "[1, max_context, kv_heads, head_dim] fp32 per layer, written in place"}
+
+
 def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.ExportedProgram:
     """The static-cache program: (input_ids [1, n], cache_position [n]) -> logits [1, 1, vocab]
     (the last position)."""
-    wrapper = _last_logits_wrapper(model, opts.max_context)
+    if attention_lowering(model, opts)["lowering"] == "llm ops":
+        wrapper = attention.LlmOpsCacheWrapper(model, opts.max_context)
+    else:
+        wrapper = _last_logits_wrapper(model, opts.max_context)
     seq = torch.export.Dim("seq", min=1, max=opts.max_prefill)
     ids = torch.zeros((1, 2), dtype=torch.long)
     pos = torch.arange(2, dtype=torch.long)
@@ -242,7 +262,7 @@ def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.Export
                                    strict=True)
 
 
-def runner_metadata(loaded, opts: ExportOptions) -> dict[str, Any]:
+def runner_metadata(loaded, opts: ExportOptions, llm_attention: bool = False) -> dict[str, Any]:
     """The constant methods ExecuTorch's LLM runner reads (names as executorch 1.5.1's
     `llm_runner_helper` spells them; `get_max_seq_len` is required, the others have defaults
     there that would be wrong for us). Values: the prefill bound, the context the memory plan
@@ -262,7 +282,7 @@ def runner_metadata(loaded, opts: ExportOptions) -> dict[str, Any]:
         "get_max_context_len": opts.max_context,  # the static KV cache (memory plan's context)
         "get_vocab_size": _logits_width(model),
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": llm_attention,
         "enable_dynamic_shape": True,             # forward takes 1..max_prefill tokens per call
     }
     if bos is not None:
@@ -344,8 +364,9 @@ def op_counts(graph_module: torch.fx.GraphModule) -> dict[str, int]:
 def lower_pack(pack: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
     """Write `out/model.pte`; return the report's lowering fields."""
     loaded, model, sites = prepare_model(pack, opts)
+    attn = attention_lowering(model, opts)
     program = export_program(model, opts)
-    metadata = runner_metadata(loaded, opts)
+    metadata = runner_metadata(loaded, opts, attn["lowering"] == "llm ops")
     del loaded
     data, counts = to_pte(program, constant_methods=metadata)
     (out / PTE_NAME).write_bytes(data)
@@ -353,6 +374,7 @@ def lower_pack(pack: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
     n_custom = sum(v for k, v in counts.items() if k.startswith(f"{ops.NAMESPACE}."))
     return {"sites": sites, "operators": counts, "int8_head": any(
                 v["lowering"].startswith(INT8_HEAD) for v in sites.values()), "custom_op_calls": n_custom,
-            "requires_kernel_library": n_custom > 0,
+            "requires_kernel_library": n_custom > 0, "attention": attn,
+            "requires_llm_ops": attn["lowering"] == "llm ops",
             "custom_operators": [f"{ops.NAMESPACE}::{name}" for name in custom],
             "runner_metadata": metadata}

@@ -49,6 +49,9 @@ def load_method(path: Path, needs_kernel: bool):
     `needs_kernel` loads the kernel library first; without it, a program that calls the
     custom op fails here with a message that says so (the runtime's own says "Missing operator").
     """
+    from liftedge.targets.executorch.attention import load_ops
+
+    load_ops()  # ExecuTorch's LLM ops (attention), part of the runtime an LLM app links
     if needs_kernel:
         from liftedge.targets.executorch.kernel import load_library
 
