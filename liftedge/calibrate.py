@@ -106,7 +106,9 @@ def _stream_stats(model: nn.Module, tokens: torch.Tensor, sites: list[Site], bat
             by_block.setdefault(s.block, []).append(s)
     inputs = capture_block_inputs(model, tokens, batch_size)
     blocks = decoder_blocks(model)
-    for i in progress(range(len(blocks)), desc="calibration statistics", unit="block"):
+    # Blocks past the last hooked one are run only when the head's input is wanted.
+    end = len(blocks) if any(s.kind == "head" for s in sites) else max(by_block, default=-1) + 1
+    for i in progress(range(end), desc="calibration statistics", unit="block"):
         with _hooked(model, by_block.get(i, []), accs):
             advance_block(blocks[i], inputs, i)
     norm = final_norm(model)

@@ -421,9 +421,36 @@ def table_errors(weight: torch.Tensor, lookup: "OutputFisher | None", head: "Out
     return errors
 
 
+# Float64 [in, in] sums held at once while measuring (a Fisher Gram and a Hessian per site):
+# 2 GiB keeps a few 1B/8B decoder blocks per chunk; a small model is measured in one chunk.
+CHUNK_NBYTES = 2 << 30
+
+
+def site_chunks(sites: list[Site], budget: int) -> list[list[Site]]:
+    """`sites` in order, cut between decoder blocks so that each chunk's [in, in] float64 sums
+    (two per site) stay within `budget` bytes; a block larger than the budget is a chunk alone.
+    Sites outside the blocks (embedding, head) form the last chunk."""
+    chunks: list[list[Site]] = []
+    blocks: dict[Any, list[Site]] = {}
+    for s in sites:
+        blocks.setdefault(s.block, []).append(s)
+    current: list[Site] = []
+    used = 0
+    for block, members in blocks.items():
+        cost = sum(2 * 8 * s.in_features ** 2 for s in members if s.kind == "linear")
+        if current and (block is None or used + cost > budget or current[-1].block is None):
+            chunks.append(current)
+            current, used = [], 0
+        current += members
+        used += cost
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = DEFAULT_MENU, rows: int = DEFAULT_ROWS,
                         fisher_samples: int = 8, seed: int = 0, use_cache: bool = True,
-                        tables: bool = True) -> Sensitivity:
+                        tables: bool = True, chunk_nbytes: int = CHUNK_NBYTES) -> Sensitivity:
     """The error table of every planned site of `loaded` (cached by content hash).
 
     `tokens` [n, L] are calibration sequences: all of them give H (`liftedge.calibrate`),
@@ -443,20 +470,26 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
     if path is not None and path.is_file():
         log.info("sensitivity read from cache %s", path)
         return Sensitivity.from_json(path.read_text())
-    linears = [s for s in sites if s.kind == "linear"]
     planned = {s.name for s in sites}
-    tied = {s.tied_to: s.name for s in list_sites(model) if s.tied_to in planned}  # embedding -> its tied head
-    measured = sites + [s for s in list_sites(model) if s.tied_to in planned]
-    stats = collect_stats(loaded, tokens, linears)
-    fisher = output_fisher(model, tokens[:fisher_samples], measured)
+    tied_heads = [s for s in list_sites(model) if s.tied_to in planned]
+    tied = {s.tied_to: s.name for s in tied_heads}  # embedding -> its tied head
     table: dict[str, list[Option]] = {}
-    for s in progress(sites, desc="sensitivity", unit="site"):
-        if s.kind == "linear":
-            errors = site_errors(site_weight(model, s), stats[s.name], fisher[s.name], rates, rows, seed)
-        else:
-            head = fisher[s.name] if s.kind == "head" else fisher.get(tied.get(s.name))
-            errors = table_errors(site_weight(model, s), fisher[s.name] if s.kind == "embedding" else None, head)
-        table[s.name] = [Option(name, option_nbytes(s, name), err) for name, err in errors.items()]
+    for chunk in site_chunks(sites, chunk_nbytes):
+        # Statistics and Fisher of this chunk's sites only (each site's sums do not depend on
+        # which other sites are hooked, so the table equals a one-pass measurement), then freed:
+        # memory follows the chunk, not the model.
+        linears = [s for s in chunk if s.kind == "linear"]
+        stats = collect_stats(loaded, tokens, linears) if linears else {}
+        names = {s.name for s in chunk}
+        fisher = output_fisher(model, tokens[:fisher_samples], chunk + [s for s in tied_heads if s.tied_to in names])
+        for s in progress(chunk, desc="sensitivity", unit="site"):
+            if s.kind == "linear":
+                errors = site_errors(site_weight(model, s), stats[s.name], fisher[s.name], rates, rows, seed)
+            else:
+                head = fisher[s.name] if s.kind == "head" else fisher.get(tied.get(s.name))
+                errors = table_errors(site_weight(model, s), fisher[s.name] if s.kind == "embedding" else None, head)
+            table[s.name] = [Option(name, option_nbytes(s, name), err) for name, err in errors.items()]
+        del stats, fisher
     result = Sensitivity(table=table, numel={s.name: s.numel for s in sites}, fixed_nbytes=fixed_nbytes(model, sites),
                          meta={"menu": [f"{r.D}/{r.d}" for r in rates], "rows": rows, "fisher_samples": fisher_samples,
                                "tables": list(TABLE_OPTIONS) if tables else [],
