@@ -157,6 +157,8 @@ def main(argv=None) -> int:
                     help="head of the custom_op, fallback and 8da4w programs (default: int8, the same in all)")
     ap.add_argument("--workdir", default=None, help="keep the .pte files here (default: a temp folder)")
     ap.add_argument("--reuse", action="store_true", help="reuse <workdir>/<variant>.pte files that exist")
+    ap.add_argument("--build-only", action="store_true",
+                    help="write <workdir>/<variant>.pte and stop (time them later with --reuse on an idle machine)")
     ap.add_argument("--out", default=str(RESULTS / "executorch_bench"), help="results path without suffix")
     args = ap.parse_args(argv)
     pack = Path(args.pack)
@@ -175,12 +177,17 @@ def main(argv=None) -> int:
             info = {"pte_bytes": pte.stat().st_size, "reused": True, "custom_op_calls": int(calls_custom_op(pte))}
         else:
             info = build_variant(v, pack, pte, opts)
+        if args.build_only:
+            print(v, "built", pte, flush=True)
+            continue
         vocab = json.loads((pack / "config.json").read_text())["vocab_size"]
         info.update(run_child(pte, info["custom_op_calls"] > 0, args.prefill, args.decode, vocab))
         info["bytes_per_decoded_token"] = bytes_per_token(v, pack, info["pte_bytes"], opts.int8_head)
         info["decode_bound_tokens_per_s"] = bandwidth * 1e9 / info["bytes_per_decoded_token"]
         rows[v] = info
         print(v, json.dumps(info), flush=True)
+    if args.build_only:
+        return 0
     loads = [r.get(k, 0) for r in rows.values() for k in ("loadavg_1min_before", "loadavg_1min_after")]
     result = {"pack": str(pack), "pack_totals": manifest["totals"], "prefill_tokens": args.prefill,
               "decode_tokens": args.decode, "max_context": args.max_context, "cpu_count": os.cpu_count(),
