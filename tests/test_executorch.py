@@ -399,3 +399,15 @@ def test_sliding_window_shorter_than_context_keeps_stock_attention():
     short = export.attention_lowering(model, export.ExportOptions(max_context=window * 2, max_prefill=8))
     assert short["lowering"] == "stock operators" and f"sliding window {window}" in short["why"]
     assert export.attention_lowering(model, export.ExportOptions(max_context=window, max_prefill=8))["lowering"] == "llm ops"
+
+
+def test_llm_attention_option_and_report(builds):
+    """`--option llm_attention=false` is a documented, checked option; the default build's report
+    tells the app which ExecuTorch LLM ops it must link."""
+    from liftedge.targets.executorch import OPTIONS
+
+    assert "llm_attention" in OPTIONS and parse_options({"llm_attention": False})["llm_attention"] is False
+    with pytest.raises(ArtifactError, match="true or false"):
+        parse_options({"llm_attention": "sometimes"})
+    llm = builds[True]["runtime"]["llm_ops"]
+    assert llm["needed"] is True and llm["operators"] == ["llama::update_cache", "llama::custom_sdpa"]

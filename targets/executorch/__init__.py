@@ -10,7 +10,9 @@ Implements the `liftedge.lowering` contract:
 
 Modules: `ops` (the torch ops `liftedge::lq_linear`, `fp16_linear`, `int_linear` + `.out`),
 `kernel` (build/cache/load the C++ kernel library from `kernels/`), `modules` (export-time
-replacements of the other site formats, int8/int4 embedding tables included), `export` (static KV cache, torch.export, XNNPACK lowering), `runtime`
+replacements of the other site formats, int8/int4 embedding tables included), `attention`
+(KV cache + attention through ExecuTorch's LLM ops), `export` (static KV cache, torch.export,
+XNNPACK lowering), `runtime`
 (running and verifying a `.pte`), `runner_check` (ExecuTorch's TextLLMRunner on the `.pte`). `CMakeLists.txt` links `kernels/` into an app's runtime.
 """
 
@@ -28,11 +30,14 @@ TABLE_OPTIONS = ("fp16", "int8-g64", "int4-g32")
 OPTIONS = {
     "custom_ops": "true (default): lift-project layers call liftedge::lq_linear (C++ kernel library "
                   "needed at run time); false: stock-operator fallback (bit unpack in the graph)",
+    "llm_attention": "true (default): attention and KV cache through ExecuTorch's LLM ops "
+                     "(llama::update_cache, llama::custom_sdpa; in ExecuTorch's LLM runtime and its prebuilt "
+                     "Android/iOS libraries); false: stock operators (transformers' static cache, slower)",
     "max_context": "KV-cache length in tokens (default 256; the build passes the device's context)",
     "max_prefill": "longest prompt chunk one call accepts (default 128, at most max_context)",
     "verify_tokens": "greedy tokens compared with the reference during verification (default 32)",
 }
-_DEFAULTS = {"custom_ops": True, "max_context": 256, "max_prefill": 128, "verify_tokens": 32}
+_DEFAULTS = {"custom_ops": True, "llm_attention": True, "max_context": 256, "max_prefill": 128, "verify_tokens": 32}
 
 
 def parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -49,7 +54,8 @@ def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
 
     opts = parse_options(options)
     report = lower_pack(Path(pack), Path(out), ExportOptions(opts["custom_ops"], opts["max_context"],
-                                                             opts["max_prefill"]))
+                                                             opts["max_prefill"],
+                                                             llm_attention=opts["llm_attention"]))
     report["artifacts"] = {"program": PTE_NAME}
     report["runtime"] = {"max_context": opts["max_context"], "max_prefill": opts["max_prefill"],
                          "inputs": "(input_ids int64 [1, n], cache_position int64 [n]), 1 <= n <= max_prefill",
@@ -59,6 +65,12 @@ def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
                                              "python": "liftedge.targets.executorch.kernel.load_library()"}
                                             if report["requires_kernel_library"]
                                             else {"needed": False, "why": "stock operators only"}),
+                         "llm_ops": ({"needed": True, "operators": report["attention"]["operators"],
+                                      "where": "ExecuTorch's LLM custom-op library (extension/llm/custom_ops, "
+                                               "CMake EXECUTORCH_BUILD_KERNELS_LLM=ON; Python: import "
+                                               "executorch.extension.llm.custom_ops.custom_ops)"}
+                                     if report["requires_llm_ops"]
+                                     else {"needed": False, "why": report["attention"]["why"]}),
                          "runner": "executorch.extension.llm.runner.TextLLMRunner reads the metadata "
                                    "methods " + ", ".join(sorted(report["runner_metadata"]))}
     return report
