@@ -1,4 +1,4 @@
-"""How fast can a lift-project layer run in stock ONNX Runtime operators? One layer, one token.
+"""How fast can lift-project layers run in stock ONNX Runtime operators? One layer shape, one token.
 
 The ONNX Runtime target has no custom operator (no ORT C API header in a registry these
 machines reach; see kernel_bench.md), so its LQ layers are stock operators. ONNX has no
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    lines = [f"# One lift-project layer in stock ONNX Runtime operators ({args.n_in} -> {args.n_out}, "
+    lines = [f"# Lift-project layers in stock ONNX Runtime operators ({args.n_in} -> {args.n_out}, "
              f"LQ-{args.rate}, {args.layers} layers, 1 token, 1 thread{', CONTENDED' if result['contended'] else ''})", "",
              "| form | ms (all layers) | speed vs MatMulNBits 4-bit |", "|---|---|---|"]
     lines += [f"| {k} | {v:.3f} | {result['vs_matmulnbits4'][k]:.2f}x |" for k, v in ms.items()]
