@@ -77,6 +77,17 @@ def measure_shape(name: str, *, layers: int, device: str, samples: int, seq_len:
     return record
 
 
+def tail_search_kind(device: str) -> str:
+    """Which tail search `encode` runs on `device`: the fused Triton kernel, the CPU kernel, or torch."""
+    from liftedge.lattice import kernel
+
+    if device.startswith("cuda"):
+        from liftedge.lattice import fused
+
+        return f"fused triton {fused.triton.__version__}" if fused.available() else "torch reference"
+    return "compiled CPU kernel" if kernel.available() else "torch reference"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="llama-3.2-1b", help="comma-separated names from liftedge.shapes")
@@ -98,7 +109,7 @@ def main() -> None:
         or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "samples": args.samples, "seq_len": args.seq_len, "rate": args.rate, "correction_epochs": args.epochs,
-        "load_average_at_start": round(load, 2),
+        "load_average_at_start": round(load, 2), "tail_search": tail_search_kind(args.device),
         "contended": load > 1.0 and not args.device.startswith("cuda"),
         "method": "first blocks of a shape-true random checkpoint; total = mean block time after the first "
                   "x the model's block count (embedding/head not quantized by LiftQuant)",

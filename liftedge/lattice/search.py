@@ -24,7 +24,8 @@ with E selecting D-d coordinates (see `TailTable`); cheaper, and better where M'
 d columns are well conditioned.
 
 On CPU the searches run in a compiled kernel (`kernel`, built at first use) when a C compiler
-is available; the `*_torch` functions here are the reference it is tested against.
+is available; on CUDA the tail search runs in a fused Triton kernel (`fused`) when triton is
+there. The `*_torch` functions here are the reference both are tested against.
 
 This module owns the searches only; training M is `train`, the shipped matrices are `menu`.
 """
@@ -194,13 +195,22 @@ class TailTable:
                    z.to(torch.int8), torch.tensor(head, device=M.device), torch.tensor(tail, device=M.device))
 
 
+def tail_chunk_rows(n_cand: int, d: int, device: torch.device) -> int:
+    """Blocks per chunk of `tail_search_torch` ([rows, K, d] floats within the chunk budget).
+
+    `fused` computes u = M_H^-1 w in these same row chunks: the same GEMM shapes give
+    bit-identical u, hence the same sign decisions, as the reference.
+    """
+    budget = CUDA_CHUNK_SCORES if device.type == "cuda" else LIFTED_CPU_CHUNK
+    return max(1, budget // (n_cand * d))
+
+
 def tail_search_torch(w: torch.Tensor, table: TailTable) -> torch.Tensor:
     """Best candidate (sign(x_H), z) per block over all z: int8 signs [N, D]."""
     n_cand, d = table.z_head.shape
     D = d + table.z_signs.shape[1]
     out = torch.empty(w.shape[0], D, dtype=torch.int8, device=w.device)
-    budget = CUDA_CHUNK_SCORES if w.device.type == "cuda" else LIFTED_CPU_CHUNK
-    step = max(1, budget // (n_cand * d))
+    step = tail_chunk_rows(n_cand, d, w.device)
     for start in range(0, w.shape[0], step):
         wc = w[start : start + step]
         s = torch.sub((wc @ table.head_inv_t)[:, None, :], table.z_head[None]).sign_()  # [n, K, d]
@@ -228,7 +238,27 @@ def _on_cpu_kernel(torch_search: Callable, kernel_search: Callable) -> Callable:
 
 exhaustive_search = _on_cpu_kernel(exhaustive_search_torch, kernel.exhaustive_search)
 lifted_search = _on_cpu_kernel(lifted_search_torch, kernel.lifted_search)
-tail_search = _on_cpu_kernel(tail_search_torch, kernel.tail_search)
+_tail_search_cpu = _on_cpu_kernel(tail_search_torch, kernel.tail_search)
+
+
+def tail_search(w: torch.Tensor, table: TailTable) -> torch.Tensor:
+    """Best candidate (sign(x_H), z) per block over all z: int8 signs [N, D].
+
+    CUDA tensors go to the fused Triton kernel (`fused`, imported on first CUDA use) when it is
+    available, else (no triton, disabled, or a compile/launch failure, warned once) to the torch
+    reference; CPU tensors to the compiled kernel or the torch reference, as the other searches.
+    """
+    if w.device.type == "cuda":
+        from liftedge.lattice import fused
+
+        if fused.usable(w, table):
+            try:
+                return fused.tail_search(w, table)
+            except Exception as exc:  # triton compile/launch errors have no common base class
+                fused.mark_failed(exc)
+        return tail_search_torch(w, table)
+    return _tail_search_cpu(w, table)
+
 
 SEARCHES: dict[str, tuple[Callable, Callable]] = {
     "exhaustive": (ExhaustiveTable.build, exhaustive_search),
