@@ -168,12 +168,12 @@ def artifacts(shape: str, device: str, ram: str, runtimes: list[str], work: Path
                                         rss_cap, work / f"{shape}-{runtime}.build.log")
             if row["build"]["exit"] == 0:
                 row["artifact_files"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
-                prof = work / f"{shape}-{runtime}.profile.json"
+                prof = work / f"{shape}-{runtime}.profile"  # `liftedge profile -o` is a folder
                 row["profile"] = run_measured([str(exe), "profile", str(out), "--repeats", "1", "--new-tokens", "8",
                                                "--prompt-tokens", "16", "--json", "-o", str(prof)],
                                               rss_cap, work / f"{shape}-{runtime}.profile.log")
-                if prof.is_file():
-                    row["profile"]["report"] = json.loads(prof.read_text())
+                if (prof / "profile.json").is_file():
+                    row["profile"]["report"] = json.loads((prof / "profile.json").read_text())
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "predicted"}, default=str)[:1500], flush=True)
     return rows

@@ -57,3 +57,18 @@ def test_second_runtime_reuses_the_pack_and_failures_leave_nothing(tiny_llama_di
     assert _build(tiny_llama_dir, sample_text_file, tmp_path / "c", "--target", "android", "--ram", "300MB") == 2
     assert not (tmp_path / "c").exists()
     assert "needs at least" in capsys.readouterr().err
+
+
+def test_stock_only_executorch_build_from_the_cli(tiny_lq_pack, tmp_path, et_kernel_cache, monkeypatch):
+    """`--no-custom-ops --no-llm-attention`: a program with no operator outside stock ExecuTorch
+    (no liftedge kernel library, no LLM custom ops) for a runtime that has neither; verified,
+    and the report says what the app needs: nothing beyond the stock runtime."""
+    monkeypatch.setenv("LIFTEDGE_CACHE", str(et_kernel_cache))
+    out = tmp_path / "out"
+    assert main(["build", str(tiny_lq_pack), "--target", "android", "--ram", "8GB", "--max-context", "96", "--seq-len", "64",
+                 "--no-custom-ops", "--no-llm-attention", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["custom_ops"] is False and report["options"]["llm_attention"] is False
+    assert report["verification"]["passed"] and report["attention"]["lowering"] == "stock operators"
+    assert report["runtime"]["kernel_library"]["needed"] is False and report["runtime"]["llm_ops"]["needed"] is False
+    assert not any(k.startswith(("liftedge.", "llama.")) for k in report["operators"])

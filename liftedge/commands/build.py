@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                         "default: --context, else the profile's, else 512)")
     t.add_argument("--no-custom-ops", dest="custom_ops", action="store_false",
                    help="executorch: express lift-project layers in stock operators (no kernel library needed)")
+    t.add_argument("--no-llm-attention", dest="llm_attention", action="store_false",
+                   help="executorch: attention in stock operators instead of ExecuTorch's LLM ops "
+                        "(llama::update_cache, llama::custom_sdpa), for a runtime built without them; slower")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.set_defaults(func=run)
@@ -88,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
 
         require_resident_fit(pack, request.compute_units, extra["memory"])
     wanted = {"max_context": int(context), "custom_ops": bool(args.custom_ops),
+              "llm_attention": bool(args.llm_attention),
               "compute_units": request.compute_units or COREML_COMPUTE_UNITS[0]}
     options = {k: v for k, v in wanted.items() if k in get_target(runtime).OPTIONS}
     print(f"lowering for {runtime} (context {context}) and verifying against the reference ...")
