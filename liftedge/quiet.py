@@ -20,8 +20,9 @@ import warnings
 THIRD_PARTY_LOGGERS = ("torch", "torchao", "transformers", "executorch", "coremltools", "onnxscript",
                        "onnx_ir", "onnxruntime", "huggingface_hub", "accelerate", "urllib3", "filelock")
 
-# Lines native code writes to fd 2 that say nothing to a user (ExecuTorch's CPU probing in a VM).
-NATIVE_NOISE_PREFIXES = (b"[cpuinfo_utils.cpp:",)
+# Lines native code writes to fd 2 that say nothing to a user: ExecuTorch's CPU probing in a VM,
+# and the INFO lines of ExecuTorch's C++ tokenizer while TextLLMRunner loads tokenizer.json.
+NATIVE_NOISE_PREFIXES = (b"[cpuinfo_utils.cpp:", b"I tokenizers:")
 
 
 def quiet_python(verbose: bool) -> None:

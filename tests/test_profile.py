@@ -262,7 +262,8 @@ def _console(args: list, env_cache) -> str:
 
 # Lines the libraries liftedge drives print on their own (issue 17 §5): the ExecuTorch runtime's
 # native CPU probing, torch's `W...` log lines, Python warnings, torchao's load failures.
-NOISE = ("[cpuinfo_utils.cpp:", "_pytree.py", "Warning:", "UserWarning", "FutureWarning", "Failed to load")
+NOISE = ("[cpuinfo_utils.cpp:", "_pytree.py", "Warning:", "UserWarning", "FutureWarning", "Failed to load",
+         "libcustom_ops_aot_lib")  # the last: ExecuTorch LLM ops announcing their library (root logger, INFO)
 
 
 def test_console_is_quiet_by_default_and_verbose_shows_the_libraries(et_dir, shared_cache, tmp_path):
@@ -272,3 +273,23 @@ def test_console_is_quiet_by_default_and_verbose_shows_the_libraries(et_dir, sha
     verbose = _console(["--verbose", *args, "-o", tmp_path / "verbose"], shared_cache)
     # In this VM ExecuTorch always reports its CPU probing; --verbose must let it through.
     assert "[cpuinfo_utils.cpp:" in verbose
+
+
+def test_native_noise_filter_drops_known_lines_only():
+    """The fd-2 filter of the console script drops ExecuTorch's CPU probing and its C++
+    tokenizer's INFO lines (printed while TextLLMRunner checks a build) and passes the rest."""
+    import os
+    import threading
+
+    from liftedge import quiet
+
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    t = threading.Thread(target=quiet._forward, args=(src_r, dst_w))
+    t.start()
+    os.write(src_w, b"I tokenizers:regex.cpp:40] Registering override fallback regex\nwrote out\n"
+                    b"[cpuinfo_utils.cpp:91] probing\nE real error\n")
+    os.close(src_w)
+    t.join(timeout=10)
+    os.close(dst_w)
+    assert os.read(dst_r, 4096) == b"wrote out\nE real error\n"

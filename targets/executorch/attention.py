@@ -44,8 +44,21 @@ class _Start:
 
 def load_ops() -> None:
     """Register ExecuTorch's LLM ops (their meta kernels for export, their CPU kernels for the
-    Python runtime). Raises ImportError when the installed executorch lacks them."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::*)
+    Python runtime). Raises ImportError when the installed executorch lacks them.
+
+    The module logs where it found its library through the root logger at INFO; that stays off
+    the console unless ExecuTorch's own records are wanted (`liftedge.quiet`, --verbose)."""
+    import logging
+
+    quiet = logging.getLogger("executorch").getEffectiveLevel() > logging.INFO
+    previous = logging.root.manager.disable
+    if quiet:
+        logging.disable(logging.INFO)
+    try:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::*)
+    finally:
+        if quiet:
+            logging.disable(previous)
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
