@@ -221,7 +221,7 @@ def run_live(pte: Path, *, prompt_tokens: int, new_tokens: int, repeats: int, ma
     import torch
 
     from liftedge.profile.host import current_rss_nbytes, peak_rss_nbytes
-    from liftedge.targets.executorch.runtime import calls_custom_op
+    from liftedge.targets.executorch.runtime import calls_custom_op, load_operator_libraries
 
     if max_prefill is not None and prompt_tokens > max_prefill:
         raise ArtifactError(f"--prompt-tokens {prompt_tokens} exceeds the program's prefill bound {max_prefill}; "
@@ -229,13 +229,7 @@ def run_live(pte: Path, *, prompt_tokens: int, new_tokens: int, repeats: int, ma
     if max_context is not None and prompt_tokens + new_tokens > max_context:
         raise ArtifactError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the KV cache of "
                             f"{max_context} positions; lower --prompt-tokens or --new-tokens")
-    from liftedge.targets.executorch.attention import load_ops
-
-    load_ops()  # ExecuTorch's LLM ops (attention)
-    if calls_custom_op(pte):
-        from liftedge.targets.executorch.kernel import load_library
-
-        load_library()
+    load_operator_libraries(calls_custom_op(pte))
     from executorch.runtime import Runtime
 
     baseline = current_rss_nbytes()

@@ -79,13 +79,9 @@ def run_text_llm_runner(pte: Path, tokenizer_json: Path, new_tokens: int, *, nee
     if classes is None:
         raise RuntimeError("executorch has no LLM runner bindings")
     text_runner, generation_config = classes
-    from liftedge.targets.executorch.attention import load_ops
+    from liftedge.targets.executorch.runtime import load_operator_libraries
 
-    load_ops()  # ExecuTorch's LLM ops (attention), part of the runtime an LLM app links
-    if needs_kernel:
-        from liftedge.targets.executorch.kernel import load_library
-
-        load_library()
+    load_operator_libraries(needs_kernel)
     tok = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
     ids = _piece_ids(tok)
     tok["decoder"] = None

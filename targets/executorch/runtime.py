@@ -43,19 +43,26 @@ def calls_custom_op(path: Path) -> bool:
     return bool(custom_ops(path))
 
 
+def load_operator_libraries(needs_kernel: bool) -> None:
+    """Register the operators a liftedge `.pte` may call beyond the stock ones, as an app's
+    runtime links them: ExecuTorch's LLM ops (attention) always, liftedge's kernel library when
+    `needs_kernel`. Every path that runs a `.pte` (verification, TextLLMRunner, profile) calls this."""
+    from liftedge.targets.executorch.attention import load_ops
+
+    load_ops()
+    if needs_kernel:
+        from liftedge.targets.executorch.kernel import load_library
+
+        load_library()
+
+
 def load_method(path: Path, needs_kernel: bool):
     """The program's `forward` method, loaded in the ExecuTorch runtime.
 
     `needs_kernel` loads the kernel library first; without it, a program that calls the
     custom op fails here with a message that says so (the runtime's own says "Missing operator").
     """
-    from liftedge.targets.executorch.attention import load_ops
-
-    load_ops()  # ExecuTorch's LLM ops (attention), part of the runtime an LLM app links
-    if needs_kernel:
-        from liftedge.targets.executorch.kernel import load_library
-
-        load_library()
+    load_operator_libraries(needs_kernel)
     from executorch.runtime import Runtime
 
     try:
