@@ -8,7 +8,7 @@ decode time of one token (m = 1) through all 112 linears, best-of and median of 
 | kernel      | what                                                                     |
 |-------------|--------------------------------------------------------------------------|
 | mask (old)  | fp32 ±1 multiply-add per packed byte (lq_linear.h), row-major signs       |
-| lut         | table lookup, two int8 planes (~15-bit tables; the op's default)        |
+| lut         | table lookup, two 7-bit planes (~14-bit tables; the op's default)     |
 | lut_int8    | table lookup, one int8 plane (~7-bit tables; half the lookups)          |
 
 each on 1 and 2 threads of ExecuTorch's threadpool (the op's), plus one prefill row. The

@@ -49,7 +49,7 @@ LUT_MODES = {"lut": 0, "lut_int8": 1}  # the table-lookup kernel (lq_lut.h): two
 class _Layer(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("in_features", "out_features", "n1", "n2", "d", "D")] + [
         ("signs", ctypes.c_void_p)] + [(n, ctypes.c_void_p) for n in
-                                       ("scale", "in_scale", "mix1", "mix2", "block_scale", "codebook")]
+                                       ("scale", "in_scale", "mix1", "mix2", "block_scale", "codebook", "mix2t")]
 
 
 def executorch_root() -> Path:

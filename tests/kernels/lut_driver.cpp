@@ -129,7 +129,7 @@ int run_case(int id, const Case& c, int mode) {
   std::vector<float> x;
   fill(x, m * c.n, r, -2.0f, 2.0f);
   if (lq_lut_linear_f32(&L, x.data(), m, y.data(), scratch.data(), mode) != 0) return 1;
-  const double qmax = mode == LQ_LUT_INT8 ? 127.0 : 127.0 * 256.0;
+  const double qmax = mode == LQ_LUT_INT8 ? 127.0 : 63.0 * 128.0;
   double ratio = 0.0;
   for (int64_t t = 0; t < m; ++t) {
     const std::vector<double> ud = lift_double(L, x.data() + t * c.n);

@@ -23,44 +23,43 @@ inline int64_t lifted_width(const lq_layer* L) { return lq_row_nbytes(L) * 8; }
 // registers on arm64); `aligned(4)`: loads and stores at any float offset.
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
-// out [rows, cols] = A [rows, inner] · B [inner, cols], all row-major. Register-blocked: 4 rows
-// x 16 columns of sums stay in 8 vector registers while k runs (8 independent multiply-add
-// chains hide their latency; each B chunk is loaded once per 4 rows; nothing is stored until a
-// sum is done). Every sum runs over k in increasing order, as a plain loop would.
+// out [rows, cols] = A [rows, inner] · B [inner, cols], all row-major. Register-blocked: R rows
+// x 8 C columns of sums stay in vector registers while k runs (independent multiply-add chains
+// hide their latency; each B chunk is loaded once per R rows; nothing is stored until a sum is
+// done). Columns go in chunks of 16, then 8, then one at a time; rows in fours, then singly.
+// Every sum runs over k in increasing order, as a plain loop would.
+template <int R, int C>
+void matmul_block(const float* a, const float* B, float* out, int64_t inner, int64_t cols, int64_t j) {
+  v8u s[R][C] = {};
+  for (int64_t k = 0; k < inner; ++k) {
+    v8u b[C];
+    for (int c = 0; c < C; ++c) b[c] = *reinterpret_cast<const v8u*>(B + k * cols + j + 8 * c);
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * inner + k];
+      for (int c = 0; c < C; ++c) s[r][c] += x * b[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) *reinterpret_cast<v8u*>(out + r * cols + j + 8 * c) = s[r][c];
+}
+
+template <int R>
+void matmul_row_block(const float* a, const float* B, float* out, int64_t inner, int64_t cols) {
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) matmul_block<R, 2>(a, B, out, inner, cols, j);
+  for (; j + 8 <= cols; j += 8) matmul_block<R, 1>(a, B, out, inner, cols, j);
+  for (; j < cols; ++j)
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < inner; ++k) acc += a[r * inner + k] * B[k * cols + j];
+      out[r * cols + j] = acc;
+    }
+}
+
 void matmul_rows(const float* A, const float* B, float* out, int64_t rows, int64_t inner, int64_t cols) {
   int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) {
-    const float* a = A + i * inner;
-    int64_t j = 0;
-    for (; j + 16 <= cols; j += 16) {
-      v8u s[4][2] = {};
-      for (int64_t k = 0; k < inner; ++k) {
-        const v8u b0 = *reinterpret_cast<const v8u*>(B + k * cols + j);
-        const v8u b1 = *reinterpret_cast<const v8u*>(B + k * cols + j + 8);
-        for (int r = 0; r < 4; ++r) {
-          const float c = a[r * inner + k];
-          s[r][0] += c * b0;
-          s[r][1] += c * b1;
-        }
-      }
-      for (int r = 0; r < 4; ++r) {
-        *reinterpret_cast<v8u*>(out + (i + r) * cols + j) = s[r][0];
-        *reinterpret_cast<v8u*>(out + (i + r) * cols + j + 8) = s[r][1];
-      }
-    }
-    for (; j < cols; ++j)
-      for (int r = 0; r < 4; ++r) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < inner; ++k) acc += a[r * inner + k] * B[k * cols + j];
-        out[(i + r) * cols + j] = acc;
-      }
-  }
-  for (; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < inner; ++k) acc += A[i * inner + k] * B[k * cols + j];
-      out[i * cols + j] = acc;
-    }
+  for (; i + 4 <= rows; i += 4) matmul_row_block<4>(A + i * inner, B, out + i * cols, inner, cols);
+  for (; i < rows; ++i) matmul_row_block<1>(A + i * inner, B, out + i * cols, inner, cols);
 }
 
 // v = block_scale ⊙ vec(mix1 · (in_scale ⊙ x as [n1, n2]) · mix2^T); work holds 2 n floats,
@@ -78,20 +77,13 @@ void inverse_transform(const lq_layer* L, const float* mix2t, const float* x, fl
   }
 }
 
-// u [lifted_width]: each block of d values of v (zero past n) times M [d, D]; tail zeroed.
-void lift(const lq_layer* L, const float* v, float* u) {
+// u [lifted_width] = V [n_blocks, d] · M [d, D] (v zero-padded to n_blocks * d in place; the
+// caller's v has room), then the tail past n_blocks * D zeroed.
+void lift(const lq_layer* L, float* v, float* u) {
   const int64_t d = L->d, D = L->D, n = L->in_features, nb = n_blocks(L);
-  const int64_t width = lifted_width(L);
-  for (int64_t k = 0; k < nb; ++k) {
-    float* uk = u + k * D;
-    for (int64_t j = 0; j < D; ++j) uk[j] = 0.0f;
-    for (int64_t i = 0; i < d && k * d + i < n; ++i) {
-      const float c = v[k * d + i];
-      const float* mi = L->codebook + i * D;
-      for (int64_t j = 0; j < D; ++j) uk[j] += c * mi[j];
-    }
-  }
-  for (int64_t w = nb * D; w < width; ++w) u[w] = 0.0f;
+  for (int64_t i = n; i < nb * d; ++i) v[i] = 0.0f;
+  matmul_rows(v, L->codebook, u, nb, d, D);
+  for (int64_t w = nb * D; w < lifted_width(L); ++w) u[w] = 0.0f;
 }
 
 // LUT8: table[g][b] = Σ_j (bit j of b ? +u : -u)[8g + j], built with one add per entry.
@@ -193,18 +185,26 @@ bool valid(const lq_layer* L) {
 // (benchmarks/results/executorch_kernel_bench.md); LUT8 stays for comparison.
 int resolve(int method, int64_t) { return method == LQ_METHOD_AUTO ? LQ_METHOD_MASK : method; }
 
-// Scratch layout: [a, t, v: 3 n][mix2^T: n2 * n2][u: m * width (MASK) or width + tables (LUT8)].
-int64_t u_offset(const lq_layer* L) { return 3 * L->in_features + L->n2 * L->n2; }
+// Scratch layout: [a, t: 2 n][v: n_blocks * d][mix2^T: n2 * n2][u: m * width (MASK) or width +
+// tables (LUT8)].
+int64_t v_offset(const lq_layer* L) { return 2 * L->in_features; }
+int64_t mix2t_offset(const lq_layer* L) { return v_offset(L) + n_blocks(L) * L->d; }
+int64_t u_offset(const lq_layer* L) { return mix2t_offset(L) + L->n2 * L->n2; }
 
 void prepare(const lq_layer* L, const float* x, int64_t m, float* scratch) {
   const int64_t n = L->in_features, n2 = L->n2, width = lifted_width(L);
-  float* mix2t = scratch + 3 * n;
-  for (int64_t i = 0; i < n2; ++i)
-    for (int64_t j = 0; j < n2; ++j) mix2t[j * n2 + i] = L->mix2[i * n2 + j];
+  const float* mix2t = L->mix2t;
+  if (!mix2t) {  // the caller did not keep a transposed copy: make one per call
+    float* t = scratch + mix2t_offset(L);
+    for (int64_t i = 0; i < n2; ++i)
+      for (int64_t j = 0; j < n2; ++j) t[j * n2 + i] = L->mix2[i * n2 + j];
+    mix2t = t;
+  }
+  float* v = scratch + v_offset(L);
   float* u = scratch + u_offset(L);
   for (int64_t t = 0; t < m; ++t) {
-    inverse_transform(L, mix2t, x + t * n, scratch + 2 * n, scratch);
-    lift(L, scratch + 2 * n, u + t * width);
+    inverse_transform(L, mix2t, x + t * n, v, scratch);
+    lift(L, v, u + t * width);
   }
 }
 

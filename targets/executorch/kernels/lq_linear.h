@@ -33,6 +33,7 @@ typedef struct {
   const float* mix2;         // [n2, n2]
   const float* block_scale;  // [n_blocks]
   const float* codebook;     // [d, D]
+  const float* mix2t;        // mix2^T [n2, n2], or NULL: the kernel transposes mix2 per call
 } lq_layer;
 
 int64_t lq_row_nbytes(const lq_layer* L);

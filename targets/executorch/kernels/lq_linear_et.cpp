@@ -13,6 +13,9 @@
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
+#include <cstring>
+#include <initializer_list>
+#include <unordered_map>
 #include <vector>
 
 #include "et_linear.h"
@@ -42,7 +45,16 @@ using executorch::runtime::KernelRuntimeContext;
 
 namespace {
 
-// Stored factors as float32; fp16 fields are widened once per call (they are small).
+// A layer's stored factors as float32 (and mix2 transposed), made on the layer's first call and
+// kept per signs pointer: widening fp16 element by element is slower than the layer's whole
+// table-lookup pass, so it is not repeated per token. Each call checks the stored bytes are still
+// the ones the copies came from (memcmp, far cheaper than converting), so a program loaded later
+// at the same address cannot read a stale copy.
+struct Factors {
+  std::vector<uint8_t> source;  // the stored bytes of the six tensors, concatenated
+  std::vector<float> scale, in_scale, mix1, mix2, mix2t, block_scale, codebook;
+};
+
 bool to_float(const Tensor& t, std::vector<float>& dst) {
   const auto numel = t.numel();
   dst.resize(numel);
@@ -59,8 +71,46 @@ bool to_float(const Tensor& t, std::vector<float>& dst) {
   return false;
 }
 
-struct Factors {
-  std::vector<float> scale, in_scale, mix1, mix2, block_scale, codebook, scratch;
+bool same_source(const std::vector<uint8_t>& source, std::initializer_list<const Tensor*> ts) {
+  size_t off = 0;
+  for (const Tensor* t : ts) {
+    const size_t n = t->nbytes();
+    if (off + n > source.size() || std::memcmp(source.data() + off, t->const_data_ptr(), n) != 0) return false;
+    off += n;
+  }
+  return off == source.size();
+}
+
+// The float32 factors of the layer whose signs are at `key`; nullptr if a factor is neither
+// float16 nor float32.
+const Factors* layer_factors(const void* key, std::initializer_list<const Tensor*> ts) {
+  constexpr size_t MAX_LAYERS = 8192;  // bounded: programs loaded one after another do not grow it forever
+  thread_local std::unordered_map<const void*, Factors> cache;
+  auto it = cache.find(key);
+  if (it != cache.end() && same_source(it->second.source, ts)) return &it->second;
+  if (cache.size() >= MAX_LAYERS) cache.clear();
+  Factors& f = cache[key];
+  f.source.clear();
+  for (const Tensor* t : ts) {
+    const auto* p = static_cast<const uint8_t*>(t->const_data_ptr());
+    f.source.insert(f.source.end(), p, p + t->nbytes());
+  }
+  const Tensor* const* v = ts.begin();
+  const bool ok = to_float(*v[0], f.scale) && to_float(*v[1], f.in_scale) && to_float(*v[2], f.mix1) &&
+                  to_float(*v[3], f.mix2) && to_float(*v[4], f.block_scale) && to_float(*v[5], f.codebook);
+  if (!ok) {
+    cache.erase(key);
+    return nullptr;
+  }
+  const int64_t n2 = v[3]->size(0);
+  f.mix2t.resize(f.mix2.size());
+  for (int64_t i = 0; i < n2; ++i)
+    for (int64_t j = 0; j < n2; ++j) f.mix2t[j * n2 + i] = f.mix2[i * n2 + j];
+  return &f;
+}
+
+struct Scratch {
+  std::vector<float> floats;
   std::vector<uint8_t> bytes;
 };
 
@@ -85,17 +135,16 @@ void mask_threaded(const lq_layer* L, const float* scratch, int64_t m, float* y)
 Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& signs, const Tensor& scale,
                       const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
                       const Tensor& block_scale, const Tensor& codebook, Tensor& out) {
-  thread_local Factors f;
+  thread_local Scratch scratch;
   const bool lut = signs.dim() == 3;
   ET_KERNEL_CHECK_MSG(ctx, signs.scalar_type() == ScalarType::Byte && (signs.dim() == 2 || (lut && signs.size(2) == 16)),
                       InvalidArgument, out,
                       "liftedge::lq_linear: signs must be uint8 [out, row_nbytes] or [tiles, groups, 16]");
-  ET_KERNEL_CHECK_MSG(ctx, codebook.dim() == 2 && mix1.dim() == 2 && mix2.dim() == 2, InvalidArgument, out,
-                      "liftedge::lq_linear: codebook, mix1, mix2 must be 2-D");
+  ET_KERNEL_CHECK_MSG(ctx, codebook.dim() == 2 && mix1.dim() == 2 && mix2.dim() == 2 && mix2.size(0) == mix2.size(1),
+                      InvalidArgument, out, "liftedge::lq_linear: codebook, mix1, mix2 must be 2-D (mix2 square)");
   if (!prepare_linear_out(ctx, "liftedge::lq_linear", x, in_scale.numel(), scale.numel(), out)) return out;
-  bool ok = to_float(scale, f.scale) && to_float(in_scale, f.in_scale) && to_float(mix1, f.mix1) &&
-            to_float(mix2, f.mix2) && to_float(block_scale, f.block_scale) && to_float(codebook, f.codebook);
-  ET_KERNEL_CHECK_MSG(ctx, ok, InvalidArgument, out, "liftedge::lq_linear: factors must be float16 or float32");
+  const Factors* f = layer_factors(signs.const_data_ptr(), {&scale, &in_scale, &mix1, &mix2, &block_scale, &codebook});
+  ET_KERNEL_CHECK_MSG(ctx, f != nullptr, InvalidArgument, out, "liftedge::lq_linear: factors must be float16 or float32");
 
   lq_layer L{};
   L.in_features = in_scale.numel();
@@ -105,12 +154,13 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   L.d = codebook.size(0);
   L.D = codebook.size(1);
   L.signs = signs.const_data_ptr<uint8_t>();
-  L.scale = f.scale.data();
-  L.in_scale = f.in_scale.data();
-  L.mix1 = f.mix1.data();
-  L.mix2 = f.mix2.data();
-  L.block_scale = f.block_scale.data();
-  L.codebook = f.codebook.data();
+  L.scale = f->scale.data();
+  L.in_scale = f->in_scale.data();
+  L.mix1 = f->mix1.data();
+  L.mix2 = f->mix2.data();
+  L.mix2t = f->mix2t.data();
+  L.block_scale = f->block_scale.data();
+  L.codebook = f->codebook.data();
   const bool signs_fit = lut ? signs.size(0) == lq_lut_tiles(&L) && signs.size(1) == lq_lut_groups(&L)
                              : signs.size(0) == L.out_features && signs.size(1) == lq_row_nbytes(&L);
   ET_KERNEL_CHECK_MSG(ctx, signs_fit && L.n1 * L.n2 == L.in_features &&
@@ -122,13 +172,13 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   float* y = out.mutable_data_ptr<float>();
   int rc;
   if (lut) {
-    f.bytes.resize(lq_lut_scratch_bytes(&L, m, LQ_LUT_TWO_PLANE));
-    rc = lq_lut_prepare(&L, xp, m, LQ_LUT_TWO_PLANE, f.bytes.data());
-    if (rc == 0) lut_threaded(&L, f.bytes.data(), m, LQ_LUT_TWO_PLANE, y);
+    scratch.bytes.resize(lq_lut_scratch_bytes(&L, m, LQ_LUT_TWO_PLANE));
+    rc = lq_lut_prepare(&L, xp, m, LQ_LUT_TWO_PLANE, scratch.bytes.data());
+    if (rc == 0) lut_threaded(&L, scratch.bytes.data(), m, LQ_LUT_TWO_PLANE, y);
   } else {
-    f.scratch.resize(lq_scratch_floats(&L, m, LQ_METHOD_MASK));
-    rc = lq_mask_prepare(&L, xp, m, f.scratch.data());
-    if (rc == 0) mask_threaded(&L, f.scratch.data(), m, y);
+    scratch.floats.resize(lq_scratch_floats(&L, m, LQ_METHOD_MASK));
+    rc = lq_mask_prepare(&L, xp, m, scratch.floats.data());
+    if (rc == 0) mask_threaded(&L, scratch.floats.data(), m, y);
   }
   ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, out, "liftedge::lq_linear: kernel rejected its arguments");
   return out;

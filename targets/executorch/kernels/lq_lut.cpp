@@ -21,14 +21,22 @@
 namespace {
 
 constexpr int ROWS = LQ_LUT_TILE_ROWS;
-// Largest |q|: two planes keep hi = (q + 128) >> 8 within int8's [-127, 127].
-constexpr float QMAX_TWO_PLANE = 127.0f * 256.0f;
+// One plane: q in [-127, 127], stored biased by 128 (bytes 1..255).
 constexpr float QMAX_INT8 = 127.0f;
-// Lookups summed in 16-bit lanes before widening to int32: each lane takes at most one byte
-// (<= 255) per group (NEON) or per two groups (AVX2); 128 of them stay below 2^15.
-constexpr int64_t CHUNK_LOOKUPS = 128;
+constexpr int BIAS_INT8 = 128;
+// Two planes: q = 128 hi + lo with hi = floor((q + 64) / 128) in [-63, 63] and lo in [-64, 63],
+// each stored biased by 64 (bytes 0..127), so the lookups of two groups add in one byte (<= 254)
+// before they are widened: |q| <= 63 * 128 = 8064, ~14-bit tables.
+constexpr float QMAX_TWO_PLANE = 63.0f * 128.0f;
+constexpr int BIAS_TWO_PLANE = 64;
+constexpr int RADIX_TWO_PLANE = 128;
+// Summed bytes added to a 16-bit lane before it is widened to int32: each add is at most 255
+// (one lookup, one plane) or 254 (two lookups, two planes); 128 of them stay below 2^15.
+constexpr int64_t CHUNK_ADDS = 128;
 
 inline int planes(int mode) { return mode == LQ_LUT_INT8 ? 1 : 2; }
+template <int P>
+constexpr int bias() { return P == 1 ? BIAS_INT8 : BIAS_TWO_PLANE; }
 
 bool valid(const lq_layer* L) {
   return L && L->in_features > 0 && L->out_features > 0 && L->d > 0 && L->D > 0 && L->n1 > 0 && L->n2 > 0 &&
@@ -36,9 +44,8 @@ bool valid(const lq_layer* L) {
          L->block_scale && L->codebook;
 }
 
-// Table bytes hold v + 128 (v the signed plane value), so lookups are summed as unsigned bytes
-// and the bias (128 per group) is taken off once per tile: acc[p][row] = Σ_g v.
-constexpr int BIAS = 128;
+// Table bytes hold v + bias (v the signed plane value), so lookups are summed as unsigned
+// bytes and the bias (per group) is taken off once per tile: acc[p][row] = Σ_g v + bias.
 
 // Accumulated biased lookups of one tile of 32 rows for one token: acc[p][row], plane p.
 template <int P>
@@ -74,26 +81,42 @@ inline void widen_add(int32_t* acc, __m256i raw, __m256i odd, int base) {
 // One 32-byte load = groups g (low half) and g + 1 (high half) of the tile's 32 rows; the
 // tables of the same two groups are the matching 32 bytes, so one vpshufb looks up 32. The
 // looked-up bytes are summed as 16-bit lanes plus their high bytes (1 shift + 2 adds per 32
-// lookups; see widen_add).
+// lookups; see widen_add). Two planes: the lookups of two loads (groups g..g+3) are first added
+// as bytes (biased values <= 127 each), halving the widening work.
 template <int P>
 void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (int64_t g0 = 0; g0 < G; g0 += 2 * CHUNK_LOOKUPS) {
-    const int64_t g1 = std::min(G, g0 + 2 * CHUNK_LOOKUPS);
+  const auto load = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  constexpr int64_t STEP = P == 2 ? 4 : 2;  // groups per loop iteration
+  for (int64_t g0 = 0; g0 < G; g0 += STEP * CHUNK_ADDS) {
+    const int64_t g1 = std::min(G, g0 + STEP * CHUNK_ADDS);
     __m256i ar[P], ao[P], br[P], bo[P];
     for (int p = 0; p < P; ++p) ar[p] = ao[p] = br[p] = bo[p] = _mm256_setzero_si256();
-    for (int64_t g = g0; g < g1; g += 2) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * g));
-      const __m256i il = _mm256_and_si256(v, low4);
-      const __m256i ih = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    const auto add = [&](int p, __m256i a, __m256i b) {
+      ar[p] = _mm256_add_epi16(ar[p], a);
+      ao[p] = _mm256_add_epi16(ao[p], _mm256_srli_epi16(a, 8));
+      br[p] = _mm256_add_epi16(br[p], b);
+      bo[p] = _mm256_add_epi16(bo[p], _mm256_srli_epi16(b, 8));
+    };
+    int64_t g = g0;
+    if (P == 2) {
+      for (; g + 4 <= g1; g += 4) {
+        const __m256i v0 = load(w + 16 * g), v1 = load(w + 16 * (g + 2));
+        const __m256i il0 = _mm256_and_si256(v0, low4), ih0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
+        const __m256i il1 = _mm256_and_si256(v1, low4), ih1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
+        for (int p = 0; p < P; ++p) {
+          const __m256i t0 = load(tb + (p * G + g) * 16), t1 = load(tb + (p * G + g + 2) * 16);
+          add(p, _mm256_add_epi8(_mm256_shuffle_epi8(t0, il0), _mm256_shuffle_epi8(t1, il1)),   // rows 0..15
+              _mm256_add_epi8(_mm256_shuffle_epi8(t0, ih0), _mm256_shuffle_epi8(t1, ih1)));  // rows 16..31
+        }
+      }
+    }
+    for (; g < g1; g += 2) {  // one plane; or the last two groups of two planes
+      const __m256i v = load(w + 16 * g);
+      const __m256i il = _mm256_and_si256(v, low4), ih = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       for (int p = 0; p < P; ++p) {
-        const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tb + (p * G + g) * 16));
-        const __m256i a = _mm256_shuffle_epi8(t, il);  // rows 0..15
-        const __m256i b = _mm256_shuffle_epi8(t, ih);  // rows 16..31
-        ar[p] = _mm256_add_epi16(ar[p], a);
-        ao[p] = _mm256_add_epi16(ao[p], _mm256_srli_epi16(a, 8));
-        br[p] = _mm256_add_epi16(br[p], b);
-        bo[p] = _mm256_add_epi16(bo[p], _mm256_srli_epi16(b, 8));
+        const __m256i t = load(tb + (p * G + g) * 16);
+        add(p, _mm256_shuffle_epi8(t, il), _mm256_shuffle_epi8(t, ih));
       }
     }
     for (int p = 0; p < P; ++p) {
@@ -110,25 +133,40 @@ inline void widen_add(int32_t* acc, uint16x8_t v) {  // sums < 2^15: reinterpret
 }
 
 // One 16-byte load = one group of the tile's 32 rows; vqtbl1q_u8 looks up 16 rows at a time.
+// Two planes: the lookups of two groups are first added as bytes (biased values <= 127 each).
 template <int P>
 void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
   const uint8x16_t low4 = vdupq_n_u8(0x0F);
-  for (int64_t g0 = 0; g0 < G; g0 += CHUNK_LOOKUPS) {
-    const int64_t g1 = std::min(G, g0 + CHUNK_LOOKUPS);
+  constexpr int64_t STEP = P == 2 ? 2 : 1;  // groups per loop iteration
+  for (int64_t g0 = 0; g0 < G; g0 += STEP * CHUNK_ADDS) {
+    const int64_t g1 = std::min(G, g0 + STEP * CHUNK_ADDS);
     uint16x8_t a0[P], a1[P], b0[P], b1[P];
     for (int p = 0; p < P; ++p) a0[p] = a1[p] = b0[p] = b1[p] = vdupq_n_u16(0);
-    for (int64_t g = g0; g < g1; ++g) {
+    const auto add = [&](int p, uint8x16_t a, uint8x16_t b) {
+      a0[p] = vaddw_u8(a0[p], vget_low_u8(a));
+      a1[p] = vaddw_high_u8(a1[p], a);
+      b0[p] = vaddw_u8(b0[p], vget_low_u8(b));
+      b1[p] = vaddw_high_u8(b1[p], b);
+    };
+    int64_t g = g0;
+    if (P == 2) {
+      for (; g + 2 <= g1; g += 2) {
+        const uint8x16_t v0 = vld1q_u8(w + 16 * g), v1 = vld1q_u8(w + 16 * (g + 1));
+        const uint8x16_t il0 = vandq_u8(v0, low4), ih0 = vshrq_n_u8(v0, 4);
+        const uint8x16_t il1 = vandq_u8(v1, low4), ih1 = vshrq_n_u8(v1, 4);
+        for (int p = 0; p < P; ++p) {
+          const uint8x16_t t0 = vld1q_u8(tb + (p * G + g) * 16), t1 = vld1q_u8(tb + (p * G + g + 1) * 16);
+          add(p, vaddq_u8(vqtbl1q_u8(t0, il0), vqtbl1q_u8(t1, il1)),   // rows 0..15
+              vaddq_u8(vqtbl1q_u8(t0, ih0), vqtbl1q_u8(t1, ih1)));  // rows 16..31
+        }
+      }
+    }
+    for (; g < g1; ++g) {  // one plane (two planes: G is even, so never)
       const uint8x16_t v = vld1q_u8(w + 16 * g);
-      const uint8x16_t il = vandq_u8(v, low4);
-      const uint8x16_t ih = vshrq_n_u8(v, 4);
+      const uint8x16_t il = vandq_u8(v, low4), ih = vshrq_n_u8(v, 4);
       for (int p = 0; p < P; ++p) {
         const uint8x16_t t = vld1q_u8(tb + (p * G + g) * 16);
-        const uint8x16_t a = vqtbl1q_u8(t, il);  // rows 0..15
-        const uint8x16_t b = vqtbl1q_u8(t, ih);  // rows 16..31
-        a0[p] = vaddw_u8(a0[p], vget_low_u8(a));
-        a1[p] = vaddw_high_u8(a1[p], a);
-        b0[p] = vaddw_u8(b0[p], vget_low_u8(b));
-        b1[p] = vaddw_high_u8(b1[p], b);
+        add(p, vqtbl1q_u8(t, il), vqtbl1q_u8(t, ih));
       }
     }
     for (int p = 0; p < P; ++p) {
@@ -169,10 +207,10 @@ void rows_for(const lq_layer* L, const Scratch& s, int64_t m, float* y, int64_t 
       tile_simd<P>(w, s.tables + t * P * G * 16, G, acc);
       const float st = s.scales[t];
       float* yt = y + t * out + r0;
-      const int64_t bias = static_cast<int64_t>(BIAS) * G;
+      const int64_t b = static_cast<int64_t>(bias<P>()) * G;
       for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t q0 = acc[0][i] - bias;
-        const int64_t q = P == 2 ? 256 * q0 + (acc[P - 1][i] - bias) : q0;
+        const int64_t q0 = acc[0][i] - b;
+        const int64_t q = P == 2 ? RADIX_TWO_PLANE * q0 + (acc[P - 1][i] - b) : q0;
         yt[i] = L->scale[r0 + i] * (st * static_cast<float>(q));
       }
     }
@@ -199,6 +237,80 @@ extern "C" int64_t lq_lut_scratch_bytes(const lq_layer* L, int64_t m, int mode) 
   return static_cast<int64_t>(sizeof(float)) * (lq_lift_scratch_floats(L) + m) + m * planes(mode) * lq_lut_groups(L) * 16;
 }
 
+namespace {
+
+// One group's 16 table entries as int16, the quantized ±u0±u1±u2±u3 of lq_lut.h: entry i < 8
+// (bit 3 clear: -u3) is (((±u0) + (±u1)) + (±u2)) - u3 rounded by nearbyint (ties to even; no
+// add a compiler could fuse into an FMA, so every path rounds identically), clamped to
+// [-qlim, qlim]; entry 15 - i is its negation (the mirror).
+inline void group_entries_scalar(const float* ug, float inv, int qlim, int16_t* q) {
+  for (int i = 0; i < 8; ++i) {
+    const float t = (((i & 1 ? ug[0] : -ug[0]) + (i & 2 ? ug[1] : -ug[1])) + (i & 4 ? ug[2] : -ug[2])) - ug[3];
+    q[i] = static_cast<int16_t>(std::min(qlim, std::max(-qlim, static_cast<int>(std::nearbyint(t * inv)))));
+  }
+  for (int i = 0; i < 8; ++i) q[15 - i] = static_cast<int16_t>(-q[i]);
+}
+
+#if LQ_LUT_AVX2
+// The same 8 entries in one vector: sign flips are exact (xor of the sign bit), the adds run in
+// the scalar order, and cvtps rounds to nearest even like nearbyint in the default mode.
+inline void group_entries(const float* ug, __m256 inv, __m256i qlim, int16_t* q) {
+  // Sign bit in the lanes (entry index i = lane) where bit j of i is clear: u_j enters negated.
+  const __m256 m0 = _mm256_setr_ps(-0.f, 0.f, -0.f, 0.f, -0.f, 0.f, -0.f, 0.f);
+  const __m256 m1 = _mm256_setr_ps(-0.f, -0.f, 0.f, 0.f, -0.f, -0.f, 0.f, 0.f);
+  const __m256 m2 = _mm256_setr_ps(-0.f, -0.f, -0.f, -0.f, 0.f, 0.f, 0.f, 0.f);
+  const __m256 a = _mm256_xor_ps(_mm256_broadcast_ss(ug), m0);
+  const __m256 b = _mm256_xor_ps(_mm256_broadcast_ss(ug + 1), m1);
+  const __m256 c = _mm256_xor_ps(_mm256_broadcast_ss(ug + 2), m2);
+  const __m256 t = _mm256_sub_ps(_mm256_add_ps(_mm256_add_ps(a, b), c), _mm256_broadcast_ss(ug + 3));
+  __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(t, inv));
+  r = _mm256_max_epi32(_mm256_min_epi32(r, qlim), _mm256_sub_epi32(_mm256_setzero_si256(), qlim));
+  const __m128i lo = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // 0..7
+  const __m128i rev = _mm_setr_epi8(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
+  const __m128i hi = _mm_sub_epi16(_mm_setzero_si128(), _mm_shuffle_epi8(lo, rev));  // 8..15
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), lo);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 8), hi);
+}
+#elif LQ_LUT_NEON
+inline void group_entries(const float* ug, float32x4_t inv, int32x4_t qlim, int16_t* q) {
+  // Entries 0..3 and 4..7: bit 2 (u2) is clear in the first four, set in the second.
+  static const float S0[4] = {-1.f, 1.f, -1.f, 1.f}, S1[4] = {-1.f, -1.f, 1.f, 1.f};
+  const float32x4_t a = vmulq_n_f32(vld1q_f32(S0), ug[0]);  // exact: times ±1
+  const float32x4_t b = vmulq_n_f32(vld1q_f32(S1), ug[1]);
+  const float32x4_t ab = vaddq_f32(a, b);
+  const float32x4_t u3 = vdupq_n_f32(ug[3]);
+  const float32x4_t t0 = vsubq_f32(vaddq_f32(ab, vdupq_n_f32(-ug[2])), u3);
+  const float32x4_t t1 = vsubq_f32(vaddq_f32(ab, vdupq_n_f32(ug[2])), u3);
+  const int32x4_t nq = vnegq_s32(qlim);
+  const int32x4_t r0 = vmaxq_s32(vminq_s32(vcvtnq_s32_f32(vmulq_f32(t0, inv)), qlim), nq);
+  const int32x4_t r1 = vmaxq_s32(vminq_s32(vcvtnq_s32_f32(vmulq_f32(t1, inv)), qlim), nq);
+  const int16x8_t lo = vcombine_s16(vmovn_s32(r0), vmovn_s32(r1));  // |q| < 2^15: exact
+  int16x8_t hi = vnegq_s16(vrev64q_s16(lo));                       // reverse within halves
+  hi = vcombine_s16(vget_high_s16(hi), vget_low_s16(hi));           // then swap the halves
+  vst1q_s16(q, lo);
+  vst1q_s16(q + 8, hi);
+}
+#endif
+
+// The 16 entries of a group into its table bytes: one plane (biased by 128), or hi/lo planes
+// q = 128 hi + lo (hi = floor((q + 64) / 128), lo in [-64, 63]; both biased by 64). Written with
+// the GCC/Clang vector extension: 16 lanes at once on every instruction set, same integers.
+typedef int16_t i16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
+
+inline void store_group(const int16_t* q, int mode, uint8_t* one, uint8_t* hi, uint8_t* lo) {
+  const i16x16 v = *reinterpret_cast<const i16x16*>(q);
+  if (mode == LQ_LUT_INT8) {
+    *reinterpret_cast<u8x16*>(one) = __builtin_convertvector(v + BIAS_INT8, u8x16);
+    return;
+  }
+  const i16x16 h = (v + RADIX_TWO_PLANE / 2) >> 7;  // arithmetic shift: floor
+  *reinterpret_cast<u8x16*>(hi) = __builtin_convertvector(h + BIAS_TWO_PLANE, u8x16);
+  *reinterpret_cast<u8x16*>(lo) = __builtin_convertvector(v - RADIX_TWO_PLANE * h + BIAS_TWO_PLANE, u8x16);
+}
+
+}  // namespace
+
 extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s_out) {
   float maxabs = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
@@ -209,27 +321,21 @@ extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t*
   const float inv = maxabs > 0.0f ? qmax / maxabs : 0.0f;
   *s_out = maxabs / qmax;
   const int qlim = static_cast<int>(qmax);
+#if LQ_LUT_AVX2
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i vlim = _mm256_set1_epi32(qlim);
+#elif LQ_LUT_NEON
+  const float32x4_t vinv = vdupq_n_f32(inv);
+  const int32x4_t vlim = vdupq_n_s32(qlim);
+#endif
+  alignas(16) int16_t q[16];
   for (int64_t g = 0; g < groups; ++g) {
-    const float* ug = u + 4 * g;
-    int q[16];
-    for (int i = 0; i < 8; ++i) {  // bit 3 clear: -u3; the other 8 entries are the mirror
-      const float t = (((i & 1 ? ug[0] : -ug[0]) + (i & 2 ? ug[1] : -ug[1])) + (i & 4 ? ug[2] : -ug[2])) - ug[3];
-      // nearbyint (ties to even), not floor(t * inv + 0.5): no add a compiler could fuse into
-      // an FMA, so x86 and arm64 builds round identically.
-      q[i] = std::min(qlim, std::max(-qlim, static_cast<int>(std::nearbyint(t * inv))));
-    }
-    for (int i = 0; i < 8; ++i) q[15 - i] = -q[i];
-    if (mode == LQ_LUT_INT8) {
-      for (int i = 0; i < 16; ++i) tables[g * 16 + i] = static_cast<uint8_t>(q[i] + BIAS);
-    } else {
-      uint8_t* hi = tables + g * 16;
-      uint8_t* lo = tables + (groups + g) * 16;
-      for (int i = 0; i < 16; ++i) {
-        const int h = (q[i] + 128) >> 8;  // floor: lo = q - 256 h in [-128, 127]
-        hi[i] = static_cast<uint8_t>(h + BIAS);
-        lo[i] = static_cast<uint8_t>(q[i] - 256 * h + BIAS);
-      }
-    }
+#if LQ_LUT_AVX2 || LQ_LUT_NEON
+    group_entries(u + 4 * g, vinv, vlim, q);
+#else
+    group_entries_scalar(u + 4 * g, inv, qlim, q);
+#endif
+    store_group(q, mode, tables + g * 16, tables + g * 16, tables + (groups + g) * 16);
   }
 }
 

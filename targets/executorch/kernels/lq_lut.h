@@ -8,8 +8,9 @@
 // 4-bit index into it, and S · u is one lookup per (row, group).
 //
 // Tables are integers with one scale s per token: q = round(t / s).
-//   LQ_LUT_TWO_PLANE (default): |q| <= 32512 = 127 * 256, stored as two int8 planes
-//     q = 256 * hi + lo (hi in [-127, 127], lo in [-128, 127]); ~15-bit tables.
+//   LQ_LUT_TWO_PLANE (default): |q| <= 8064 = 63 * 128, stored as two 7-bit planes
+//     q = 128 * hi + lo (hi in [-63, 63], lo in [-64, 63]); ~14-bit tables. Small planes let the
+//     lookups of two groups add in one byte before widening (fewer instructions per byte).
 //   LQ_LUT_INT8: |q| <= 127, one int8 plane (half the lookups, ~7-bit tables).
 // Each entry is off by at most s / 2, so |y_r - exact| <= |scale_r| * groups * s / 2 (tests
 // check this bound); lookups are summed exactly in integers (16-bit lanes widened to int32
