@@ -62,28 +62,25 @@ void matmul_rows(const float* A, const float* B, float* out, int64_t rows, int64
   for (; i < rows; ++i) matmul_row_block<1>(A + i * inner, B, out + i * cols, inner, cols);
 }
 
-// v = block_scale ⊙ vec(mix1 · (in_scale ⊙ x as [n1, n2]) · mix2^T); work holds 2 n floats,
-// mix2t = mix2^T [n2, n2] (both products are then `matmul_rows` over row-major operands).
-void inverse_transform(const lq_layer* L, const float* mix2t, const float* x, float* v, float* work) {
-  const int64_t n1 = L->n1, n2 = L->n2, n = L->in_features, d = L->d;
-  float* a = work;
-  float* t = work + n;
-  for (int64_t i = 0; i < n; ++i) a[i] = x[i] * L->in_scale[i];
-  matmul_rows(L->mix1, a, t, n1, n1, n2);  // t = mix1 · A   [n1, n2]
-  matmul_rows(t, mix2t, v, n1, n2, n2);    // v = t · mix2^T [n1, n2]
-  for (int64_t b = 0, i0 = 0; i0 < n; ++b, i0 += d) {  // block by block: no division per value
+// Rows [i0, i1) of v = block_scale ⊙ vec(mix1 · A · mix2^T) over the [n1, n2] grid, A = the
+// token's in_scale ⊙ x in `a`, t [n1, n2] the intermediate mix1 · A; mix2t = mix2^T [n2, n2] (both
+// products are then `matmul_rows` over row-major operands). Rows are independent: any split of
+// [0, n1) over threads computes the same v.
+void transform_rows(const lq_layer* L, const float* mix2t, const float* a, float* t, float* v, int64_t i0,
+                    int64_t i1) {
+  const int64_t n1 = L->n1, n2 = L->n2, d = L->d;
+  matmul_rows(L->mix1 + i0 * n1, a, t + i0 * n2, i1 - i0, n1, n2);  // t = mix1 · A
+  matmul_rows(t + i0 * n2, mix2t, v + i0 * n2, i1 - i0, n2, n2);    // v = t · mix2^T
+  for (int64_t e = i0 * n2, e1 = i1 * n2; e < e1;) {  // block by block: one division per block
+    const int64_t b = e / d, end = std::min(e1, (b + 1) * d);
     const float bs = L->block_scale[b];
-    for (int64_t i = i0; i < std::min(n, i0 + d); ++i) v[i] *= bs;
+    for (; e < end; ++e) v[e] *= bs;
   }
 }
 
-// u [lifted_width] = V [n_blocks, d] · M [d, D] (v zero-padded to n_blocks * d in place; the
-// caller's v has room), then the tail past n_blocks * D zeroed.
-void lift(const lq_layer* L, float* v, float* u) {
-  const int64_t d = L->d, D = L->D, n = L->in_features, nb = n_blocks(L);
-  for (int64_t i = n; i < nb * d; ++i) v[i] = 0.0f;
-  matmul_rows(v, L->codebook, u, nb, d, D);
-  for (int64_t w = nb * D; w < lifted_width(L); ++w) u[w] = 0.0f;
+// Blocks [b0, b1) of u = V [n_blocks, d] · M [d, D] (v zero-padded to n_blocks * d).
+void lift_blocks(const lq_layer* L, const float* v, float* u, int64_t b0, int64_t b1) {
+  matmul_rows(v + b0 * L->d, L->codebook, u + b0 * L->D, b1 - b0, L->d, L->D);
 }
 
 // LUT8: table[g][b] = Σ_j (bit j of b ? +u : -u)[8g + j], built with one add per entry.
@@ -191,20 +188,37 @@ int64_t v_offset(const lq_layer* L) { return 2 * L->in_features; }
 int64_t mix2t_offset(const lq_layer* L) { return v_offset(L) + n_blocks(L) * L->d; }
 int64_t u_offset(const lq_layer* L) { return mix2t_offset(L) + L->n2 * L->n2; }
 
+const float* mix2t_of(const lq_layer* L, const float* scratch) {
+  return L->mix2t ? L->mix2t : scratch + mix2t_offset(L);
+}
+
+// Per token: a = in_scale ⊙ x, and the paddings the ranges never write (v past n, u past
+// n_blocks * D) zeroed; per call without a caller's mix2^T, the transposed copy in scratch.
+void begin_token(const lq_layer* L, const float* x, float* scratch, float* u) {
+  const int64_t n = L->in_features, nb = n_blocks(L);
+  for (int64_t i = 0; i < n; ++i) scratch[i] = x[i] * L->in_scale[i];
+  float* v = scratch + v_offset(L);
+  for (int64_t i = n; i < nb * L->d; ++i) v[i] = 0.0f;
+  for (int64_t w = nb * L->D; w < lifted_width(L); ++w) u[w] = 0.0f;
+}
+
+void transpose_mix2(const lq_layer* L, float* scratch) {
+  if (L->mix2t) return;
+  const int64_t n2 = L->n2;
+  float* t = scratch + mix2t_offset(L);
+  for (int64_t i = 0; i < n2; ++i)
+    for (int64_t j = 0; j < n2; ++j) t[j * n2 + i] = L->mix2[i * n2 + j];
+}
+
 void prepare(const lq_layer* L, const float* x, int64_t m, float* scratch) {
-  const int64_t n = L->in_features, n2 = L->n2, width = lifted_width(L);
-  const float* mix2t = L->mix2t;
-  if (!mix2t) {  // the caller did not keep a transposed copy: make one per call
-    float* t = scratch + mix2t_offset(L);
-    for (int64_t i = 0; i < n2; ++i)
-      for (int64_t j = 0; j < n2; ++j) t[j * n2 + i] = L->mix2[i * n2 + j];
-    mix2t = t;
-  }
+  const int64_t n = L->in_features, width = lifted_width(L);
+  transpose_mix2(L, scratch);
   float* v = scratch + v_offset(L);
   float* u = scratch + u_offset(L);
   for (int64_t t = 0; t < m; ++t) {
-    inverse_transform(L, mix2t, x + t * n, v, scratch);
-    lift(L, v, u + t * width);
+    begin_token(L, x + t * n, scratch, u + t * width);
+    transform_rows(L, mix2t_of(L, scratch), scratch, scratch + n, v, 0, L->n1);
+    lift_blocks(L, v, u + t * width, 0, n_blocks(L));
   }
 }
 
@@ -228,6 +242,20 @@ extern "C" void lq_mask_rows(const lq_layer* L, const float* scratch, int64_t m,
 }
 
 extern "C" int64_t lq_lift_scratch_floats(const lq_layer* L) { return u_offset(L) + lifted_width(L); }
+
+extern "C" float* lq_lift_begin(const lq_layer* L, const float* x, float* scratch) {
+  transpose_mix2(L, scratch);
+  begin_token(L, x, scratch, scratch + u_offset(L));
+  return scratch + u_offset(L);
+}
+
+extern "C" void lq_lift_transform_rows(const lq_layer* L, float* scratch, int64_t i0, int64_t i1) {
+  transform_rows(L, mix2t_of(L, scratch), scratch, scratch + L->in_features, scratch + v_offset(L), i0, i1);
+}
+
+extern "C" void lq_lift_blocks(const lq_layer* L, float* scratch, int64_t b0, int64_t b1) {
+  lift_blocks(L, scratch + v_offset(L), scratch + u_offset(L), b0, b1);
+}
 
 extern "C" const float* lq_lift_token(const lq_layer* L, const float* x, float* scratch) {
   prepare(L, x, 1, scratch);

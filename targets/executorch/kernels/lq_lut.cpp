@@ -3,6 +3,8 @@
 #include "lq_lut.h"
 
 #include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <cmath>
 #include <cstring>
 
@@ -311,15 +313,24 @@ inline void store_group(const int16_t* q, int mode, uint8_t* one, uint8_t* hi, u
 
 }  // namespace
 
-extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s_out) {
+namespace {
+
+// Largest group sum of |u| over groups [g0, g1): the token's table scale is this over qmax.
+float group_maxabs(const float* u, int64_t g0, int64_t g1) {
   float maxabs = 0.0f;
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     const float* ug = u + 4 * g;
     maxabs = std::max(maxabs, ((std::fabs(ug[0]) + std::fabs(ug[1])) + std::fabs(ug[2])) + std::fabs(ug[3]));
   }
-  const float qmax = mode == LQ_LUT_INT8 ? QMAX_INT8 : QMAX_TWO_PLANE;
+  return maxabs;
+}
+
+float qmax_of(int mode) { return mode == LQ_LUT_INT8 ? QMAX_INT8 : QMAX_TWO_PLANE; }
+
+// Table bytes of groups [g0, g1) (of `groups`), given the token's largest group sum.
+void tables_range(const float* u, int64_t groups, int mode, float maxabs, uint8_t* tables, int64_t g0, int64_t g1) {
+  const float qmax = qmax_of(mode);
   const float inv = maxabs > 0.0f ? qmax / maxabs : 0.0f;
-  *s_out = maxabs / qmax;
   const int qlim = static_cast<int>(qmax);
 #if LQ_LUT_AVX2
   const __m256 vinv = _mm256_set1_ps(inv);
@@ -329,7 +340,7 @@ extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t*
   const int32x4_t vlim = vdupq_n_s32(qlim);
 #endif
   alignas(16) int16_t q[16];
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
 #if LQ_LUT_AVX2 || LQ_LUT_NEON
     group_entries(u + 4 * g, vinv, vlim, q);
 #else
@@ -337,6 +348,14 @@ extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t*
 #endif
     store_group(q, mode, tables + g * 16, tables + g * 16, tables + (groups + g) * 16);
   }
+}
+
+}  // namespace
+
+extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s_out) {
+  const float maxabs = group_maxabs(u, 0, groups);
+  *s_out = maxabs / qmax_of(mode);
+  tables_range(u, groups, mode, maxabs, tables, 0, groups);
 }
 
 extern "C" int lq_lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch) {
@@ -348,6 +367,76 @@ extern "C" int lq_lut_prepare(const lq_layer* L, const float* x, int64_t m, int 
     const float* u = lq_lift_token(L, x + t * L->in_features, s.lift);
     lq_lut_tables(u, G, mode, s.tables + t * P * G * 16, s.scales + t);
   }
+  return 0;
+}
+
+namespace {
+
+// Chunks per thread-split phase: a few per thread, so uneven chunks still balance.
+constexpr int64_t SPLIT_CHUNKS = 8;
+
+int64_t grain_of(int64_t n) { return std::max<int64_t>(1, (n + SPLIT_CHUNKS - 1) / SPLIT_CHUNKS); }
+
+struct SplitToken {  // what the phases of one token's split prepare share
+  const lq_layer* L;
+  float* lift;
+  const float* u;
+  int mode;
+  int64_t G, unit;            // groups; blocks per lift chunk (chunk edges fall on group edges)
+  std::atomic<uint32_t> max_bits{0};  // largest group sum of |u| so far (a non-negative float's bits)
+  uint8_t* tables;
+};
+
+void rows_phase(void* c, int64_t i0, int64_t i1) {
+  auto* s = static_cast<SplitToken*>(c);
+  lq_lift_transform_rows(s->L, s->lift, i0, i1);
+}
+
+void lift_phase(void* c, int64_t k0, int64_t k1) {
+  auto* s = static_cast<SplitToken*>(c);
+  const int64_t nb = (s->L->in_features + s->L->d - 1) / s->L->d;
+  const int64_t b0 = k0 * s->unit, b1 = std::min(nb, k1 * s->unit);
+  lq_lift_blocks(s->L, s->lift, b0, b1);
+  // Groups whose 4 lifted values lie in these blocks; the last chunk also takes the zero tail.
+  const int64_t g0 = b0 * s->L->D / 4, g1 = b1 == nb ? s->G : b1 * s->L->D / 4;
+  const float m = group_maxabs(s->u, g0, g1);
+  uint32_t bits;
+  std::memcpy(&bits, &m, sizeof bits);
+  uint32_t seen = s->max_bits.load(std::memory_order_relaxed);  // non-negative floats order as their bits
+  while (bits > seen && !s->max_bits.compare_exchange_weak(seen, bits, std::memory_order_relaxed)) {
+  }
+}
+
+void tables_phase(void* c, int64_t g0, int64_t g1) {
+  auto* s = static_cast<SplitToken*>(c);
+  float maxabs;
+  const uint32_t bits = s->max_bits.load(std::memory_order_relaxed);
+  std::memcpy(&maxabs, &bits, sizeof maxabs);
+  tables_range(s->u, s->G, s->mode, maxabs, s->tables, g0, g1);
+}
+
+}  // namespace
+
+extern "C" int lq_lut_prepare_split(const lq_layer* L, const float* x, int mode, void* scratch, lq_parallel_fn run,
+                                    void* runner) {
+  if (!valid(L) || !x || !scratch || !run || (mode != LQ_LUT_TWO_PLANE && mode != LQ_LUT_INT8)) return 1;
+  const Scratch sc = views(L, scratch, 1);
+  SplitToken s;
+  s.L = L;
+  s.lift = sc.lift;
+  s.mode = mode;
+  s.G = lq_lut_groups(L);
+  s.tables = sc.tables;
+  s.unit = std::lcm<int64_t>(L->D, 4) / L->D;
+  s.u = lq_lift_begin(L, x, sc.lift);
+  const int64_t nb = (L->in_features + L->d - 1) / L->d, chunks = (nb + s.unit - 1) / s.unit;
+  run(runner, L->n1, grain_of(L->n1), rows_phase, &s);
+  run(runner, chunks, grain_of(chunks), lift_phase, &s);
+  float maxabs;
+  const uint32_t bits = s.max_bits.load();
+  std::memcpy(&maxabs, &bits, sizeof maxabs);
+  sc.scales[0] = maxabs / qmax_of(mode);
+  run(runner, s.G, grain_of(s.G), tables_phase, &s);
   return 0;
 }
 
