@@ -20,10 +20,15 @@ program computes the head on the last position only (`export.export_program`).
 It also measures this machine's copy bandwidth (numpy, 256 MiB) and reports, per variant,
 the bytes read per decoded token (constant weights the decode touches: all linears and the
 head, one embedding row) and the bound bandwidth / bytes. Load average before/after each
-run is recorded and `contended` is set when another process was using the CPU.
+run is recorded and `contended` is set when another process was using the CPU. With
+`--rounds N` the timed runs alternate between the variants N times (A B A B ...) and each
+figure is the median of its rounds, so a slow minute of the shared host (this is a VM; its
+neighbours do not show in the load average) does not land on one variant only; every round is
+kept in the JSON.
 
     .venv/bin/python benchmarks/executorch_bench.py --pack PACK   (e.g. a pack from `liftedge quantize default --rate 24/10 -o PACK`)
         [--prefill 64] [--decode 32] [--variants custom_op,fallback,fp32,8da4w] [--head int8|fp16]
+        [--rounds 1] [--reuse --workdir DIR]
 Writes benchmarks/results/executorch_bench.json and .md.
 """
 
@@ -144,6 +149,26 @@ def run_child(pte: Path, needs_kernel: bool, prefill: int, decode: int, vocab: i
     return out
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One variant's rounds: each timing the median over rounds (peak RSS and load: the max), all rounds kept."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    med = lambda k: sorted(r[k] for r in ok)[len(ok) // 2]  # noqa: E731
+    out = {k: med(k) for k in ("prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_median_ms")}
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    out["loadavg_1min_before"] = max(r["loadavg_1min_before"] for r in ok)
+    out["loadavg_1min_after"] = max(r["loadavg_1min_after"] for r in ok)
+    out["rounds"] = runs
+    return out
+
+
+def paired_ratios(a: list[dict], b: list[dict]) -> dict[str, list[float]]:
+    """custom_op / 8da4w per round (runs i of both, taken one after the other)."""
+    pairs = [(x, y) for x, y in zip(a, b) if "error" not in x and "error" not in y]
+    return {k: [x[f"{k}_tokens_per_s"] / y[f"{k}_tokens_per_s"] for x, y in pairs] for k in ("decode", "prefill")}
+
+
 def main(argv=None) -> int:
     from liftedge.targets.executorch import export
 
@@ -159,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse <workdir>/<variant>.pte files that exist")
     ap.add_argument("--build-only", action="store_true",
                     help="write <workdir>/<variant>.pte and stop (time them later with --reuse on an idle machine)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="timed runs per variant, alternating between variants; medians are reported")
     ap.add_argument("--out", default=str(RESULTS / "executorch_bench"), help="results path without suffix")
     args = ap.parse_args(argv)
     pack = Path(args.pack)
@@ -168,7 +195,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth_gbs()
     manifest = json.loads((pack / "manifest.json").read_text())
-    rows = {}
+    rows, ptes = {}, {}
     for v in variants:
         pte = work / f"{v}.pte"
         if args.reuse and pte.exists():
@@ -180,17 +207,23 @@ def main(argv=None) -> int:
         if args.build_only:
             print(v, "built", pte, flush=True)
             continue
-        vocab = json.loads((pack / "config.json").read_text())["vocab_size"]
-        info.update(run_child(pte, info["custom_op_calls"] > 0, args.prefill, args.decode, vocab))
+        rows[v], ptes[v] = info, pte
+    vocab = json.loads((pack / "config.json").read_text())["vocab_size"]
+    runs = {v: [] for v in rows}
+    for _ in range(max(1, args.rounds)):
+        for v, info in rows.items():
+            runs[v].append(run_child(ptes[v], info["custom_op_calls"] > 0, args.prefill, args.decode, vocab))
+            print(v, json.dumps(runs[v][-1]), flush=True)
+    for v, info in rows.items():
+        info.update(median_run(runs[v]))
         info["bytes_per_decoded_token"] = bytes_per_token(v, pack, info["pte_bytes"], opts.int8_head)
         info["decode_bound_tokens_per_s"] = bandwidth * 1e9 / info["bytes_per_decoded_token"]
-        rows[v] = info
-        print(v, json.dumps(info), flush=True)
     if args.build_only:
         return 0
     loads = [r.get(k, 0) for r in rows.values() for k in ("loadavg_1min_before", "loadavg_1min_after")]
     result = {"pack": str(pack), "pack_totals": manifest["totals"], "prefill_tokens": args.prefill,
-              "decode_tokens": args.decode, "max_context": args.max_context, "cpu_count": os.cpu_count(),
+              "decode_tokens": args.decode, "rounds": max(1, args.rounds), "max_context": args.max_context,
+              "cpu_count": os.cpu_count(),
               "head": args.head, "prefill_logits": "last position only", "threads": os.cpu_count(),  # ExecuTorch's threadpool: one thread per core
               "copy_bandwidth_gbs": bandwidth, "variants": rows,
               # The bench's own single-threaded export ends just before each timed run and keeps the
@@ -209,6 +242,7 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     lines = [f"# ExecuTorch on this CPU ({r['cpu_count']} cores{', CONTENDED' if r['contended'] else ''})", "",
              f"Pack `{r['pack']}`; prefill {r['prefill_tokens']} tokens, decode {r['decode_tokens']}; "
+             f"median of {r.get('rounds', 1)} alternating round(s) per variant; "
              f"copy bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s; head {r.get('head', 'fp16')}; "
              f"prefill logits: {r.get('prefill_logits', 'every position')}; threads {r.get('threads', r['cpu_count'])}.", "",
              "| variant | .pte MB | prefill tok/s | decode tok/s | bound tok/s | MB/token | peak RSS MB | load before/after |",
@@ -223,9 +257,16 @@ def markdown(r: dict) -> str:
                      f"{x['loadavg_1min_before']:.1f}/{x['loadavg_1min_after']:.1f} |")
     v = r["variants"]
     if all(k in v and "error" not in v[k] for k in ("custom_op", "8da4w")):
-        lines += ["", "LQ (custom_op) / 8da4w: decode {:.2f}x, prefill {:.2f}x.".format(
+        lines += ["", "LQ (custom_op) / 8da4w: decode {:.2f}x, prefill {:.2f}x (ratio of the medians).".format(
             v["custom_op"]["decode_tokens_per_s"] / v["8da4w"]["decode_tokens_per_s"],
             v["custom_op"]["prefill_tokens_per_s"] / v["8da4w"]["prefill_tokens_per_s"])]
+        paired = paired_ratios(v["custom_op"].get("rounds", []), v["8da4w"].get("rounds", []))
+        if len(paired["decode"]) > 1:
+            lines += ["Round by round (each custom_op run against the 8da4w run right after it, so a drift of "
+                      "the shared host's speed cancels): decode {}, median {:.2f}x; prefill median {:.2f}x.".format(
+                          ", ".join(f"{x:.2f}x" for x in paired["decode"]),
+                          sorted(paired["decode"])[len(paired["decode"]) // 2],
+                          sorted(paired["prefill"])[len(paired["prefill"]) // 2])]
     lines += ["", r["contention_note"], ""]
     return "\n".join(lines)
 

@@ -175,15 +175,16 @@ ARM_NOTE = """
 ## Expected on an arm64 phone (not measured: speed on ARM cannot be measured here)
 
 The NEON path is tested for equal results under qemu-aarch64 (tests/test_lut_kernel.py), which
-says nothing about speed. The expected figure, by instruction count: per 16-byte load of signs
-(one group of 4 lifted positions for 32 rows) the two-plane loop issues 1 load, 1 and, 1 shift,
-then per plane 1 table load, 2 `tbl` and 4 widening adds (`vaddw_u8`): 17 vector instructions
-(one plane: 10). A Cortex-X core issues 4 128-bit NEON ops per cycle, a Cortex-A7xx 2, so
-two planes cost ~4.3 / ~8.5 cycles per 16 bytes of signs: ~11 GB/s of packed signs per X core
-(3 GHz) and ~4.7 GB/s per A7xx core (2.5 GHz), compute-bound; one plane ~18 / ~8 GB/s.
+says nothing about speed. The expected figure, by instruction count: per two 16-byte loads of
+signs (two groups of 4 lifted positions for 32 rows) the two-plane loop issues 2 loads, 2 and,
+2 shifts, then per plane 2 table loads, 4 `tbl`, 2 byte adds (the two groups' lookups, 7-bit
+planes) and 4 widening adds (`vaddw_u8`): 30 vector instructions, 15 per 16 bytes (one plane:
+10). A Cortex-X core issues 4 128-bit NEON ops per cycle, a Cortex-A7xx 2, so two planes cost
+~3.8 / ~7.5 cycles per 16 bytes of signs: ~13 GB/s of packed signs per X core (3 GHz) and
+~5.3 GB/s per A7xx core (2.5 GHz), compute-bound; one plane ~18 / ~8 GB/s.
 A phone's LPDDR5(X) gives ~20-30 GB/s to two big cores. On 2 threads (an X and an A7xx core,
-as on a 1+5+2 Snapdragon 8 Gen 3) the two-plane kernel would read ~16 GB/s, i.e. the 1B shape's
-292 MB of signs in ~18 ms per token (~1.2x the memory-stream time at 25 GB/s), and the one-plane
+as on a 1+5+2 Snapdragon 8 Gen 3) the two-plane kernel would read ~18 GB/s, i.e. the 1B shape's
+292 MB of signs in ~16 ms per token (~1.4x the memory-stream time at 25 GB/s), and the one-plane
 mode ~12 ms (at the bandwidth bound). For comparison, 8da4w reads 4.5 bits per weight (int4 plus
 scales): ~550 MB for the same linears, >= 22 ms per token at 25 GB/s.
 """

@@ -5,7 +5,7 @@
 //   exact <case> <mode> <fnv1a-64 of y's bytes>    kernel on given lifted vectors: integer
 //                                                   lookups, identical bits on every path
 //   threads <case> <mode> <same|diff>               tiles split over 3 std::threads vs 1 call
-//   split <case> <mode> <same|diff>                 one token's prepare split over 3 threads
+//   split <case> <mode> <same|diff>                 every token's prepare split over 3 threads
 //                                                   (lq_lut_prepare_split) vs lq_lut_prepare
 //   pipe <case> <mode> <ratio> <y ...>              from x (transform + lift in fp32); ratio =
 //                                                   max |y - y_double| / bound, bound = |scale_r|
@@ -156,10 +156,9 @@ int run_case(int id, const Case& c, int mode) {
   for (float v : y) std::printf(" %.9g", v);
   std::printf("\n");
 
-  // One token's prepare split over 3 threads (chunks dealt out unevenly, in reverse) vs on one.
-  const int64_t bytes1 = lq_lut_scratch_bytes(&L, 1, mode);
-  std::vector<uint8_t> one(bytes1, 0), split(bytes1, 0);
-  if (lq_lut_prepare(&L, x.data(), 1, mode, one.data()) != 0) return 1;
+  // The prepare of every token split over 3 threads (chunks dealt out unevenly, in reverse) vs on one.
+  std::vector<uint8_t> one(scratch.size(), 0), split(scratch.size(), 0);
+  if (lq_lut_prepare(&L, x.data(), m, mode, one.data()) != 0) return 1;
   const lq_parallel_fn three = [](void*, int64_t n, int64_t grain, lq_range_fn fn, void* ctx) {
     std::vector<std::thread> ts;
     for (int k = 0; k < 3; ++k)
@@ -168,7 +167,7 @@ int run_case(int id, const Case& c, int mode) {
       });
     for (auto& t : ts) t.join();
   };
-  if (lq_lut_prepare_split(&L, x.data(), mode, split.data(), three, nullptr) != 0) return 1;
+  if (lq_lut_prepare_split(&L, x.data(), m, mode, split.data(), three, nullptr) != 0) return 1;
   std::printf("split %d %d %s\n", id, mode, one == split ? "same" : "diff");
   return 0;
 }

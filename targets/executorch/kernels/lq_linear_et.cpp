@@ -6,7 +6,7 @@
 // uint8 [out, row_nbytes] (row-major, .pte files written before it) the fp32 MASK kernel.
 // Shapes give n, n1, n2, d, D, so the op carries no integer arguments. Output rows (MASK) or
 // row tiles (lookup) are split over ExecuTorch's threadpool, and so is a decode token's prepare
-// (transform, lift, tables) on wide layers.
+// (transform, lift, tables) on wide layers, token by token.
 //
 // Also C entries for tests and benchmarks (kernel.py): liftedge_set_threads (resizes the
 // threadpool) and lq_lut_linear_threaded / lq_mask_linear_threaded (the kernels over it).
@@ -119,16 +119,15 @@ void et_parallel(void*, int64_t n, int64_t grain, lq_range_fn fn, void* ctx) {
   executorch::extension::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
 }
 
-// Decode: a layer's prepare (transform, lift, tables) is split over the threadpool from this
+// Each token's prepare (transform, lift, tables) is split over the threadpool from this
 // input width up. Below it the serial prepare costs a few microseconds, about what the three
 // extra thread hand-offs cost; above it the split measured faster (SmolLM2's 576-wide layers:
 // decode ~100 -> ~110 tok/s on 2 threads; Llama-3.2-1B shape 20.3 -> 22.1).
 constexpr int64_t SPLIT_MIN_IN_FEATURES = 512;
 
 int lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch) {
-  return m == 1 && L->in_features >= SPLIT_MIN_IN_FEATURES
-             ? lq_lut_prepare_split(L, x, mode, scratch, et_parallel, nullptr)
-             : lq_lut_prepare(L, x, m, mode, scratch);
+  return L->in_features >= SPLIT_MIN_IN_FEATURES ? lq_lut_prepare_split(L, x, m, mode, scratch, et_parallel, nullptr)
+                                                 : lq_lut_prepare(L, x, m, mode, scratch);
 }
 
 // Row tiles per parallel chunk: 4 tiles = 128 rows, several KB of signs each.

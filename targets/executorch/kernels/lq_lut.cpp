@@ -417,26 +417,30 @@ void tables_phase(void* c, int64_t g0, int64_t g1) {
 
 }  // namespace
 
-extern "C" int lq_lut_prepare_split(const lq_layer* L, const float* x, int mode, void* scratch, lq_parallel_fn run,
-                                    void* runner) {
-  if (!valid(L) || !x || !scratch || !run || (mode != LQ_LUT_TWO_PLANE && mode != LQ_LUT_INT8)) return 1;
-  const Scratch sc = views(L, scratch, 1);
-  SplitToken s;
-  s.L = L;
-  s.lift = sc.lift;
-  s.mode = mode;
-  s.G = lq_lut_groups(L);
-  s.tables = sc.tables;
-  s.unit = std::lcm<int64_t>(L->D, 4) / L->D;
-  s.u = lq_lift_begin(L, x, sc.lift);
-  const int64_t nb = (L->in_features + L->d - 1) / L->d, chunks = (nb + s.unit - 1) / s.unit;
-  run(runner, L->n1, grain_of(L->n1), rows_phase, &s);
-  run(runner, chunks, grain_of(chunks), lift_phase, &s);
-  float maxabs;
-  const uint32_t bits = s.max_bits.load();
-  std::memcpy(&maxabs, &bits, sizeof maxabs);
-  sc.scales[0] = maxabs / qmax_of(mode);
-  run(runner, s.G, grain_of(s.G), tables_phase, &s);
+extern "C" int lq_lut_prepare_split(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch,
+                                    lq_parallel_fn run, void* runner) {
+  if (!valid(L) || m < 0 || (m > 0 && (!x || !scratch)) || !run || (mode != LQ_LUT_TWO_PLANE && mode != LQ_LUT_INT8))
+    return 1;
+  const Scratch sc = views(L, scratch, m);
+  const int64_t G = lq_lut_groups(L), unit = std::lcm<int64_t>(L->D, 4) / L->D;
+  const int64_t nb = (L->in_features + L->d - 1) / L->d, chunks = (nb + unit - 1) / unit;
+  for (int64_t t = 0; t < m; ++t) {  // token by token through the one lift area, each step split
+    SplitToken s;
+    s.L = L;
+    s.lift = sc.lift;
+    s.mode = mode;
+    s.G = G;
+    s.unit = unit;
+    s.tables = sc.tables + t * planes(mode) * G * 16;
+    s.u = lq_lift_begin(L, x + t * L->in_features, sc.lift);
+    run(runner, L->n1, grain_of(L->n1), rows_phase, &s);
+    run(runner, chunks, grain_of(chunks), lift_phase, &s);
+    float maxabs;
+    const uint32_t bits = s.max_bits.load();
+    std::memcpy(&maxabs, &bits, sizeof maxabs);
+    sc.scales[t] = maxabs / qmax_of(mode);
+    run(runner, G, grain_of(G), tables_phase, &s);
+  }
   return 0;
 }
 

@@ -50,12 +50,14 @@ int64_t lq_lut_scratch_bytes(const lq_layer* L, int64_t m, int mode);
 void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s);
 // Phase 1: lift every token of x [m, n] once and build its tables into scratch.
 int lq_lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch);
-// Phase 1 for one token (decode), its steps split over threads by the caller's runner:
+// Phase 1 with each token's steps (transform rows, lifted blocks, table groups) split over
+// threads by the caller's runner:
 // run(runner, n, grain, fn, ctx) must call fn(ctx, b, e) over disjoint [b, e) covering [0, n)
 // (in any order, on any threads) and return when all are done. Same bytes as lq_lut_prepare.
 typedef void (*lq_range_fn)(void* ctx, int64_t begin, int64_t end);
 typedef void (*lq_parallel_fn)(void* runner, int64_t n, int64_t grain, lq_range_fn fn, void* ctx);
-int lq_lut_prepare_split(const lq_layer* L, const float* x, int mode, void* scratch, lq_parallel_fn run, void* runner);
+int lq_lut_prepare_split(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch, lq_parallel_fn run,
+                         void* runner);
 // Phase 1 from lifted vectors u [m, 4 * groups] given by the caller (tests, other front ends).
 int lq_lut_prepare_lifted(const lq_layer* L, const float* u, int64_t m, int mode, void* scratch);
 // Phase 2: y [m, out] for row tiles [t0, t1) (rows 32 t0 .. min(32 t1, out)); disjoint tile
