@@ -23,7 +23,8 @@ extern "C" {
 
 enum { LQ_METHOD_AUTO = 0, LQ_METHOD_LUT8 = 1, LQ_METHOD_MASK = 2 };
 
-// Factors are float32 here; the ExecuTorch entry converts the stored fp16 fields once per call.
+// Factors are float32 here; the ExecuTorch entry widens the stored fp16 fields once per layer
+// (a per-layer cache, lq_linear_et.cpp) and passes mix2 transposed.
 typedef struct {
   int64_t in_features, out_features, n1, n2, d, D;
   const uint8_t* signs;      // [out, row_nbytes]
