@@ -9,7 +9,7 @@ Public API (what the quantizer and the targets call):
     train_codebook(rate, seed=0, ...)             train M on N(0, 1); returns (M, metadata)
     pack_codes / unpack_codes                     1 bit per sign (layout: liftedge.bitpack)
 
-Modules: `search` (exhaustive and lifted searches), `fused` (the tail search as one CUDA kernel), `train` (soft-min + Lloyd training),
+Modules: `search` (exhaustive and lifted searches), `kernel` and `fused` (the compiled CPU searches and the tail search as one CUDA kernel; `switch` turns either off), `train` (soft-min + Lloyd training),
 `menu` (the shipped matrices), `evaluate` (MSE, bounds, speed). Whitening, scales and the
 layout of a quantized layer belong to `liftedge.quantize`, not here.
 """

@@ -27,11 +27,11 @@ launch and the fallback flag; the choice of search method is `search.default_met
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 
 import torch
+
+from liftedge.lattice.switch import FastPath
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ LAUNCH_ROWS = 1 << 24
 # The kernel unrolls d x d FMAs and keeps d sign tiles in registers; the shipped tail codes
 # have d <= 10 (search.TAIL_MAX_d). Longer blocks would spill: they use the torch reference.
 MAX_D = 16
-_enabled = [True]
+_switch = FastPath("LIFTEDGE_FUSED")
+disabled = _switch.disabled  # the torch reference inside a `with` block
 _failed: list[str] = []
 _warned: list[bool] = []
 
@@ -119,19 +120,11 @@ def _kernel():
 
 def available() -> bool:
     """True when the fused search can run: enabled, triton importable, no earlier failure."""
-    if not _enabled[0] or os.environ.get("LIFTEDGE_FUSED", "1") == "0" or _failed:
+    if not _switch.enabled() or _failed:
         return False
     return _kernel() is not None
 
 
-@contextlib.contextmanager
-def disabled():
-    """Run the torch reference inside this block (benchmarks and tests of the reference)."""
-    old, _enabled[0] = _enabled[0], False
-    try:
-        yield
-    finally:
-        _enabled[0] = old
 
 
 def best_candidates(w: torch.Tensor, u: torch.Tensor, table, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,

@@ -16,7 +16,6 @@ choice of search (`search.default_method`).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from liftedge.cache import cache_path, sha256_text
+from liftedge.lattice.switch import FastPath
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ FLAG_SETS = (
     ("-O3",),
 )
 COMMON_FLAGS = ("-shared", "-fPIC", "-std=gnu11")
-_enabled = [True]
+_switch = FastPath("LIFTEDGE_KERNEL")
+disabled = _switch.disabled  # the torch reference inside a `with` block
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 _i32p = ctypes.POINTER(ctypes.c_int32)
@@ -129,7 +130,7 @@ def _library(cc: str) -> ctypes.CDLL | None:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (disabled, no compiler, or the build failed)."""
-    if not _enabled[0] or os.environ.get("LIFTEDGE_KERNEL", "1") == "0":
+    if not _switch.enabled():
         return None
     return _library(compiler())
 
@@ -138,14 +139,6 @@ def available() -> bool:
     return library() is not None
 
 
-@contextlib.contextmanager
-def disabled():
-    """Run the torch searches inside this block (benchmarks and tests of the reference)."""
-    old, _enabled[0] = _enabled[0], False
-    try:
-        yield
-    finally:
-        _enabled[0] = old
 
 
 def _f32(x: torch.Tensor) -> np.ndarray:

@@ -382,7 +382,7 @@ struct SplitToken {  // what the phases of one token's split prepare share
   float* lift;
   const float* u;
   int mode;
-  int64_t G, unit;            // groups; blocks per lift chunk (chunk edges fall on group edges)
+  int64_t G, nb, unit;        // groups; blocks; blocks per lift chunk (chunk edges fall on group edges)
   std::atomic<uint32_t> max_bits{0};  // largest group sum of |u| so far (a non-negative float's bits)
   uint8_t* tables;
 };
@@ -394,8 +394,7 @@ void rows_phase(void* c, int64_t i0, int64_t i1) {
 
 void lift_phase(void* c, int64_t k0, int64_t k1) {
   auto* s = static_cast<SplitToken*>(c);
-  const int64_t nb = (s->L->in_features + s->L->d - 1) / s->L->d;
-  const int64_t b0 = k0 * s->unit, b1 = std::min(nb, k1 * s->unit);
+  const int64_t nb = s->nb, b0 = k0 * s->unit, b1 = std::min(nb, k1 * s->unit);
   lq_lift_blocks(s->L, s->lift, b0, b1);
   // Groups whose 4 lifted values lie in these blocks; the last chunk also takes the zero tail.
   const int64_t g0 = b0 * s->L->D / 4, g1 = b1 == nb ? s->G : b1 * s->L->D / 4;
@@ -430,6 +429,7 @@ extern "C" int lq_lut_prepare_split(const lq_layer* L, const float* x, int64_t m
     s.lift = sc.lift;
     s.mode = mode;
     s.G = G;
+    s.nb = nb;
     s.unit = unit;
     s.tables = sc.tables + t * planes(mode) * G * 16;
     s.u = lq_lift_begin(L, x + t * L->in_features, sc.lift);
