@@ -15,7 +15,8 @@ A target is a module under `liftedge.targets` (the repository's `targets/` folde
 
 `build_artifact` runs lower + verify inside `liftedge.io.atomic_output_dir`, so a failed or
 interrupted build leaves nothing at the destination and an earlier artifact stays intact;
-`report.json` (lowering, verification, sizes, the pack's manifest summary) and the pack's
+`report.json` (lowering, verification, sizes, the pack's manifest summary, `build_cost`: wall
+seconds and peak RSS after lowering and after verification) and the pack's
 tokenizer files are written beside the artifact. This module owns that sequence, the registry,
 the parsing of target options (`parse_target_options`) and what every runner's metadata takes
 from the tokenizer (`special_tokens`: BOS/EOS/PAD ids); formats and runtimes belong to the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -137,6 +139,15 @@ def chat_template(pack: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def peak_rss_nbytes() -> int:
+    """This process's largest resident set so far (Linux ru_maxrss, KiB; macOS, bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def folder_nbytes(folder: Path) -> dict[str, int]:
     """Size of every file under `folder` (relative path -> bytes), sorted."""
     return {str(p.relative_to(folder)): p.stat().st_size
@@ -150,11 +161,15 @@ def build_artifact(pack: str | os.PathLike, target: str, out: str | os.PathLike,
     module = get_target(target)
     pack, options = Path(pack), dict(options or {})
     with atomic_output_dir(out, force=force) as tmp:
+        started = time.perf_counter()
         report = {"target": module.NAME, "options": options, **module.lower(pack, tmp, options)}
         artifacts = report.setdefault("artifacts", {})
         if "tokenizer" not in artifacts:
             artifacts["tokenizer"] = copy_tokenizer(pack, tmp)
+        lowered = {"seconds": round(time.perf_counter() - started, 1), "peak_rss_nbytes": peak_rss_nbytes()}
         report["verification"] = module.verify(tmp, pack, report, options)
+        report["build_cost"] = {"lowering": lowered, "with_verification": {
+            "seconds": round(time.perf_counter() - started, 1), "peak_rss_nbytes": peak_rss_nbytes()}}
         report["files"] = folder_nbytes(tmp)
         report["pack"] = pack_summary(pack)
         report.update(extra_report or {})

@@ -158,3 +158,20 @@ def test_formats_decode_on_cuda_as_on_cpu():
         on_gpu = QuantizedTensor(qt.fmt, {k: v.cuda() for k, v in qt.tensors.items()}, dict(qt.meta))
         # Same float32 arithmetic on another device: equal up to fused-multiply-add rounding.
         torch.testing.assert_close(fmt.dequantize(on_gpu).cpu(), fmt.dequantize(qt), rtol=1e-5, atol=1e-6)
+
+
+def test_liftquant_sign_cache_budget(monkeypatch):
+    """Past the process's sign-cache budget a layer unpacks on every call (what keeps a 3B
+    plan's verification from holding ~9 GB of int8 signs) and computes the same output."""
+    from liftedge.targets.reference import liftquant
+
+    qt = get_format("liftquant").example()
+    x = torch.randn(3, qt.meta["in_features"], generator=torch.Generator().manual_seed(0))
+    cached = make_module(qt)
+    y_cached = cached(x)
+    assert cached.sign_matrix is not None
+    monkeypatch.setattr(liftquant, "SIGN_CACHE_NBYTES", 0)
+    uncached = make_module(qt)
+    y1, y2 = uncached(x), uncached(x)
+    assert uncached.sign_matrix is None
+    assert torch.equal(y1, y_cached) and torch.equal(y2, y_cached)  # same ops, same order: exact

@@ -29,6 +29,8 @@ it; its bytes are counted like every other field.
 
 from __future__ import annotations
 
+import os
+import weakref
 from typing import Any
 
 import torch
@@ -117,14 +119,27 @@ class LiftQuantFormat(Format):
         return LiftLinear(qt, bias)
 
 
+# Unpacked ±1 matrices kept between forward calls, all layers of the process together (int8:
+# D/d bytes per weight). SmolLM2 at 24/10 needs ~0.3 GB and keeps every layer's; a 3B-shape plan
+# at ~3.7 bits would need ~9 GB (the build that verified it peaked at 17.4 GB), so layers past the
+# budget unpack on every call instead, one layer's matrix alive at a time.
+SIGN_CACHE_NBYTES = int(os.environ.get("LIFTEDGE_SIGN_CACHE_MB", "2048")) << 20
+_sign_cache = {"nbytes": 0}
+
+
+def _uncache(nbytes: int) -> None:
+    _sign_cache["nbytes"] -= nbytes
+
+
 class LiftLinear(nn.Module):
     """Reference lift-project linear: transform, lift, ±1 matmul, scale (the runtime order).
 
     Buffers hold the stored fields (packed signs included, so `state_dict` shows the
-    packed form); the ±1 matrix is unpacked for speed at the first forward call, not before
-    (a model whose layers are only swapped for a target's own modules, an export, never holds
-    it), and kept as int8, cast to float32 one layer at a time: as float32 it would take
-    4 x D/d bytes per weight, 6 GB for a 1B model at 16/4 (the cast is exact).
+    packed form); the ±1 matrix is unpacked at the first forward call, not before (a model
+    whose layers are only swapped for a target's own modules, an export, never holds it), and
+    kept as int8 while the process's `SIGN_CACHE_NBYTES` allows, cast to float32 one layer at a
+    time: as float32 it would take 4 x D/d bytes per weight, 6 GB for a 1B model at 16/4 (the
+    cast is exact).
     """
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None):
@@ -149,10 +164,15 @@ class LiftLinear(nn.Module):
         if pad:
             v = torch.nn.functional.pad(v, (0, pad))
         u = torch.matmul(v.reshape(*v.shape[:-1], -1, d), self.codebook).reshape(*v.shape[:-1], -1)
-        if self.sign_matrix is None:
-            width = n_blocks(self.in_features, d) * D
-            self.sign_matrix = unpack_signs(self.q_signs.to(self.scale.device), width, dtype=torch.int8)
-        y = torch.matmul(u, self.sign_matrix.T.to(u.dtype)) * self.scale
+        signs = self.sign_matrix
+        if signs is None:
+            signs = unpack_signs(self.q_signs.to(self.scale.device), n_blocks(self.in_features, d) * D,
+                                 dtype=torch.int8)
+            if _sign_cache["nbytes"] + signs.nbytes <= SIGN_CACHE_NBYTES:
+                self.sign_matrix = signs
+                _sign_cache["nbytes"] += signs.nbytes
+                weakref.finalize(self, _uncache, signs.nbytes)
+        y = torch.matmul(u, signs.T.to(u.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
