@@ -10,11 +10,6 @@ peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss` in the child):
 | fallback   | stock-op lift-project (bit unpack in the graph) | same                      |
 | fp32       | XNNPACK fp32 on the pack's dequantized weights  | fp32                      |
 | 8da4w      | torchao int4 g32 + int8 dynamic act, XNNPACK    | same as custom_op         |
-| 8da4w_stock| 8da4w without liftedge's delegate-friendly norm/rope rewrites | same        |
-
-Every program but 8da4w_stock is exported as `liftedge build` exports (RMSNorm and rope in
-operators XNNPACK delegates, `delegate_friendly.py`); 8da4w is the comparison, 8da4w_stock
-shows what those rewrites give a 4-bit program too.
 
 `--head int8` (default): the head is XNNPACK's int8 linear (`modules.int8_head`) in every
 program, so the comparison is of the decoder blocks (builds keep a pack's fp16 head: an int8
@@ -40,7 +35,6 @@ Writes benchmarks/results/executorch_bench.json and .md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -50,7 +44,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("custom_op", "fallback", "fp32", "8da4w", "8da4w_stock")
+VARIANTS = ("custom_op", "fallback", "fp32", "8da4w")
 CHILD = r'''
 import json, sys, time, torch
 from pathlib import Path
@@ -114,10 +108,8 @@ def build_variant(variant: str, pack: Path, out: Path, opts) -> dict:
         opts = export.ExportOptions(variant == "custom_op", opts.max_context, opts.max_prefill, opts.int8_head)
         _, model, _ = export.prepare_model(pack, opts)
     else:
-        model = dense_model(pack, fp16_embeddings=variant.startswith("8da4w"), int8_head=opts.int8_head)
-    if variant == "8da4w_stock":  # without liftedge's delegate-friendly norm and rope (`delegate_friendly.py`)
-        opts = dataclasses.replace(opts, delegate_friendly=False)
-    if variant.startswith("8da4w"):
+        model = dense_model(pack, fp16_embeddings=(variant == "8da4w"), int8_head=opts.int8_head)
+    if variant == "8da4w":
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerGroup
 

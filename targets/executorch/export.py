@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from liftedge.errors import ArtifactError
-from liftedge.targets.executorch import attention, delegate_friendly, modules, ops
+from liftedge.targets.executorch import attention, modules, ops
 from liftedge.targets.reference import TiedHead
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,6 @@ class ExportOptions:
     int8_head: bool = False
     # Attention + KV cache through ExecuTorch's LLM ops (`attention.py`) where the model allows.
     llm_attention: bool = True
-    # RMSNorm and rope in operators XNNPACK delegates (`delegate_friendly.py`) where the family allows.
-    delegate_friendly: bool = True
 
     def __post_init__(self) -> None:
         if not (8 <= self.max_context <= 1 << 16):
@@ -258,16 +256,10 @@ def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.Export
     seq = torch.export.Dim("seq", min=1, max=opts.max_prefill)
     ids = torch.zeros((1, 2), dtype=torch.long)
     pos = torch.arange(2, dtype=torch.long)
-    if opts.delegate_friendly:
-        delegate_friendly.apply(model)
-    rope = delegate_friendly.rope_patched(model) if opts.delegate_friendly else contextlib.nullcontext()
-    with torch.no_grad(), rope:
-        program = torch.export.export(wrapper, args=(), kwargs={"input_ids": ids, "cache_position": pos},
-                                      dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
-                                      strict=True)
-    if opts.delegate_friendly:
-        delegate_friendly.drop_inverse_transposes(program)
-    return program
+    with torch.no_grad():
+        return torch.export.export(wrapper, args=(), kwargs={"input_ids": ids, "cache_position": pos},
+                                   dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
+                                   strict=True)
 
 
 def runner_metadata(loaded, opts: ExportOptions, llm_attention: bool = False) -> dict[str, Any]:

@@ -121,9 +121,12 @@ void et_parallel(void*, int64_t n, int64_t grain, lq_range_fn fn, void* ctx) {
 
 // Each token's prepare (transform, lift, tables) is split over the threadpool from this
 // input width up. Below it the serial prepare costs a few microseconds, about what the three
-// extra thread hand-offs cost; above it the split measured faster (SmolLM2's 576-wide layers:
-// decode ~100 -> ~110 tok/s on 2 threads; Llama-3.2-1B shape 20.3 -> 22.1).
-constexpr int64_t SPLIT_MIN_IN_FEATURES = 512;
+// extra thread hand-offs cost, and the hand-offs' price depends on the host: on one host of
+// this 2-core VM the split made SmolLM2's 576-wide layers faster (decode ~100 -> ~110 tok/s),
+// on another (2026-12-04 afternoon, same .pte) slower (split at 512: 86 tok/s decode, 148
+// prefill; at 1024: 93 and 183). 1024 keeps it where the prepare is long enough to pay on both
+// (Llama-3.2-1B's 2048-wide layers: 20.3 -> 22.1 tok/s; SmolLM2's 1536-wide down projection).
+constexpr int64_t SPLIT_MIN_IN_FEATURES = 1024;
 
 int lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch) {
   return L->in_features >= SPLIT_MIN_IN_FEATURES ? lq_lut_prepare_split(L, x, m, mode, scratch, et_parallel, nullptr)
