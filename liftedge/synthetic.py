@@ -168,12 +168,14 @@ def _int_field(field: str, meta: dict, gen: torch.Generator) -> torch.Tensor:
 
 
 def write_synthetic_pack(model: str | os.PathLike, plan, out: str | os.PathLike, *, seed: int = 0,
-                         force: bool = False) -> dict[str, Any]:
+                         force: bool = False, real: dict[str, QuantizedTensor] | None = None) -> dict[str, Any]:
     """Write the pack of `model` (a shape name or a folder's config.json) at `plan` (a Plan,
     PlanResult, their JSON dicts or a `liftedge plan -o` file) to `out`; return its manifest.
 
     Sites the plan keeps at fp16 and every other parameter are the seeded random weights of
-    `liftedge.shapes`; quantized sites are synthetic (see the module docstring)."""
+    `liftedge.shapes`; quantized sites are synthetic (see the module docstring), except those in
+    `real`: tensors a real quantization produced at the plan's format for that site (e.g. the
+    first blocks of the shape, quantized on a GPU), stored as given and recorded as such."""
     from liftedge.cache import sha256_file, sha256_text
     from liftedge.io import atomic_output_dir, atomic_write_json
     from liftedge.measure import FP16_OPTION, TABLE_CONFIGS, option_rate
@@ -200,19 +202,30 @@ def write_synthetic_pack(model: str | os.PathLike, plan, out: str | os.PathLike,
         else:
             rates[site.name] = option_rate(choice.option)
             qtensors[site.name] = liftquant_spec(site.out_features, site.in_features, rates[site.name])
+    real = dict(real or {})
+    for name, qt in real.items():
+        spec = qtensors.get(name)
+        shapes = lambda q: {f: (t.dtype, tuple(t.shape)) for f, t in q.tensors.items()}  # noqa: E731
+        if spec is None or qt.fmt != spec.fmt or shapes(qt) != shapes(spec) or (
+                qt.fmt == "liftquant" and (qt.meta["D"], qt.meta["d"]) != (spec.meta["D"], spec.meta["d"])):
+            raise LiftedgeError(f"the real tensors of {name} are not the plan's format for that layer "
+                                f"({qt.fmt} {qt.meta} vs {None if spec is None else (spec.fmt, spec.meta)})")
+        qtensors[name] = qt
     skip = {f"{name}.weight" for name in qtensors}
     params = {name: torch.empty(p.shape, dtype=torch.float16, device="meta")
               for name, p in meta.named_parameters(remove_duplicate=True) if name not in skip}
     fields = {f"{name}.{f}": (name, f) for name, qt in qtensors.items() for f in qt.tensors}
     tensors = {**{k: qtensors[s].tensors[f] for k, (s, f) in fields.items()}, **params}
     source = f"synthetic:{model if isinstance(model, str) and not Path(model).exists() else Path(model).absolute()}"
-    method = {name: SYNTHETIC_METHOD for name in qtensors}
+    method = {name: qt.fmt if name in real else SYNTHETIC_METHOD for name, qt in qtensors.items()}
 
     def produce(key: str) -> torch.Tensor:
         gen = _generator(seed, key)
         if key in fields:
             site, field = fields[key]
             qt = qtensors[site]
+            if site in real:
+                return qt.tensors[field].contiguous()
             if qt.fmt == "int":
                 return _int_field(field, qt.meta, gen)
             return _liftquant_field(field, qt.meta, rates[site], gen)
@@ -220,7 +233,8 @@ def write_synthetic_pack(model: str | os.PathLike, plan, out: str | os.PathLike,
 
     quantizer = {"method": SYNTHETIC_METHOD, "seed": seed,
                  "rates": sorted({f"{r.D}/{r.d}" for r in rates.values()}),
-                 "note": "random signs and scales at the plan's formats: bytes and costs are real, quality is not"}
+                 "note": "random signs and scales at the plan's formats: bytes and costs are real, quality is not",
+                 **({"real_sites": sorted(real)} if real else {})}
     with atomic_output_dir(out, force=force) as tmp:
         config.save_pretrained(tmp)
         _write_tokenizer(tmp, config)

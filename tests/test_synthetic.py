@@ -68,3 +68,34 @@ def test_synthetic_pack_builds_and_verifies(runtime, tmp_path, et_kernel_cache, 
     assert records and all(r["passed"] and r["greedy_tokens_equal"] for r in records)
     assert read_manifest(pack)["quantizer"]["method"] == "synthetic"
     assert read_weights(pack)  # the hash recorded in the manifest matches the streamed file
+
+
+def test_real_sites_replace_synthetic_ones(tmp_path):
+    """A pack whose first block is really quantized (what `benchmarks/scale_real_blocks.py` does
+    on a GPU for a 3B shape): those tensors are stored as given and recorded; the rest stays
+    synthetic; tensors of another format than the plan's for that layer are refused."""
+    from liftedge.errors import LiftedgeError
+    from liftedge.model import load_model
+    from liftedge.planner import plan_configs
+    from liftedge.quantize.pipeline import quantize_streaming
+    from liftedge.shapes import write_checkpoint
+    from liftedge.types import QuantizedTensor
+
+    result = _plan("executorch")
+    configs = {n: c for n, c in plan_configs(result.plan).items() if ".layers.0." in n}
+    loaded = load_model(write_checkpoint(SHAPE, tmp_path / "ckpt", layers=1))
+    tokens = torch.randint(0, loaded.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    real, _ = quantize_streaming(loaded, tokens, configs)
+    assert real and set(real) == set(configs)
+    manifest = write_synthetic_pack(SHAPE, result, tmp_path / "pack", real=real)
+    assert manifest["quantizer"]["real_sites"] == sorted(real)
+    stored = read_quantized(tmp_path / "pack")
+    for name, qt in real.items():
+        assert manifest["sites"][name]["method"] == "liftquant"
+        assert all(torch.equal(stored[name].tensors[f], t) for f, t in qt.tensors.items()), name
+    assert {e["method"] for n, e in manifest["sites"].items() if n not in real} == {"synthetic"}
+    name, qt = next(iter(real.items()))
+    wrong = {name: QuantizedTensor(qt.fmt, {**qt.tensors, "signs": qt.tensors["signs"][:-1]}, qt.meta)}
+    with pytest.raises(LiftedgeError, match="not the plan's format"):
+        write_synthetic_pack(SHAPE, result, tmp_path / "bad", real=wrong)
+    assert not (tmp_path / "bad").exists()
