@@ -179,6 +179,17 @@ def artifacts(shape: str, device: str, ram: str, runtimes: list[str], work: Path
     return rows
 
 
+def machine() -> str:
+    """This machine in a line: cores, memory and the load average when the rows were written."""
+    import os
+
+    import psutil
+
+    return (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; load average "
+            f"{os.getloadavg()[0]:.1f} when the last rows were written (rows from earlier runs say in the notes "
+            "whether other jobs shared the CPU)")
+
+
 def artifacts_markdown(data: dict) -> str:
     gib = lambda n: "-" if n is None else f"{n / 2**30:.2f} GiB"  # noqa: E731
     lines = ["# Phone-sized shapes built and run (`benchmarks/scale.py artifacts`)", "",
@@ -229,8 +240,7 @@ def main() -> None:
         keys = {(r["shape"], r["device"], r["runtime"]) for r in rows}
         merged = [r for r in old if (r["shape"], r["device"], r["runtime"]) not in keys] + rows
         notes = json.loads(path.read_text()).get("notes", []) if path.is_file() else []
-        path.write_text(json.dumps({"notes": notes, "machine": "2 CPU cores and 24 GiB shared with ~6 other engineers' jobs "
-                                               "(contended: times are ~3x an idle machine's)", "rows": merged},
+        path.write_text(json.dumps({"notes": notes, "machine": machine(), "rows": merged},
                                    indent=1, sort_keys=True, default=str) + "\n")
         (RESULTS / "scale.md").write_text(artifacts_markdown(json.loads(path.read_text())))
         return
