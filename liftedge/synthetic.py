@@ -167,6 +167,10 @@ def _int_field(field: str, meta: dict, gen: torch.Generator) -> torch.Tensor:
     raise LiftedgeError(f"int has no field {field!r}")
 
 
+def _field_shapes(qt: QuantizedTensor) -> dict[str, tuple]:
+    return {f: (t.dtype, tuple(t.shape)) for f, t in qt.tensors.items()}
+
+
 def write_synthetic_pack(model: str | os.PathLike, plan, out: str | os.PathLike, *, seed: int = 0,
                          force: bool = False, real: dict[str, QuantizedTensor] | None = None) -> dict[str, Any]:
     """Write the pack of `model` (a shape name or a folder's config.json) at `plan` (a Plan,
@@ -205,8 +209,7 @@ def write_synthetic_pack(model: str | os.PathLike, plan, out: str | os.PathLike,
     real = dict(real or {})
     for name, qt in real.items():
         spec = qtensors.get(name)
-        shapes = lambda q: {f: (t.dtype, tuple(t.shape)) for f, t in q.tensors.items()}  # noqa: E731
-        if spec is None or qt.fmt != spec.fmt or shapes(qt) != shapes(spec) or (
+        if spec is None or qt.fmt != spec.fmt or _field_shapes(qt) != _field_shapes(spec) or (
                 qt.fmt == "liftquant" and (qt.meta["D"], qt.meta["d"]) != (spec.meta["D"], spec.meta["d"])):
             raise LiftedgeError(f"the real tensors of {name} are not the plan's format for that layer "
                                 f"({qt.fmt} {qt.meta} vs {None if spec is None else (spec.fmt, spec.meta)})")
