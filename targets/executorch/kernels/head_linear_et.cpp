@@ -100,104 +100,27 @@ inline float codes_dot(const float* x, const uint8_t* row, int64_t c0, int64_t c
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// dot_int for 8-bit codes in groups of a multiple of 16: the group's products stay in vector
-// lanes and are scaled into a vector accumulator (one horizontal sum per row, not per group);
-// the zero-point terms are summed apart. The per-group reduction and calls of the generic loop
-// cost more than the products at a 64-wide group (the int8-g64 head of a 1B-shape plan,
-// 128256 x 2048: 54 -> 31 ms per token on 2 Zen cores, `liftedge profile`).
-inline float dot_int8_simd(const float* x, const float* xsum, const uint8_t* codes, const _Float16* scale,
-                           const uint8_t* zero, int64_t n, int64_t group) {
-  __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
-  float rest = 0.f;  // tail products and zero-point terms, scaled
-  for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
-    const int64_t c1 = std::min(n, c0 + group);
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t k = c0;
-    for (; k + 16 <= c1; k += 16) {
-      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k));
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8),
-                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), a1);
-    }
-    float tail = 0.f;
-    for (; k < c1; ++k) tail += x[k] * static_cast<float>(codes[k]);
-    const float sc = static_cast<float>(scale[g]);
-    const __m256 s = _mm256_set1_ps(sc);
-    y0 = _mm256_fmadd_ps(s, a0, y0);
-    y1 = _mm256_fmadd_ps(s, a1, y1);
-    rest += sc * (tail - static_cast<float>(zero[g]) * xsum[g]);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(y0, y1));
-  for (float v : lanes) rest += v;
-  return rest;
-}
-
 // 16 codes (in order, one per byte of c) times x[0..16) added into a0 (first 8) and a1.
 inline void fma16(const float* x, __m128i c, __m256& a0, __m256& a1) {
   a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), a0);
   a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), a1);
 }
 
-// dot_int8_simd for 4-bit codes in groups of a multiple of 32 (16 packed bytes: low nibble
-// first, as liftedge.bitpack packs them). The generic loop ran the int4-g32 head of a 3B-shape
-// plan (128256 x 3072) at 280 ms per token, 0.7 GB/s of codes (`liftedge profile`).
-inline float dot_int4_simd(const float* x, const float* xsum, const uint8_t* codes, const _Float16* scale,
-                           const uint8_t* zero, int64_t n, int64_t group) {
-  const __m128i low = _mm_set1_epi8(15);
-  __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
-  float rest = 0.f;
-  for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
-    const int64_t c1 = std::min(n, c0 + group);
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t k = c0;
-    for (; k + 32 <= c1; k += 32) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k >> 1)));
-      const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-      fma16(x + k, _mm_unpacklo_epi8(lo, hi), a0, a1);
-      fma16(x + k + 16, _mm_unpackhi_epi8(lo, hi), a0, a1);
-    }
-    float tail = 0.f;
-    for (; k < c1; ++k) tail += x[k] * static_cast<float>(code_at(codes, k, 4));
-    const float sc = static_cast<float>(scale[g]);
-    const __m256 s = _mm256_set1_ps(sc);
-    y0 = _mm256_fmadd_ps(s, a0, y0);
-    y1 = _mm256_fmadd_ps(s, a1, y1);
-    rest += sc * (tail - static_cast<float>(code_at(zero, g, 4)) * xsum[g]);
+// The codes [k, k + CodeStep<Bits>) of a packed row times x, added into a0 and a1: 16 bytes of
+// 8-bit codes, or 16 bytes of 4-bit codes (32, low nibble first, as liftedge.bitpack packs them).
+template <int Bits>
+inline void fma_codes(const float* x, const uint8_t* codes, int64_t k, __m256& a0, __m256& a1) {
+  if constexpr (Bits == 8) {
+    fma16(x + k, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)), a0, a1);
+  } else {
+    const __m128i low = _mm_set1_epi8(15);
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k >> 1)));
+    const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    fma16(x + k, _mm_unpacklo_epi8(lo, hi), a0, a1);
+    fma16(x + k + 16, _mm_unpackhi_epi8(lo, hi), a0, a1);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(y0, y1));
-  for (float v : lanes) rest += v;
-  return rest;
 }
 #elif defined(__aarch64__) && defined(__ARM_NEON)
-// As the AVX2 version above: per-group products in lanes, one horizontal sum per row.
-inline float dot_int8_simd(const float* x, const float* xsum, const uint8_t* codes, const _Float16* scale,
-                           const uint8_t* zero, int64_t n, int64_t group) {
-  float32x4_t y0 = vdupq_n_f32(0.f), y1 = y0;
-  float rest = 0.f;
-  for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
-    const int64_t c1 = std::min(n, c0 + group);
-    float32x4_t a0 = vdupq_n_f32(0.f), a1 = a0;
-    int64_t k = c0;
-    for (; k + 16 <= c1; k += 16) {
-      const uint8x16_t c = vld1q_u8(codes + k);
-      const uint16x8_t lo = vmovl_u8(vget_low_u8(c)), hi = vmovl_high_u8(c);
-      a0 = vfmaq_f32(a0, vld1q_f32(x + k), vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))));
-      a1 = vfmaq_f32(a1, vld1q_f32(x + k + 4), vcvtq_f32_u32(vmovl_high_u16(lo)));
-      a0 = vfmaq_f32(a0, vld1q_f32(x + k + 8), vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))));
-      a1 = vfmaq_f32(a1, vld1q_f32(x + k + 12), vcvtq_f32_u32(vmovl_high_u16(hi)));
-    }
-    float tail = 0.f;
-    for (; k < c1; ++k) tail += x[k] * static_cast<float>(codes[k]);
-    const float sc = static_cast<float>(scale[g]);
-    y0 = vfmaq_n_f32(y0, a0, sc);
-    y1 = vfmaq_n_f32(y1, a1, sc);
-    rest += sc * (tail - static_cast<float>(zero[g]) * xsum[g]);
-  }
-  return rest + vaddvq_f32(vaddq_f32(y0, y1));
-}
-
 // 16 codes (in order, one per byte of c) times x[0..16) added into a0 and a1.
 inline void fma16(const float* x, uint8x16_t c, float32x4_t& a0, float32x4_t& a1) {
   const uint16x8_t lo = vmovl_u8(vget_low_u8(c)), hi = vmovl_high_u8(c);
@@ -207,29 +130,66 @@ inline void fma16(const float* x, uint8x16_t c, float32x4_t& a0, float32x4_t& a1
   a1 = vfmaq_f32(a1, vld1q_f32(x + 12), vcvtq_f32_u32(vmovl_high_u16(hi)));
 }
 
-// As the AVX2 version above: 4-bit codes, low nibble first, groups of a multiple of 32.
-inline float dot_int4_simd(const float* x, const float* xsum, const uint8_t* codes, const _Float16* scale,
-                           const uint8_t* zero, int64_t n, int64_t group) {
-  float32x4_t y0 = vdupq_n_f32(0.f), y1 = y0;
-  float rest = 0.f;
+// As the AVX2 version: one step of 8-bit or 4-bit codes.
+template <int Bits>
+inline void fma_codes(const float* x, const uint8_t* codes, int64_t k, float32x4_t& a0, float32x4_t& a1) {
+  if constexpr (Bits == 8) {
+    fma16(x + k, vld1q_u8(codes + k), a0, a1);
+  } else {
+    const uint8x16_t b = vld1q_u8(codes + (k >> 1));
+    const uint8x16_t lo = vandq_u8(b, vdupq_n_u8(15)), hi = vshrq_n_u8(b, 4);
+    fma16(x + k, vzip1q_u8(lo, hi), a0, a1);
+    fma16(x + k + 16, vzip2q_u8(lo, hi), a0, a1);
+  }
+}
+#endif
+
+#if (defined(__AVX2__) && defined(__FMA__)) || (defined(__aarch64__) && defined(__ARM_NEON))
+#if defined(__AVX2__)
+using Acc = __m256;
+inline Acc acc_zero() { return _mm256_setzero_ps(); }
+inline Acc acc_scaled_add(Acc y, Acc a, float s) { return _mm256_fmadd_ps(_mm256_set1_ps(s), a, y); }
+inline float acc_sum(Acc a) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  float s = 0.f;
+  for (float v : lanes) s += v;
+  return s;
+}
+inline Acc acc_add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
+#else
+using Acc = float32x4_t;
+inline Acc acc_zero() { return vdupq_n_f32(0.f); }
+inline Acc acc_scaled_add(Acc y, Acc a, float s) { return vfmaq_n_f32(y, a, s); }
+inline float acc_sum(Acc a) { return vaddvq_f32(a); }
+inline Acc acc_add(Acc a, Acc b) { return vaddq_f32(a, b); }
+#endif
+
+// dot_int for 8-bit codes in groups of a multiple of 16, or 4-bit codes in groups of a multiple
+// of 32: the group's products stay in vector lanes and are scaled into a vector accumulator
+// (one horizontal sum per row, not per group); the zero-point terms are summed apart. The
+// per-group reduction and calls of the generic loop cost more than the products: the int8-g64
+// head of a 1B-shape plan (128256 x 2048) 54 -> 31 ms per token on 2 Zen cores, the int4-g32
+// head of a 3B-shape plan (128256 x 3072) 280 -> 81 ms (`liftedge profile`).
+template <int Bits>
+inline float dot_int_simd(const float* x, const float* xsum, const uint8_t* codes, const _Float16* scale,
+                          const uint8_t* zero, int64_t n, int64_t group) {
+  constexpr int64_t step = Bits == 8 ? 16 : 32;
+  Acc y0 = acc_zero(), y1 = acc_zero();
+  float rest = 0.f;  // tail products and zero-point terms, scaled
   for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
     const int64_t c1 = std::min(n, c0 + group);
-    float32x4_t a0 = vdupq_n_f32(0.f), a1 = a0;
+    Acc a0 = acc_zero(), a1 = acc_zero();
     int64_t k = c0;
-    for (; k + 32 <= c1; k += 32) {
-      const uint8x16_t b = vld1q_u8(codes + (k >> 1));
-      const uint8x16_t lo = vandq_u8(b, vdupq_n_u8(15)), hi = vshrq_n_u8(b, 4);
-      fma16(x + k, vzip1q_u8(lo, hi), a0, a1);
-      fma16(x + k + 16, vzip2q_u8(lo, hi), a0, a1);
-    }
+    for (; k + step <= c1; k += step) fma_codes<Bits>(x, codes, k, a0, a1);
     float tail = 0.f;
-    for (; k < c1; ++k) tail += x[k] * static_cast<float>(code_at(codes, k, 4));
+    for (; k < c1; ++k) tail += x[k] * static_cast<float>(code_at(codes, k, Bits));
     const float sc = static_cast<float>(scale[g]);
-    y0 = vfmaq_n_f32(y0, a0, sc);
-    y1 = vfmaq_n_f32(y1, a1, sc);
-    rest += sc * (tail - static_cast<float>(code_at(zero, g, 4)) * xsum[g]);
+    y0 = acc_scaled_add(y0, a0, sc);
+    y1 = acc_scaled_add(y1, a1, sc);
+    rest += sc * (tail - static_cast<float>(code_at(zero, g, Bits)) * xsum[g]);
   }
-  return rest + vaddvq_f32(vaddq_f32(y0, y1));
+  return rest + acc_sum(acc_add(y0, y1));
 }
 #endif
 
@@ -239,8 +199,8 @@ inline float dot_int4_simd(const float* x, const float* xsum, const uint8_t* cod
 inline float dot_int(const float* x, const float* xsum, const uint8_t* codes, const _Float16* scale,
                      const uint8_t* zero, int64_t n, int bits, int64_t group) {
 #if (defined(__AVX2__) && defined(__FMA__)) || (defined(__aarch64__) && defined(__ARM_NEON))
-  if (bits == 8 && group % 16 == 0) return dot_int8_simd(x, xsum, codes, scale, zero, n, group);
-  if (bits == 4 && group % 32 == 0) return dot_int4_simd(x, xsum, codes, scale, zero, n, group);
+  if (bits == 8 && group % 16 == 0) return dot_int_simd<8>(x, xsum, codes, scale, zero, n, group);
+  if (bits == 4 && group % 32 == 0) return dot_int_simd<4>(x, xsum, codes, scale, zero, n, group);
 #endif
   float y = 0.f;
   for (int64_t c0 = 0, g = 0; c0 < n; c0 += group, ++g) {
