@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -39,21 +38,21 @@ def device_plan(shape: str, target: str, ram: str):
 
 def quantize(args) -> None:
     from liftedge.correct import CorrectionConfig
-    from liftedge.model import load_model
+    from liftedge.model import list_sites, load_model
     from liftedge.planner import plan_configs
     from liftedge.quantize.pipeline import quantize_streaming
     from liftedge.shapes import write_checkpoint
     from safetensors.torch import save_file
 
     plan = device_plan(args.shape, args.target, args.ram)
-    first = re.compile(r"\.layers\.(\d+)\.")
-    configs = {name: cfg for name, cfg in plan_configs(plan.plan, seed=args.seed).items()
-               if (m := first.search(name)) and args.from_block <= int(m.group(1)) < args.blocks}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_checkpoint(args.shape, Path(tmp) / "model", seed=args.seed, layers=args.blocks)
         loaded = load_model(folder)
+        chosen = {s.name for s in list_sites(loaded.model)
+                  if s.block is not None and args.from_block <= s.block < args.blocks}
+        configs = {name: cfg for name, cfg in plan_configs(plan.plan, seed=args.seed).items() if name in chosen}
         loaded.model.to(args.device)
         gen = torch.Generator().manual_seed(args.seed)
         tokens = torch.randint(0, loaded.model.config.vocab_size, (args.samples, args.seq_len), generator=gen)
