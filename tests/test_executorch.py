@@ -130,6 +130,53 @@ def test_custom_op_runs_in_executorch_runtime(op_program):
         assert rel_err(got.numpy(), ref[:, :1]) < LUT_RTOL
 
 
+class _Fused(torch.nn.Module):
+    """lq_rms_linear and lq_glu (SiLU with a folded norm; GELU without one) over ragged layers."""
+
+    def __init__(self, qts, norm_weights):
+        super().__init__()
+        rms = ops.LqLinear(qts[0].tensors, None)
+        rms.fold_norm(norm_weights[0], 1e-5)
+        gate, up = ops.LqLinear(qts[1].tensors, None), ops.LqLinear(qts[2].tensors, None)
+        for layer in (gate, up):
+            layer.fold_norm(norm_weights[1], 1e-6)
+        self.rms, self.silu = rms, ops.LqGlu(gate, up, ops.GLU_ACTS["silu"])
+        self.gelu = ops.LqGlu(ops.LqLinear(qts[3].tensors, None), ops.LqLinear(qts[4].tensors, None),
+                              ops.GLU_ACTS["gelu_tanh"])
+
+    def forward(self, a, b, c):
+        return self.rms(a), self.silu(b), self.gelu(c)
+
+
+def test_fused_ops_run_in_executorch_runtime(tmp_path):
+    """The fused kernels against the reference LiftLinear of the normalized input: ragged widths,
+    a width past the kernel's thread-split prepare (1100 >= 1024), prefill and decode shapes."""
+    specs = [(33, 100, 24, 10), (70, 130, 12, 4), (70, 130, 12, 4), (40, 1100, 24, 10), (40, 1100, 16, 6)]
+    qts = [random_layer(o, n, D, d, seed=10 + i) for i, (o, n, D, d) in enumerate(specs)]
+    g = torch.Generator().manual_seed(2)
+    norm_w = [torch.rand(100, generator=g) + 0.5, torch.rand(130, generator=g) + 0.5]
+    xs = (torch.randn(1, 3, 100, generator=g) * 3, torch.randn(1, 3, 130, generator=g), torch.randn(1, 3, 1100, generator=g))
+    tokens = torch.export.Dim("tokens", min=1, max=8)
+    prog = torch.export.export(_Fused(qts, norm_w), xs, dynamic_shapes=tuple({1: tokens} for _ in xs), strict=True)
+    data, counts = export.to_pte(prog)
+    assert counts["liftedge.lq_rms_linear.default"] == 1 and counts["liftedge.lq_glu.default"] == 2
+    path = tmp_path / "fused.pte"
+    path.write_bytes(data)
+    ref = lambda i, x: LiftLinear(qts[i], None)(x)  # noqa: E731
+    rms = lambda x, eps: x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # noqa: E731
+    with torch.no_grad():
+        refs = [ref(0, rms(xs[0], 1e-5) * norm_w[0]),
+                torch.nn.functional.silu(ref(1, rms(xs[1], 1e-6) * norm_w[1])) * ref(2, rms(xs[1], 1e-6) * norm_w[1]),
+                torch.nn.functional.gelu(ref(3, xs[2]), approximate="tanh") * ref(4, xs[2])]
+    method = runtime.load_method(path, needs_kernel=True)
+    for n in (3, 1):  # prefill, then the decode shape
+        outs = method.execute([x[:, :n] for x in xs])
+        for got, want in zip(outs, refs):
+            # LUT_RTOL for a layer; the products of two such layers double its error, and the
+            # norm is exact up to float rounding (1e-7): 2 * LUT_RTOL
+            assert rel_err(got.numpy(), want[:, :n].numpy()) < 2 * LUT_RTOL, n
+
+
 def test_pte_needing_kernel_fails_clearly_without_it(op_program):
     path = op_program[0]
     code = ("import sys\nfrom pathlib import Path\nfrom liftedge.targets.executorch import runtime\n"
@@ -172,7 +219,12 @@ def test_build_llama_custom_op_verified(builds, mixed_pack):
     (runner,) = report["verification"]["runners"]
     assert runner["runner"].endswith("TextLLMRunner") and runner["accepted"] is True
     assert runner["tokens"] == runner_check.expected_tokens(report["verification"]["reference_tokens"], [0])
-    assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear", "liftedge::fp16_linear"}
+    # lq_linear where no norm precedes (o_proj, down_proj); lq_rms_linear (q/k/v) and lq_glu
+    # (gate/up) where fusion.py folded the block's norms
+    assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear", "liftedge::lq_rms_linear",
+                                                          "liftedge::lq_glu", "liftedge::fp16_linear"}
+    assert {v["lowering"] for k, v in report["sites"].items() if k.endswith(("gate_proj", "up_proj"))} >= {
+        "liftedge::lq_glu"}
     assert report["runtime"]["kernel_library"]["operators"] == runner["kernel_library"]["operators"]
 
 

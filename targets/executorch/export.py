@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from liftedge.errors import ArtifactError
-from liftedge.targets.executorch import attention, modules, ops
+from liftedge.targets.executorch import attention, fusion, modules, ops
 from liftedge.targets.reference import TiedHead
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ class ExportOptions:
     int8_head: bool = False
     # Attention + KV cache through ExecuTorch's LLM ops (`attention.py`) where the model allows.
     llm_attention: bool = True
+    # RMSNorms and the gated MLP's activation folded into the lift-project ops (`fusion.py`;
+    # custom ops only). Off only to measure what it saves.
+    fuse_blocks: bool = True
 
     def __post_init__(self) -> None:
         if not (8 <= self.max_context <= 1 << 16):
@@ -205,16 +208,35 @@ def prepare_model(pack: Path, opts: ExportOptions):
     """The loaded pack with export modules in place, and the per-site report."""
     from liftedge.packed import load_packed, read_manifest, read_quantized
 
-    check_family(read_manifest(pack)["source"].get("family"))  # before the (slow) load
+    family = read_manifest(pack)["source"].get("family")
+    check_family(family)  # before the (slow) load
     loaded = load_packed(pack)
     model = loaded.model
     qtensors = read_quantized(pack)
     sites = swap_sites(model, qtensors, opts.custom_ops)
     sites.update(swap_embeddings(model, qtensors, opts.custom_ops, opts.int8_head))
     sites.update(swap_fp16_linears(model, opts.custom_ops))
+    if opts.custom_ops and opts.fuse_blocks:
+        fusion.fuse_blocks(model, family)
+        _name_fused_sites(model, sites)
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
     return loaded, model.eval(), sites
+
+
+def _name_fused_sites(model: nn.Module, sites: dict[str, dict[str, str]]) -> None:
+    """Say in the per-site report which lift-project layers `fusion.fuse_blocks` folded."""
+    for name, module in model.named_modules():
+        if isinstance(module, ops.LqGlu):
+            for part in ("gate", "up"):
+                site = name.rsplit(".", 1)[0] + f".{part}_proj"
+                if site in sites:
+                    sites[site] = {"lowering": f"{ops.NAMESPACE}::lq_glu",
+                                   "why": "gate and up projections, the activation and the product in one call"
+                                          + (" after the folded RMSNorm" if module.gate.norm_eps is not None else "")}
+        elif isinstance(module, ops.LqLinear) and module.norm_eps is not None and name in sites:
+            sites[name] = {"lowering": f"{ops.NAMESPACE}::lq_rms_linear",
+                           "why": "lift-project layer with the RMSNorm before it folded in (norm weight in in_scale)"}
 
 
 def _last_logits_wrapper(model: nn.Module, max_context: int) -> nn.Module:

@@ -6,6 +6,12 @@
     fp16_linear(Tensor x, Tensor weight) -> Tensor      (+ .out): x fp32 · W^T, W fp16 as packed
     int_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group_size) -> Tensor
                                                         (+ .out): the same for an "int" (4/8-bit) W
+    lq_rms_linear(Tensor x, <the seven fields>, float eps) -> Tensor     (+ .out)
+        lq_linear of RMSNorm(x) = x / sqrt(mean(x^2) + eps); the norm's weight is folded into
+        in_scale (`LqLinear.fold_norm`), so a decoder block's norm is not an operator of its own
+    lq_glu(Tensor x, <gate's seven fields>, <up's seven>, float eps, int act) -> Tensor  (+ .out)
+        act(gate(x')) * up(x') of a gated MLP (act 0 SiLU, 1 GELU tanh), x' = RMSNorm(x) when
+        eps >= 0 else x: one call, both layers' prepares at once, one pass over their rows
 
 x is float32 [..., in_features]; the other arguments are the stored fields of a "liftquant"
 tensor as packed (float factors fp16), so the `.pte` holds the pack's bytes. `signs` is either
@@ -136,6 +142,65 @@ def _lq_linear_fake(x, signs, scale, in_scale, mix1, mix2, block_scale, codebook
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 
+_FIELD_ARGS = ", ".join(f"Tensor {f}" for f in FIELDS)
+_lib.define(f"lq_rms_linear(Tensor x, {_FIELD_ARGS}, float eps) -> Tensor")
+_lib.define(f"lq_rms_linear.out(Tensor x, {_FIELD_ARGS}, float eps, *, Tensor(a!) out) -> Tensor(a!)")
+_GLU_ARGS = (", ".join(f"Tensor g_{f}" for f in FIELDS) + ", " + ", ".join(f"Tensor u_{f}" for f in FIELDS))
+_lib.define(f"lq_glu(Tensor x, {_GLU_ARGS}, float eps, int act) -> Tensor")
+_lib.define(f"lq_glu.out(Tensor x, {_GLU_ARGS}, float eps, int act, *, Tensor(a!) out) -> Tensor(a!)")
+GLU_ACTS = {"silu": 0, "gelu_tanh": 1}
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dimension (an RMSNorm without its weight)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def glu_activation(g: torch.Tensor, act: int) -> torch.Tensor:
+    return torch.nn.functional.silu(g) if act == 0 else torch.nn.functional.gelu(g, approximate="tanh")
+
+
+def lq_glu_math(x, gate: list, up: list, eps: float, act: int) -> torch.Tensor:
+    xn = rms_normalize(x, eps) if eps >= 0 else x
+    return glu_activation(lq_linear_math(xn, *gate), act) * lq_linear_math(xn, *up)
+
+
+@torch.library.impl(_lib, "lq_rms_linear", "CompositeExplicitAutograd")
+def _lq_rms_linear(x, *args):
+    *fields, eps = args
+    return lq_linear_math(rms_normalize(x, eps), *fields)
+
+
+@torch.library.impl(_lib, "lq_rms_linear.out", "CompositeExplicitAutograd")
+def _lq_rms_linear_out(x, *args, out):
+    out.resize_(*x.shape[:-1], args[1].shape[0])
+    out.copy_(_lq_rms_linear(x, *args))
+    return out
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lq_rms_linear")
+def _lq_rms_linear_fake(x, *args):
+    return x.new_empty((*x.shape[:-1], args[1].shape[0]))
+
+
+@torch.library.impl(_lib, "lq_glu", "CompositeExplicitAutograd")
+def _lq_glu(x, *args):
+    n = len(FIELDS)
+    return lq_glu_math(x, list(args[:n]), list(args[n:2 * n]), args[2 * n], args[2 * n + 1])
+
+
+@torch.library.impl(_lib, "lq_glu.out", "CompositeExplicitAutograd")
+def _lq_glu_out(x, *args, out):
+    out.resize_(*x.shape[:-1], args[1].shape[0])
+    out.copy_(_lq_glu(x, *args))
+    return out
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lq_glu")
+def _lq_glu_fake(x, *args):
+    return x.new_empty((*x.shape[:-1], args[1].shape[0]))
+
+
 def op() -> torch._ops.OpOverload:
     return getattr(torch.ops, NAMESPACE).lq_linear.default
 
@@ -154,8 +219,12 @@ class LqLinear(nn.Module):
     With `custom_op` the signs are stored in the table-lookup kernel's interleaved layout
     (`liftedge.lutpack`, repacked here, so when the `.pte` is written); `custom_op=False`
     computes the same thing with `lq_linear_math` inline (stock operators only; the signs stay
-    packed row-major uint8 and are unpacked in the graph).
+    packed row-major uint8 and are unpacked in the graph). After `fold_norm` it takes the
+    un-normalized input and calls `lq_rms_linear` (the RMSNorm before it is then dropped from
+    the graph by `fusion.py`).
     """
+
+    norm_eps: float | None = None
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, custom_op: bool = True):
         super().__init__()
@@ -166,7 +235,33 @@ class LqLinear(nn.Module):
                                                            requires_grad=False)
         self.custom_op = custom_op
 
+    def fields(self) -> list[torch.Tensor]:
+        return [getattr(self, f) for f in FIELDS]
+
+    def fold_norm(self, weight: torch.Tensor, eps: float) -> None:
+        """Take RMSNorm(x) * weight's weight into in_scale (float32: in_scale * weight) and its
+        normalization into the op: forward(x) is then this layer of the normalized x."""
+        self.in_scale = (self.in_scale.to(torch.float32) * weight.detach().to(torch.float32)).contiguous()
+        self.norm_eps = float(eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = [getattr(self, f) for f in FIELDS]
-        y = op()(x, *args) if self.custom_op else lq_linear_math(x, *args)
+        args = self.fields()
+        if self.norm_eps is not None:
+            y = (torch.ops.liftedge.lq_rms_linear.default(x, *args, self.norm_eps) if self.custom_op
+                 else lq_linear_math(rms_normalize(x, self.norm_eps), *args))
+        else:
+            y = op()(x, *args) if self.custom_op else lq_linear_math(x, *args)
         return y if self.bias is None else y + self.bias
+
+
+class LqGlu(nn.Module):
+    """act(gate(x)) * up(x) of two bias-free `LqLinear`s of the same shape in one `lq_glu` call
+    (with the RMSNorm before them when both were given it by `fold_norm`)."""
+
+    def __init__(self, gate: LqLinear, up: LqLinear, act: int):
+        super().__init__()
+        self.gate, self.up, self.act = gate, up, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = -1.0 if self.gate.norm_eps is None else self.gate.norm_eps
+        return torch.ops.liftedge.lq_glu.default(x, *self.gate.fields(), *self.up.fields(), eps, self.act)

@@ -1,12 +1,19 @@
-// ExecuTorch registration of liftedge::lq_linear.out (schema in targets/executorch/ops.py):
+// ExecuTorch registration of liftedge::lq_linear.out and its fused forms (schemas in
+// targets/executorch/ops.py):
 //   lq_linear.out(Tensor x, Tensor signs, Tensor scale, Tensor in_scale, Tensor mix1,
 //                 Tensor mix2, Tensor block_scale, Tensor codebook, *, Tensor(a!) out) -> Tensor(a!)
+//   lq_rms_linear.out(x, <the seven fields>, float eps, *, out): RMSNorm of x (its weight folded
+//                 into in_scale by the export), then the layer
+//   lq_glu.out(x, <gate's seven>, <up's seven>, float eps, int act, *, out): act(gate) * up of a
+//                 gated MLP, with the RMSNorm before it when eps >= 0
 // x float32 [..., n]; float factors fp16 (as packed) or fp32. signs uint8 [tiles, groups, 16]
 // (the table-lookup layout, lq_lut.h, which liftedge writes) runs the table-lookup kernel;
 // uint8 [out, row_nbytes] (row-major, .pte files written before it) the fp32 MASK kernel.
 // Shapes give n, n1, n2, d, D, so the op carries no integer arguments. Output rows (MASK) or
 // row tiles (lookup) are split over ExecuTorch's threadpool, and so is a decode token's prepare
-// (transform, lift, tables) on wide layers, token by token.
+// (transform, lift, tables) on wide layers, token by token. The fused forms exist to take
+// operators off the graph: a decoder block's two RMSNorms, its SiLU and its multiply each cost
+// an XNNPACK or portable call per token, more than the arithmetic they do at decode.
 //
 // Also C entries for tests and benchmarks (kernel.py): liftedge_set_threads (resizes the
 // threadpool) and lq_lut_linear_threaded / lq_mask_linear_threaded (the kernels over it).
@@ -14,6 +21,8 @@
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <initializer_list>
 #include <unordered_map>
@@ -149,23 +158,19 @@ void mask_threaded(const lq_layer* L, const float* scratch, int64_t m, float* y)
   });
 }
 
-}  // namespace
-
-Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& signs, const Tensor& scale,
-                      const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
-                      const Tensor& block_scale, const Tensor& codebook, Tensor& out) {
-  thread_local Scratch scratch;
-  const bool lut = signs.dim() == 3;
+// The lift-project layer of seven stored tensors (signs, scale, in_scale, mix1, mix2,
+// block_scale, codebook) with its float32 factors; false (ctx's error set) when they do not fit.
+bool make_layer(KernelRuntimeContext& ctx, const char* name, const Tensor* const* t, lq_layer& L, bool& lut) {
+  const Tensor &signs = *t[0], &scale = *t[1], &in_scale = *t[2], &mix1 = *t[3], &mix2 = *t[4],
+               &block_scale = *t[5], &codebook = *t[6];
+  lut = signs.dim() == 3;
   ET_KERNEL_CHECK_MSG(ctx, signs.scalar_type() == ScalarType::Byte && (signs.dim() == 2 || (lut && signs.size(2) == 16)),
-                      InvalidArgument, out,
-                      "liftedge::lq_linear: signs must be uint8 [out, row_nbytes] or [tiles, groups, 16]");
+                      InvalidArgument, false, "%s: signs must be uint8 [out, row_nbytes] or [tiles, groups, 16]", name);
   ET_KERNEL_CHECK_MSG(ctx, codebook.dim() == 2 && mix1.dim() == 2 && mix2.dim() == 2 && mix2.size(0) == mix2.size(1),
-                      InvalidArgument, out, "liftedge::lq_linear: codebook, mix1, mix2 must be 2-D (mix2 square)");
-  if (!prepare_linear_out(ctx, "liftedge::lq_linear", x, in_scale.numel(), scale.numel(), out)) return out;
+                      InvalidArgument, false, "%s: codebook, mix1, mix2 must be 2-D (mix2 square)", name);
   const Factors* f = layer_factors(signs.const_data_ptr(), {&scale, &in_scale, &mix1, &mix2, &block_scale, &codebook});
-  ET_KERNEL_CHECK_MSG(ctx, f != nullptr, InvalidArgument, out, "liftedge::lq_linear: factors must be float16 or float32");
-
-  lq_layer L{};
+  ET_KERNEL_CHECK_MSG(ctx, f != nullptr, InvalidArgument, false, "%s: factors must be float16 or float32", name);
+  L = lq_layer{};
   L.in_features = in_scale.numel();
   L.out_features = scale.numel();
   L.n1 = mix1.size(0);
@@ -184,22 +189,130 @@ Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
                              : signs.size(0) == L.out_features && signs.size(1) == lq_row_nbytes(&L);
   ET_KERNEL_CHECK_MSG(ctx, signs_fit && L.n1 * L.n2 == L.in_features &&
                       block_scale.numel() == (L.in_features + L.d - 1) / L.d,
-                      InvalidArgument, out, "liftedge::lq_linear: inconsistent factor shapes");
+                      InvalidArgument, false, "%s: inconsistent factor shapes", name);
+  return true;
+}
 
-  const int64_t m = x.numel() / L.in_features;
-  const float* xp = x.const_data_ptr<float>();
-  float* y = out.mutable_data_ptr<float>();
-  int rc;
-  if (lut) {
-    scratch.bytes.resize(lq_lut_scratch_bytes(&L, m, LQ_LUT_TWO_PLANE));
-    rc = lut_prepare(&L, xp, m, LQ_LUT_TWO_PLANE, scratch.bytes.data());
-    if (rc == 0) lut_threaded(&L, scratch.bytes.data(), m, LQ_LUT_TWO_PLANE, y);
-  } else {
-    scratch.floats.resize(lq_scratch_floats(&L, m, LQ_METHOD_MASK));
-    rc = lq_mask_prepare(&L, xp, m, scratch.floats.data());
-    if (rc == 0) mask_threaded(&L, scratch.floats.data(), m, y);
+// RMSNorm without its weight (the export folds the weight into in_scale): each token of
+// x [m, n] times 1 / sqrt(mean(x^2) + eps), into dst.
+const float* rms_normalize(const float* x, int64_t m, int64_t n, double eps, std::vector<float>& dst) {
+  dst.resize(m * n);
+  for (int64_t t = 0; t < m; ++t) {
+    const float* xt = x + t * n;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; ++i) ss += xt[i] * xt[i];
+    const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) dst[t * n + i] = xt[i] * r;
   }
-  ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, out, "liftedge::lq_linear: kernel rejected its arguments");
+  return dst.data();
+}
+
+// One layer over x [m, n] into y: the table-lookup kernel (prepare, then row tiles over the
+// threadpool) or the fp32 MASK kernel of the row-major layout.
+int run_layer(const lq_layer* L, bool lut, const float* x, int64_t m, float* y) {
+  thread_local Scratch scratch;
+  if (lut) {
+    scratch.bytes.resize(lq_lut_scratch_bytes(L, m, LQ_LUT_TWO_PLANE));
+    const int rc = lut_prepare(L, x, m, LQ_LUT_TWO_PLANE, scratch.bytes.data());
+    if (rc == 0) lut_threaded(L, scratch.bytes.data(), m, LQ_LUT_TWO_PLANE, y);
+    return rc;
+  }
+  scratch.floats.resize(lq_scratch_floats(L, m, LQ_METHOD_MASK));
+  const int rc = lq_mask_prepare(L, x, m, scratch.floats.data());
+  if (rc == 0) mask_threaded(L, scratch.floats.data(), m, y);
+  return rc;
+}
+
+Tensor& linear_out(KernelRuntimeContext& ctx, const char* name, const Tensor& x, const Tensor* const* fields,
+                   double eps, Tensor& out) {
+  lq_layer L;
+  bool lut;
+  if (!make_layer(ctx, name, fields, L, lut) ||
+      !prepare_linear_out(ctx, name, x, L.in_features, L.out_features, out))
+    return out;
+  const int64_t m = x.numel() / L.in_features;
+  thread_local std::vector<float> normed;
+  const float* xp = x.const_data_ptr<float>();
+  if (eps >= 0) xp = rms_normalize(xp, m, L.in_features, eps, normed);
+  const int rc = run_layer(&L, lut, xp, m, out.mutable_data_ptr<float>());
+  ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, out, "%s: kernel rejected its arguments", name);
+  return out;
+}
+
+// The gated MLP's activations (lq_glu's `act`): 0 SiLU, 1 GELU (tanh approximation).
+float activate(float g, int64_t act) {
+  if (act == 0) return g / (1.0f + std::exp(-g));
+  constexpr float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * g * (1.0f + std::tanh(k * (g + 0.044715f * g * g * g)));
+}
+
+}  // namespace
+
+Tensor& lq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& signs, const Tensor& scale,
+                      const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
+                      const Tensor& block_scale, const Tensor& codebook, Tensor& out) {
+  const Tensor* fields[] = {&signs, &scale, &in_scale, &mix1, &mix2, &block_scale, &codebook};
+  return linear_out(ctx, "liftedge::lq_linear", x, fields, -1.0, out);
+}
+
+// lq_rms_linear: RMSNorm (weight folded into in_scale), then the lift-project layer.
+Tensor& lq_rms_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& signs, const Tensor& scale,
+                          const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
+                          const Tensor& block_scale, const Tensor& codebook, double eps, Tensor& out) {
+  const Tensor* fields[] = {&signs, &scale, &in_scale, &mix1, &mix2, &block_scale, &codebook};
+  ET_KERNEL_CHECK_MSG(ctx, eps >= 0, InvalidArgument, out, "liftedge::lq_rms_linear: eps must be >= 0");
+  return linear_out(ctx, "liftedge::lq_rms_linear", x, fields, eps, out);
+}
+
+// lq_glu: act(gate(x')) * up(x'), x' = RMSNorm(x) when eps >= 0 (weight folded into both
+// in_scales), else x. Both layers' prepares run at once (one per thread) where each is serial,
+// then one pass over the row tiles of both: one thread hand-off per phase instead of two.
+Tensor& lq_glu_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& g_signs, const Tensor& g_scale,
+                   const Tensor& g_in_scale, const Tensor& g_mix1, const Tensor& g_mix2, const Tensor& g_block_scale,
+                   const Tensor& g_codebook, const Tensor& u_signs, const Tensor& u_scale, const Tensor& u_in_scale,
+                   const Tensor& u_mix1, const Tensor& u_mix2, const Tensor& u_block_scale, const Tensor& u_codebook,
+                   double eps, int64_t act, Tensor& out) {
+  constexpr const char* name = "liftedge::lq_glu";
+  const Tensor* gf[] = {&g_signs, &g_scale, &g_in_scale, &g_mix1, &g_mix2, &g_block_scale, &g_codebook};
+  const Tensor* uf[] = {&u_signs, &u_scale, &u_in_scale, &u_mix1, &u_mix2, &u_block_scale, &u_codebook};
+  lq_layer L[2];
+  bool lut[2];
+  if (!make_layer(ctx, name, uf, L[1], lut[1]) || !make_layer(ctx, name, gf, L[0], lut[0])) return out;
+  // The up layer's factors again if fetching the gate's cleared the cache (layer_factors' bound).
+  if (!make_layer(ctx, name, uf, L[1], lut[1])) return out;
+  ET_KERNEL_CHECK_MSG(ctx, lut[0] && lut[1] && act >= 0 && act <= 1, InvalidArgument, out,
+                      "%s: signs must be in the table-lookup layout and act 0 (SiLU) or 1 (GELU tanh)", name);
+  ET_KERNEL_CHECK_MSG(ctx, L[0].in_features == L[1].in_features && L[0].out_features == L[1].out_features,
+                      InvalidArgument, out, "%s: gate and up must have the same shape", name);
+  if (!prepare_linear_out(ctx, name, x, L[0].in_features, L[0].out_features, out)) return out;
+  const int64_t m = x.numel() / L[0].in_features, rows = L[0].out_features;
+  thread_local std::vector<float> normed;
+  thread_local std::vector<uint8_t> scratch[2];
+  thread_local std::vector<float> gate;
+  const float* xp = x.const_data_ptr<float>();
+  if (eps >= 0) xp = rms_normalize(xp, m, L[0].in_features, eps, normed);
+  for (int i = 0; i < 2; ++i) scratch[i].resize(lq_lut_scratch_bytes(&L[i], m, LQ_LUT_TWO_PLANE));
+  uint8_t* sp[2] = {scratch[0].data(), scratch[1].data()};
+  int rc[2] = {0, 0};
+  if (L[0].in_features >= SPLIT_MIN_IN_FEATURES) {
+    for (int i = 0; i < 2; ++i) rc[i] = lut_prepare(&L[i], xp, m, LQ_LUT_TWO_PLANE, sp[i]);
+  } else {
+    executorch::extension::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) rc[i] = lq_lut_prepare(&L[i], xp, m, LQ_LUT_TWO_PLANE, sp[i]);
+    });
+  }
+  ET_KERNEL_CHECK_MSG(ctx, rc[0] == 0 && rc[1] == 0, InvalidArgument, out, "%s: kernel rejected its arguments", name);
+  gate.resize(m * rows);
+  float* y = out.mutable_data_ptr<float>();
+  float* ys[2] = {gate.data(), y};
+  const int64_t tiles = lq_lut_tiles(&L[0]);
+  executorch::extension::parallel_for(0, 2 * tiles, LUT_GRAIN, [&](int64_t t0, int64_t t1) {
+    for (int i = 0; i < 2; ++i) {  // tiles [0, tiles) are the gate's, [tiles, 2 tiles) the up's
+      const int64_t b = std::max(t0, i * tiles) - i * tiles, e = std::min(t1, (i + 1) * tiles) - i * tiles;
+      if (b < e) lq_lut_rows(&L[i], sp[i], m, LQ_LUT_TWO_PLANE, ys[i], b, e);
+    }
+  });
+  for (int64_t k = 0; k < m * rows; ++k) y[k] = activate(gate[k], act) * y[k];
   return out;
 }
 
@@ -223,3 +336,5 @@ extern "C" int lq_mask_linear_threaded(const lq_layer* L, const float* x, int64_
 }
 
 EXECUTORCH_LIBRARY(liftedge, "lq_linear.out", liftedge::lq_linear_out);
+EXECUTORCH_LIBRARY(liftedge, "lq_rms_linear.out", liftedge::lq_rms_linear_out);
+EXECUTORCH_LIBRARY(liftedge, "lq_glu.out", liftedge::lq_glu_out);

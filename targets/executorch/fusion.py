@@ -1,0 +1,121 @@
+"""Fold a decoder block's RMSNorms and gated-MLP activation into the lift-project ops.
+
+At decode a token's RMSNorm, SiLU and multiply are a few thousand flops, but each is an
+operator call of its own (XNNPACK reshapes every operator of a delegate call per token; the
+norm's mean is a portable kernel), and together they cost about as much as the lift-project
+layers of a small model. With the layers already `ops.LqLinear` (`export.swap_sites`):
+
+| pattern (per decoder block)                         | becomes                                  |
+|-----------------------------------------------------|------------------------------------------|
+| attention norm -> q_proj, k_proj, v_proj            | each `liftedge::lq_rms_linear`, the norm |
+|                                                     | weight in its in_scale; the norm dropped |
+| MLP norm -> gate_proj, up_proj -> act(gate) * up    | one `liftedge::lq_glu` (norm folded in)  |
+
+A norm is folded only when every layer it feeds is a custom-op `LqLinear` and the module
+computes exactly `x / sqrt(mean(x^2) + eps) * w` (w its weight, or 1 + weight as in Gemma 3),
+which is checked numerically on the module itself, so an unfamiliar norm stays as it is; the
+gate/up pair only when both are bias-free custom-op `LqLinear`s of the same shape and the
+activation is SiLU or tanh-GELU, checked the same way. Which norm feeds the MLP is per family
+(`MLP_NORM`). The result is the same model up to float rounding (verification checks it).
+
+This module owns the rewrite; the ops are `ops.py` (torch) and `kernels/lq_linear_et.cpp`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from liftedge.targets.executorch import ops
+
+# family -> the norm before the MLP (the attention's is `input_layernorm` in all of them)
+MLP_NORM = {"llama": "post_attention_layernorm", "mistral": "post_attention_layernorm",
+            "qwen2": "post_attention_layernorm", "qwen3": "post_attention_layernorm",
+            "gemma3_text": "pre_feedforward_layernorm"}
+ATTN_NORM = "input_layernorm"
+# Error (|a - b| / (1 + |b|), elementwise) within which a module counts as the normalization or
+# activation it is checked against: both sides are float32 evaluations of the same formula in
+# another order, ~1e-7 apart; anything else (a mean subtraction, a bias, another eps, exact
+# GELU for its tanh form: 2e-4) is off by more than 1e-5.
+_MATCH_TOL = 1e-5
+
+
+class FusedMlp(nn.Module):
+    """down(lq_glu(x)): the gated MLP with gate, up and the activation in one op."""
+
+    def __init__(self, glu: ops.LqGlu, down: nn.Module):
+        super().__init__()
+        self.glu, self.down = glu, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.glu(x))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.isfinite(a).all()) and float(((a - b).abs() / (1 + b.abs())).max()) < _MATCH_TOL
+
+
+def rms_weight(norm: nn.Module, width: int) -> tuple[torch.Tensor, float] | None:
+    """(w, eps) when `norm(x) == x / sqrt(mean(x^2) + eps) * w` for this module, else None."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.shape != (width,) or not isinstance(eps, float):
+        return None
+    # small inputs (mean square 1e-4) so that the eps inside the module shows in its output
+    x = 0.01 * torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = norm(x).float()
+        for w in (weight.float(), 1.0 + weight.float()):
+            if _close(y, ops.rms_normalize(x, eps) * w):
+                return w.detach().clone(), eps
+    return None
+
+
+def glu_act(mlp: nn.Module) -> int | None:
+    """The `lq_glu` code of the MLP's activation (SiLU or tanh-GELU), else None."""
+    act = getattr(mlp, "act_fn", None)
+    if act is None:
+        return None
+    t = torch.linspace(-8, 8, 257)
+    with torch.no_grad():
+        y = act(t)
+    return next((code for code in ops.GLU_ACTS.values() if _close(y, ops.glu_activation(t, code))), None)
+
+
+def _lq_layers(parent: nn.Module, names: tuple[str, ...]) -> list[ops.LqLinear] | None:
+    layers = [getattr(parent, n, None) for n in names]
+    return layers if all(isinstance(m, ops.LqLinear) and m.custom_op for m in layers) else None
+
+
+def _fold(block: nn.Module, norm_name: str, layers: list[ops.LqLinear]) -> bool:
+    norm = getattr(block, norm_name, None)
+    found = None if norm is None else rms_weight(norm, layers[0].in_scale.shape[0])
+    if found is None:
+        return False
+    for layer in layers:
+        layer.fold_norm(*found)
+    setattr(block, norm_name, nn.Identity())
+    return True
+
+
+def fuse_blocks(model: nn.Module, family: str | None) -> dict[str, int]:
+    """Rewrite every decoder block of `model` it can (see the module doc); returns counts."""
+    counts = {"attention_norms_folded": 0, "mlp_norms_folded": 0, "glu_fused": 0}
+    if family not in MLP_NORM:
+        return counts
+    for block in model.modules():
+        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+        if attn is None or mlp is None or not hasattr(block, ATTN_NORM):
+            continue
+        qkv = _lq_layers(attn, ("q_proj", "k_proj", "v_proj"))
+        if qkv is not None and _fold(block, ATTN_NORM, qkv):
+            counts["attention_norms_folded"] += 1
+        gate_up = _lq_layers(mlp, ("gate_proj", "up_proj"))
+        act = glu_act(mlp)
+        if (gate_up is None or act is None or any(m.bias is not None for m in gate_up)
+                or gate_up[0].scale.shape != gate_up[1].scale.shape):
+            continue
+        if _fold(block, MLP_NORM[family], gate_up):
+            counts["mlp_norms_folded"] += 1
+        block.mlp = FusedMlp(ops.LqGlu(*gate_up, act), mlp.down_proj)
+        counts["glu_fused"] += 1
+    return counts

@@ -1,0 +1,73 @@
+"""fusion.py: a decoder block's RMSNorms and gated activation folded into the lift-project ops.
+
+The rewritten model is run eagerly (the ops' torch implementations), so this checks the
+rewrite itself; the C++ kernels of the fused ops are checked in test_executorch.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("executorch")
+
+from conftest import make_tiny_pack  # noqa: E402
+from liftedge.targets.executorch import export, fusion, ops  # noqa: E402
+
+
+class _GemmaNorm(nn.Module):
+    """Gemma 3's RMSNorm form: x / rms * (1 + w)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(n) * 0.1), 1e-6
+
+    def forward(self, x):
+        return ops.rms_normalize(x.float(), self.eps) * (1.0 + self.weight.float())
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_fused_model_equals_unfused(tmp_path):
+    pack = make_tiny_pack("llama", tmp_path / "pack", mixed=True)
+    opts = dict(max_context=16, max_prefill=8)
+    _, plain, _ = export.prepare_model(pack, export.ExportOptions(**opts, fuse_blocks=False))
+    _, fused, sites = export.prepare_model(pack, export.ExportOptions(**opts))
+    blocks = fused.model.layers
+    assert all(isinstance(b.input_layernorm, nn.Identity) and isinstance(b.post_attention_layernorm, nn.Identity)
+               and isinstance(b.mlp, fusion.FusedMlp) for b in blocks)
+    assert all(not isinstance(b.input_layernorm, nn.Identity) for b in plain.model.layers)
+    assert sites["model.layers.0.self_attn.q_proj"]["lowering"] == "liftedge::lq_rms_linear"
+    assert sites["model.layers.0.mlp.gate_proj"]["lowering"] == "liftedge::lq_glu"
+    ids = torch.randint(0, 320, (1, 7), generator=torch.Generator().manual_seed(0))
+    want, got = _logits(plain, ids), _logits(fused, ids)
+    # the same fp32 math in another order (norm weight times in_scale first, mean of squares
+    # summed differently): ~1e-6 relative; a norm folded into the wrong layers or a missing
+    # weight is O(1)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_norm_and_activation_recognised_by_value():
+    n = 12
+    rms = _GemmaNorm(n)
+    w, eps = fusion.rms_weight(rms, n)
+    assert eps == 1e-6 and torch.allclose(w, 1.0 + rms.weight.detach())
+    assert fusion.rms_weight(nn.LayerNorm(n), n) is None  # mean subtraction and a bias: not an RMSNorm
+    assert fusion.rms_weight(rms, n + 1) is None  # another width than the layers it would feed
+    mlp = nn.Module()
+    for act, code in ((nn.SiLU(), 0), (nn.GELU(approximate="tanh"), 1), (nn.GELU(), None), (nn.ReLU(), None)):
+        mlp.act_fn = act
+        assert fusion.glu_act(mlp) == code, act
+
+
+def test_other_families_and_custom_ops_off_unchanged(tmp_path):
+    pack = make_tiny_pack("gpt2", tmp_path / "pack")
+    _, model, _ = export.prepare_model(pack, export.ExportOptions(max_context=16, max_prefill=8))
+    assert not any(isinstance(m, (ops.LqGlu, fusion.FusedMlp)) for m in model.modules())
+    pack = make_tiny_pack("llama", tmp_path / "llama")
+    _, model, _ = export.prepare_model(pack, export.ExportOptions(max_context=16, max_prefill=8, custom_ops=False))
+    assert not any(isinstance(m, ops.LqGlu) for m in model.modules())
