@@ -51,10 +51,11 @@ void lq_mask_rows(const lq_layer* L, const float* scratch, int64_t m, float* y, 
 // table-lookup kernel (lq_lut.h), which lifts once per token and builds its tables from u.
 int64_t lq_lift_scratch_floats(const lq_layer* L);
 const float* lq_lift_token(const lq_layer* L, const float* x, float* scratch);
-// The same lift in three steps, so a caller can split the last two over threads (same bits as
-// lq_lift_token for any split): begin (one thread; returns u inside scratch), then rows
-// [i0, i1) of the n1 x n2 transform grid, then, once every row is done, lifted blocks [b0, b1)
-// of the n_blocks = ceil(n / d).
+// The same lift in three steps, so a caller can split the last two over threads: begin (one
+// thread; returns u inside scratch), then rows [i0, i1) of the n1 x n2 transform grid, then,
+// once every row is done, lifted blocks [b0, b1) of the n_blocks = ceil(n / d). Same bits as
+// lq_lift_token when every i0 and b0 is a multiple of 4 (the products run four rows at a time,
+// and the compiler may contract their multiply-adds differently in the one-row remainder).
 float* lq_lift_begin(const lq_layer* L, const float* x, float* scratch);
 void lq_lift_transform_rows(const lq_layer* L, float* scratch, int64_t i0, int64_t i1);
 void lq_lift_blocks(const lq_layer* L, float* scratch, int64_t b0, int64_t b1);

@@ -255,8 +255,10 @@ inline void group_entries_scalar(const float* ug, float inv, int qlim, int16_t* 
 
 #if LQ_LUT_AVX2
 // The same 8 entries in one vector: sign flips are exact (xor of the sign bit), the adds run in
-// the scalar order, and cvtps rounds to nearest even like nearbyint in the default mode.
-inline void group_entries(const float* ug, __m256 inv, __m256i qlim, int16_t* q) {
+// the scalar order, and cvtps rounds to nearest even like nearbyint in the default mode. Returns
+// all 16 entries as int16 (entries 0..7 in the low half, their mirrors 8..15 in the high half),
+// kept in registers: a 32-byte reload of two 16-byte stores would stall on store forwarding.
+inline __m256i group_entries(const float* ug, __m256 inv, __m256i qlim) {
   // Sign bit in the lanes (entry index i = lane) where bit j of i is clear: u_j enters negated.
   const __m256 m0 = _mm256_setr_ps(-0.f, 0.f, -0.f, 0.f, -0.f, 0.f, -0.f, 0.f);
   const __m256 m1 = _mm256_setr_ps(-0.f, -0.f, 0.f, 0.f, -0.f, -0.f, 0.f, 0.f);
@@ -270,8 +272,25 @@ inline void group_entries(const float* ug, __m256 inv, __m256i qlim, int16_t* q)
   const __m128i lo = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // 0..7
   const __m128i rev = _mm_setr_epi8(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
   const __m128i hi = _mm_sub_epi16(_mm_setzero_si128(), _mm_shuffle_epi8(lo, rev));  // 8..15
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), lo);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 8), hi);
+  return _mm256_set_m128i(hi, lo);
+}
+
+// The 16 entries of a group into its table bytes, as store_group (below) does in portable code.
+inline void store_group_avx2(__m256i v, int mode, uint8_t* one, uint8_t* hi, uint8_t* lo) {
+  const int order = 0xD8;  // qwords 0, 2, 1, 3: each 128-bit lane's packed bytes side by side
+  if (mode == LQ_LUT_INT8) {
+    const __m256i b = _mm256_add_epi16(v, _mm256_set1_epi16(BIAS_INT8));  // 1..255
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(b, b), order);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(one), _mm256_castsi256_si128(p));
+    return;
+  }
+  const __m256i h = _mm256_srai_epi16(_mm256_add_epi16(v, _mm256_set1_epi16(RADIX_TWO_PLANE / 2)), 7);  // floor
+  const __m256i l = _mm256_sub_epi16(v, _mm256_slli_epi16(h, 7));
+  const __m256i bias = _mm256_set1_epi16(BIAS_TWO_PLANE);
+  const __m256i p = _mm256_permute4x64_epi64(
+      _mm256_packus_epi16(_mm256_add_epi16(h, bias), _mm256_add_epi16(l, bias)), order);  // [hi 0..15 | lo 0..15]
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm256_castsi256_si128(p));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm256_extracti128_si256(p, 1));
 }
 #elif LQ_LUT_NEON
 inline void group_entries(const float* ug, float32x4_t inv, int32x4_t qlim, int16_t* q) {
@@ -339,15 +358,21 @@ void tables_range(const float* u, int64_t groups, int mode, float maxabs, uint8_
   const float32x4_t vinv = vdupq_n_f32(inv);
   const int32x4_t vlim = vdupq_n_s32(qlim);
 #endif
+#if LQ_LUT_AVX2
+  for (int64_t g = g0; g < g1; ++g)
+    store_group_avx2(group_entries(u + 4 * g, vinv, vlim), mode, tables + g * 16, tables + g * 16,
+                     tables + (groups + g) * 16);
+#else
   alignas(16) int16_t q[16];
   for (int64_t g = g0; g < g1; ++g) {
-#if LQ_LUT_AVX2 || LQ_LUT_NEON
+#if LQ_LUT_NEON
     group_entries(u + 4 * g, vinv, vlim, q);
 #else
     group_entries_scalar(u + 4 * g, inv, qlim, q);
 #endif
     store_group(q, mode, tables + g * 16, tables + g * 16, tables + (groups + g) * 16);
   }
+#endif
 }
 
 }  // namespace
@@ -382,14 +407,20 @@ struct SplitToken {  // what the phases of one token's split prepare share
   float* lift;
   const float* u;
   int mode;
-  int64_t G, nb, unit;        // groups; blocks; blocks per lift chunk (chunk edges fall on group edges)
+  int64_t G, nb, unit;        // groups; blocks; blocks per lift chunk (a multiple of ALIGN; edges on group edges)
   std::atomic<uint32_t> max_bits{0};  // largest group sum of |u| so far (a non-negative float's bits)
   uint8_t* tables;
 };
 
-void rows_phase(void* c, int64_t i0, int64_t i1) {
+// Rows and blocks are dealt out in fours (ALIGN): the transform and the lift compute four rows
+// at a time where they can (matmul_rows' register blocks), and a compiler may contract their
+// multiply-adds into FMAs differently in the four-row and one-row code, so a split has the
+// serial prepare's bits only if every chunk starts where a serial four-row block starts.
+constexpr int64_t ALIGN = 4;
+
+void rows_phase(void* c, int64_t k0, int64_t k1) {
   auto* s = static_cast<SplitToken*>(c);
-  lq_lift_transform_rows(s->L, s->lift, i0, i1);
+  lq_lift_transform_rows(s->L, s->lift, k0 * ALIGN, std::min(s->L->n1, k1 * ALIGN));
 }
 
 void lift_phase(void* c, int64_t k0, int64_t k1) {
@@ -421,7 +452,7 @@ extern "C" int lq_lut_prepare_split(const lq_layer* L, const float* x, int64_t m
   if (!valid(L) || m < 0 || (m > 0 && (!x || !scratch)) || !run || (mode != LQ_LUT_TWO_PLANE && mode != LQ_LUT_INT8))
     return 1;
   const Scratch sc = views(L, scratch, m);
-  const int64_t G = lq_lut_groups(L), unit = std::lcm<int64_t>(L->D, 4) / L->D;
+  const int64_t G = lq_lut_groups(L), unit = std::lcm<int64_t>(std::lcm<int64_t>(L->D, 4) / L->D, ALIGN);
   const int64_t nb = (L->in_features + L->d - 1) / L->d, chunks = (nb + unit - 1) / unit;
   for (int64_t t = 0; t < m; ++t) {  // token by token through the one lift area, each step split
     SplitToken s;
@@ -433,7 +464,8 @@ extern "C" int lq_lut_prepare_split(const lq_layer* L, const float* x, int64_t m
     s.unit = unit;
     s.tables = sc.tables + t * planes(mode) * G * 16;
     s.u = lq_lift_begin(L, x + t * L->in_features, sc.lift);
-    run(runner, L->n1, grain_of(L->n1), rows_phase, &s);
+    const int64_t row_units = (L->n1 + ALIGN - 1) / ALIGN;
+    run(runner, row_units, grain_of(row_units), rows_phase, &s);
     run(runner, chunks, grain_of(chunks), lift_phase, &s);
     float maxabs;
     const uint32_t bits = s.max_bits.load();
