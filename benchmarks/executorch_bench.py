@@ -6,7 +6,9 @@ peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss` in the child):
 
 | variant    | linear layers                                   | embedding / head          |
 |------------|-------------------------------------------------|---------------------------|
-| custom_op  | liftedge::lq_linear (C++ kernel, packed signs)  | fp16 embedding; head per --head |
+| custom_op  | liftedge::lq_linear (C++ kernel, packed signs), | fp16 embedding; head per --head |
+|            | norms and gated MLPs fused (`fusion.py`)        |                           |
+| custom_op_unfused | the same without `fusion.py` (what it saves) | same                  |
 | fallback   | stock-op lift-project (bit unpack in the graph) | same                      |
 | fp32       | XNNPACK fp32 on the pack's dequantized weights  | fp32                      |
 | 8da4w      | torchao int4 g32 + int8 dynamic act, XNNPACK    | same as custom_op         |
@@ -44,7 +46,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("custom_op", "fallback", "fp32", "8da4w")
+VARIANTS = ("custom_op", "custom_op_unfused", "fallback", "fp32", "8da4w")
 CHILD = r'''
 import json, sys, time, torch
 from pathlib import Path
@@ -104,8 +106,9 @@ def build_variant(variant: str, pack: Path, out: Path, opts) -> dict:
 
     from liftedge.targets.executorch import export
 
-    if variant in ("custom_op", "fallback"):
-        opts = export.ExportOptions(variant == "custom_op", opts.max_context, opts.max_prefill, opts.int8_head)
+    if variant in ("custom_op", "custom_op_unfused", "fallback"):
+        opts = export.ExportOptions(variant != "fallback", opts.max_context, opts.max_prefill, opts.int8_head,
+                                    fuse_blocks=variant == "custom_op")
         _, model, _ = export.prepare_model(pack, opts)
     else:
         model = dense_model(pack, fp16_embeddings=(variant == "8da4w"), int8_head=opts.int8_head)
