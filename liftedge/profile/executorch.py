@@ -30,7 +30,7 @@ from liftedge.profile.report import OpSample, Trace
 
 # operator name -> kind; first match wins (exact names of liftedge's kernels, then namespaces)
 KERNEL_KINDS: tuple[tuple[str, str], ...] = (
-    ("liftedge::lq_linear", "lift-project kernel"),
+    ("liftedge::lq_", "lift-project kernel"),  # lq_linear and its fused forms (lq_rms_linear, lq_glu)
     ("liftedge::", "liftedge kernel"),
     ("executorch_prim::", "runtime (prim op)"),
     ("", "portable"),

@@ -8,7 +8,8 @@ Implements the `liftedge.lowering` contract:
     verify(out, pack, report, options)   runs model.pte in executorch.runtime and compares
                                          greedy decoding with the pack's reference model
 
-Modules: `ops` (the torch ops `liftedge::lq_linear`, `fp16_linear`, `int_linear` + `.out`),
+Modules: `ops` (the torch ops `liftedge::lq_linear`, `lq_rms_linear`, `lq_glu`, `fp16_linear`,
+`int_linear` + `.out`), `fusion` (a decoder block's norms and gated activation into those ops),
 `kernel` (build/cache/load the C++ kernel library from `kernels/`), `modules` (export-time
 replacements of the other site formats, int8/int4 embedding tables included), `attention`
 (KV cache + attention through ExecuTorch's LLM ops), `export` (static KV cache, torch.export,
@@ -33,11 +34,14 @@ OPTIONS = {
     "llm_attention": "true (default): attention and KV cache through ExecuTorch's LLM ops "
                      "(llama::update_cache, llama::custom_sdpa; in ExecuTorch's LLM runtime and its prebuilt "
                      "Android/iOS libraries); false: stock operators (transformers' static cache, slower)",
+    "fuse_blocks": "true (default, with custom_ops): each decoder block's RMSNorms and gated-MLP activation "
+                   "run inside the lift-project ops (liftedge::lq_rms_linear, liftedge::lq_glu), fewer operator "
+                   "calls per token; false: one liftedge::lq_linear per layer, norms and activation as graph ops",
     "max_context": "KV-cache length in tokens (default 256; the build passes the device's context)",
     "max_prefill": "longest prompt chunk one call accepts (default 128, at most max_context)",
     "verify_tokens": "greedy tokens compared with the reference during verification (default 32)",
 }
-_DEFAULTS = {"custom_ops": True, "llm_attention": True, "max_context": 256, "max_prefill": 128, "verify_tokens": 32}
+_DEFAULTS = {"custom_ops": True, "llm_attention": True, "fuse_blocks": True, "max_context": 256, "max_prefill": 128, "verify_tokens": 32}
 
 
 def parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -55,7 +59,8 @@ def lower(pack: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
     opts = parse_options(options)
     report = lower_pack(Path(pack), Path(out), ExportOptions(opts["custom_ops"], opts["max_context"],
                                                              opts["max_prefill"],
-                                                             llm_attention=opts["llm_attention"]))
+                                                             llm_attention=opts["llm_attention"],
+                                                             fuse_blocks=opts["fuse_blocks"]))
     report["artifacts"] = {"program": PTE_NAME}
     report["runtime"] = {"max_context": opts["max_context"], "max_prefill": opts["max_prefill"],
                          "inputs": "(input_ids int64 [1, n], cache_position int64 [n]), 1 <= n <= max_prefill",

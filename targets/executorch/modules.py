@@ -7,7 +7,8 @@
 |                      |                         | (code - zero) * fp16 scale, then linear            |
 | fp16 linear          | `Fp16Head` over its own | `liftedge::fp16_linear` (custom_ops=False:         |
 |                      |  fp16 weight            |  unchanged, XNNPACK fp32)                          |
-| norms                | unchanged (fp32)        | XNNPACK                                            |
+| norms                | unchanged (fp32), or    | XNNPACK; folded into `liftedge::lq_rms_linear` /   |
+|                      | folded (`fusion.py`)    | `lq_glu` where only lift-project layers read them  |
 | embedding (fp16)     | `Fp16Embedding`         | gather rows of the fp16 table, cast to fp32        |
 | head (fp16, maybe tied) | `Fp16Head`           | fp16 linear on the same fp16 table, cast to fp32   |
 | embedding ("int")    | `IntEmbedding`          | index_select of code/scale/zero rows, dequantized  |
