@@ -266,7 +266,7 @@ Tensor& lq_rms_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
 
 // lq_glu: act(gate(x')) * up(x'), x' = RMSNorm(x) when eps >= 0 (weight folded into both
 // in_scales), else x. Both layers' prepares run at once (one per thread) where each is serial,
-// then one pass over the row tiles of both: one thread hand-off per phase instead of two.
+// then one pass over the row tiles of both with the activation: a hand-off per phase, not two.
 Tensor& lq_glu_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& g_signs, const Tensor& g_scale,
                    const Tensor& g_in_scale, const Tensor& g_mix1, const Tensor& g_mix2, const Tensor& g_block_scale,
                    const Tensor& g_codebook, const Tensor& u_signs, const Tensor& u_scale, const Tensor& u_in_scale,
@@ -304,15 +304,16 @@ Tensor& lq_glu_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& g_s
   ET_KERNEL_CHECK_MSG(ctx, rc[0] == 0 && rc[1] == 0, InvalidArgument, out, "%s: kernel rejected its arguments", name);
   gate.resize(m * rows);
   float* y = out.mutable_data_ptr<float>();
-  float* ys[2] = {gate.data(), y};
-  const int64_t tiles = lq_lut_tiles(&L[0]);
-  executorch::extension::parallel_for(0, 2 * tiles, LUT_GRAIN, [&](int64_t t0, int64_t t1) {
-    for (int i = 0; i < 2; ++i) {  // tiles [0, tiles) are the gate's, [tiles, 2 tiles) the up's
-      const int64_t b = std::max(t0, i * tiles) - i * tiles, e = std::min(t1, (i + 1) * tiles) - i * tiles;
-      if (b < e) lq_lut_rows(&L[i], sp[i], m, LQ_LUT_TWO_PLANE, ys[i], b, e);
-    }
+  float* g = gate.data();
+  // Row tile t of the gate and of the up projection in the same task, then act(gate) * up of
+  // its rows: the activation runs spread over the threads too, beside the lookups.
+  executorch::extension::parallel_for(0, lq_lut_tiles(&L[0]), LUT_GRAIN, [&](int64_t t0, int64_t t1) {
+    lq_lut_rows(&L[0], sp[0], m, LQ_LUT_TWO_PLANE, g, t0, t1);
+    lq_lut_rows(&L[1], sp[1], m, LQ_LUT_TWO_PLANE, y, t0, t1);
+    const int64_t r0 = t0 * LQ_LUT_TILE_ROWS, r1 = std::min(rows, t1 * LQ_LUT_TILE_ROWS);
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t r = r0; r < r1; ++r) y[t * rows + r] = activate(g[t * rows + r], act) * y[t * rows + r];
   });
-  for (int64_t k = 0; k < m * rows; ++k) y[k] = activate(gate[k], act) * y[k];
   return out;
 }
 
