@@ -167,9 +167,22 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def paired_ratios(a: list[dict], b: list[dict]) -> dict[str, list[float]]:
-    """custom_op / 8da4w per round (runs i of both, taken one after the other)."""
+    """a / b per round (runs i of both, taken one after the other)."""
     pairs = [(x, y) for x, y in zip(a, b) if "error" not in x and "error" not in y]
     return {k: [x[f"{k}_tokens_per_s"] / y[f"{k}_tokens_per_s"] for x, y in pairs] for k in ("decode", "prefill")}
+
+
+def cpu_line() -> str:
+    """The CPU model and the vector extensions the kernels can use (XNNPACK picks its int8 kernels
+    by them at run time: AVX-512 VNNI roughly doubled 8da4w here against an AVX2-only host)."""
+    from liftedge.profile.host import host_key
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "avx_vnni", "asimddp", "i8mm")
+    return f"{host_key()['cpu']} ({' '.join(f for f in wanted if f in flags) or 'flags unknown'})"
 
 
 def main(argv=None) -> int:
@@ -226,7 +239,7 @@ def main(argv=None) -> int:
     loads = [r.get(k, 0) for r in rows.values() for k in ("loadavg_1min_before", "loadavg_1min_after")]
     result = {"pack": str(pack), "pack_totals": manifest["totals"], "prefill_tokens": args.prefill,
               "decode_tokens": args.decode, "rounds": max(1, args.rounds), "max_context": args.max_context,
-              "cpu_count": os.cpu_count(),
+              "cpu_count": os.cpu_count(), "cpu": cpu_line(),
               "head": args.head, "prefill_logits": "last position only", "threads": os.cpu_count(),  # ExecuTorch's threadpool: one thread per core
               "copy_bandwidth_gbs": bandwidth, "variants": rows,
               # The bench's own single-threaded export ends just before each timed run and keeps the
@@ -245,7 +258,7 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     lines = [f"# ExecuTorch on this CPU ({r['cpu_count']} cores{', CONTENDED' if r['contended'] else ''})", "",
              f"Pack `{r['pack']}`; prefill {r['prefill_tokens']} tokens, decode {r['decode_tokens']}; "
-             f"median of {r.get('rounds', 1)} alternating round(s) per variant; "
+             f"median of {r.get('rounds', 1)} alternating round(s) per variant; CPU {r.get('cpu', 'not recorded')}; "
              f"copy bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s; head {r.get('head', 'fp16')}; "
              f"prefill logits: {r.get('prefill_logits', 'every position')}; threads {r.get('threads', r['cpu_count'])}.", "",
              "| variant | .pte MB | prefill tok/s | decode tok/s | bound tok/s | MB/token | peak RSS MB | load before/after |",
@@ -267,6 +280,14 @@ def markdown(r: dict) -> str:
         if len(paired["decode"]) > 1:
             lines += ["Round by round (each custom_op run against the 8da4w run right after it, so a drift of "
                       "the shared host's speed cancels): decode {}, median {:.2f}x; prefill median {:.2f}x.".format(
+                          ", ".join(f"{x:.2f}x" for x in paired["decode"]),
+                          sorted(paired["decode"])[len(paired["decode"]) // 2],
+                          sorted(paired["prefill"])[len(paired["prefill"]) // 2])]
+    if all(k in v and "error" not in v[k] for k in ("custom_op", "custom_op_unfused")):
+        paired = paired_ratios(v["custom_op"].get("rounds", []), v["custom_op_unfused"].get("rounds", []))
+        if paired["decode"]:
+            lines += ["", "What `fusion.py` saves (custom_op / custom_op_unfused, round by round): decode {}, "
+                      "median {:.2f}x; prefill median {:.2f}x.".format(
                           ", ".join(f"{x:.2f}x" for x in paired["decode"]),
                           sorted(paired["decode"])[len(paired["decode"]) // 2],
                           sorted(paired["prefill"])[len(paired["prefill"]) // 2])]
