@@ -32,13 +32,15 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_fused_model_equals_unfused(tmp_path):
-    pack = make_tiny_pack("llama", tmp_path / "pack", mixed=True)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # x * w with SiLU; x * (1 + w) with tanh-GELU
+def test_fused_model_equals_unfused(family, tmp_path):
+    pack = make_tiny_pack(family, tmp_path / "pack", mixed=family == "llama")
     opts = dict(max_context=16, max_prefill=8)
     _, plain, _ = export.prepare_model(pack, export.ExportOptions(**opts, fuse_blocks=False))
     _, fused, sites = export.prepare_model(pack, export.ExportOptions(**opts))
     blocks = fused.model.layers
-    assert all(isinstance(b.input_layernorm, nn.Identity) and isinstance(b.post_attention_layernorm, nn.Identity)
+    mlp_norm = fusion.MLP_NORM[family]
+    assert all(isinstance(b.input_layernorm, nn.Identity) and isinstance(getattr(b, mlp_norm), nn.Identity)
                and isinstance(b.mlp, fusion.FusedMlp) for b in blocks)
     assert all(not isinstance(b.input_layernorm, nn.Identity) for b in plain.model.layers)
     assert sites["model.layers.0.self_attn.q_proj"]["lowering"] == "liftedge::lq_rms_linear"
