@@ -73,3 +73,14 @@ def test_other_families_and_custom_ops_off_unchanged(tmp_path):
     pack = make_tiny_pack("llama", tmp_path / "llama")
     _, model, _ = export.prepare_model(pack, export.ExportOptions(max_context=16, max_prefill=8, custom_ops=False))
     assert not any(isinstance(m, ops.LqGlu) for m in model.modules())
+
+
+def test_fuse_blocks_option_and_flag():
+    from liftedge.cli import build_parser
+    from liftedge.targets.executorch import parse_options
+
+    assert parse_options({})["fuse_blocks"] is True and parse_options({"fuse_blocks": False})["fuse_blocks"] is False
+    args = build_parser().parse_args(["build", "m", "--target", "android", "--ram", "4GB", "-o", "x"])
+    assert args.fuse_blocks is True
+    args = build_parser().parse_args(["build", "m", "--target", "android", "--ram", "4GB", "--no-fuse-blocks", "-o", "x"])
+    assert args.fuse_blocks is False

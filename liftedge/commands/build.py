@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                         "default: --context, else the profile's, else 512)")
     t.add_argument("--no-custom-ops", dest="custom_ops", action="store_false",
                    help="executorch: express lift-project layers in stock operators (no kernel library needed)")
+    t.add_argument("--no-fuse-blocks", dest="fuse_blocks", action="store_false",
+                   help="executorch: keep each decoder block's RMSNorms and gated-MLP activation as graph operators "
+                        "instead of inside the lift-project ops (liftedge::lq_rms_linear, liftedge::lq_glu)")
     t.add_argument("--no-llm-attention", dest="llm_attention", action="store_false",
                    help="executorch: attention in stock operators instead of ExecuTorch's LLM ops "
                         "(llama::update_cache, llama::custom_sdpa), for a runtime built without them; slower")
@@ -91,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 
         require_resident_fit(pack, request.compute_units, extra["memory"])
     wanted = {"max_context": int(context), "custom_ops": bool(args.custom_ops),
-              "llm_attention": bool(args.llm_attention),
+              "llm_attention": bool(args.llm_attention), "fuse_blocks": bool(args.fuse_blocks),
               "compute_units": request.compute_units or COREML_COMPUTE_UNITS[0]}
     options = {k: v for k, v in wanted.items() if k in get_target(runtime).OPTIONS}
     print(f"lowering for {runtime} (context {context}) and verifying against the reference ...")
