@@ -194,14 +194,15 @@ bool make_layer(KernelRuntimeContext& ctx, const char* name, const Tensor* const
 }
 
 // RMSNorm without its weight (the export folds the weight into in_scale): each token of
-// x [m, n] times 1 / sqrt(mean(x^2) + eps), into dst.
+// x [m, n] times 1 / sqrt(mean(x^2) + eps), into dst (the squares summed in double: a residual
+// stream's outlier channels would otherwise cost float bits over thousands of terms).
 const float* rms_normalize(const float* x, int64_t m, int64_t n, double eps, std::vector<float>& dst) {
   dst.resize(m * n);
   for (int64_t t = 0; t < m; ++t) {
     const float* xt = x + t * n;
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; ++i) ss += xt[i] * xt[i];
-    const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xt[i]) * xt[i];
+    const float r = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
     for (int64_t i = 0; i < n; ++i) dst[t * n + i] = xt[i] * r;
   }
   return dst.data();
