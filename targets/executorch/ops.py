@@ -165,40 +165,32 @@ def lq_glu_math(x, gate: list, up: list, eps: float, act: int) -> torch.Tensor:
     return glu_activation(lq_linear_math(xn, *gate), act) * lq_linear_math(xn, *up)
 
 
-@torch.library.impl(_lib, "lq_rms_linear", "CompositeExplicitAutograd")
 def _lq_rms_linear(x, *args):
     *fields, eps = args
     return lq_linear_math(rms_normalize(x, eps), *fields)
 
 
-@torch.library.impl(_lib, "lq_rms_linear.out", "CompositeExplicitAutograd")
-def _lq_rms_linear_out(x, *args, out):
-    out.resize_(*x.shape[:-1], args[1].shape[0])
-    out.copy_(_lq_rms_linear(x, *args))
-    return out
-
-
-@torch.library.register_fake(f"{NAMESPACE}::lq_rms_linear")
-def _lq_rms_linear_fake(x, *args):
-    return x.new_empty((*x.shape[:-1], args[1].shape[0]))
-
-
-@torch.library.impl(_lib, "lq_glu", "CompositeExplicitAutograd")
 def _lq_glu(x, *args):
     n = len(FIELDS)
     return lq_glu_math(x, list(args[:n]), list(args[n:2 * n]), args[2 * n], args[2 * n + 1])
 
 
-@torch.library.impl(_lib, "lq_glu.out", "CompositeExplicitAutograd")
-def _lq_glu_out(x, *args, out):
-    out.resize_(*x.shape[:-1], args[1].shape[0])
-    out.copy_(_lq_glu(x, *args))
-    return out
+def _register_fused(name: str, compute) -> None:
+    """The torch implementation, `.out` and fake of a fused op whose output rows are those of
+    its first layer (args[1], that layer's `scale`)."""
+
+    def out_impl(x, *args, out):
+        out.resize_(*x.shape[:-1], args[1].shape[0])
+        out.copy_(compute(x, *args))
+        return out
+
+    torch.library.impl(_lib, name, "CompositeExplicitAutograd")(compute)
+    torch.library.impl(_lib, f"{name}.out", "CompositeExplicitAutograd")(out_impl)
+    torch.library.register_fake(f"{NAMESPACE}::{name}")(lambda x, *args: x.new_empty((*x.shape[:-1], args[1].shape[0])))
 
 
-@torch.library.register_fake(f"{NAMESPACE}::lq_glu")
-def _lq_glu_fake(x, *args):
-    return x.new_empty((*x.shape[:-1], args[1].shape[0]))
+_register_fused("lq_rms_linear", _lq_rms_linear)
+_register_fused("lq_glu", _lq_glu)
 
 
 def op() -> torch._ops.OpOverload:
