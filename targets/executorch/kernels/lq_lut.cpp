@@ -35,6 +35,15 @@ constexpr int RADIX_TWO_PLANE = 128;
 // Summed bytes added to a 16-bit lane before it is widened to int32: each add is at most 255
 // (one lookup, one plane) or 254 (two lookups, two planes); 128 of them stay below 2^15.
 constexpr int64_t CHUNK_ADDS = 128;
+// Sign bytes ahead of the loads that each loop iteration asks the cache to fetch (into L2:
+// L1 holds the tables). A tile walks its signs sequentially, but interleaved with the table
+// loads the hardware prefetcher alone kept one core at 6.4-6.7 GB/s of signs once a layer is
+// out of cache (AMD EPYC, 1B shapes; 20 GB/s when the same layer is cached). 10 KB ahead (about
+// half a 2048-wide tile) gave 15-18 GB/s; 1-4 KB ahead 8-11, 16-32 KB ahead 12, an L1 hint at
+// any distance at most 11 (benchmarks/results/kernel_bench.md). Prefetches never fault, so
+// reading past a thread's last tile is harmless.
+constexpr int64_t PREFETCH_BYTES = 10240;
+inline void prefetch_signs(const uint8_t* p) { __builtin_prefetch(p + PREFETCH_BYTES, 0, 2); }
 
 inline int planes(int mode) { return mode == LQ_LUT_INT8 ? 1 : 2; }
 template <int P>
@@ -103,6 +112,7 @@ void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[RO
     int64_t g = g0;
     if (P == 2) {
       for (; g + 4 <= g1; g += 4) {
+        prefetch_signs(w + 16 * g);
         const __m256i v0 = load(w + 16 * g), v1 = load(w + 16 * (g + 2));
         const __m256i il0 = _mm256_and_si256(v0, low4), ih0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
         const __m256i il1 = _mm256_and_si256(v1, low4), ih1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
@@ -114,6 +124,7 @@ void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[RO
       }
     }
     for (; g < g1; g += 2) {  // one plane; or the last two groups of two planes
+      prefetch_signs(w + 16 * g);
       const __m256i v = load(w + 16 * g);
       const __m256i il = _mm256_and_si256(v, low4), ih = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       for (int p = 0; p < P; ++p) {
@@ -153,6 +164,7 @@ void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[RO
     int64_t g = g0;
     if (P == 2) {
       for (; g + 2 <= g1; g += 2) {
+        prefetch_signs(w + 16 * g);
         const uint8x16_t v0 = vld1q_u8(w + 16 * g), v1 = vld1q_u8(w + 16 * (g + 1));
         const uint8x16_t il0 = vandq_u8(v0, low4), ih0 = vshrq_n_u8(v0, 4);
         const uint8x16_t il1 = vandq_u8(v1, low4), ih1 = vshrq_n_u8(v1, 4);
@@ -164,6 +176,7 @@ void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[RO
       }
     }
     for (; g < g1; ++g) {  // one plane (two planes: G is even, so never)
+      prefetch_signs(w + 16 * g);
       const uint8x16_t v = vld1q_u8(w + 16 * g);
       const uint8x16_t il = vandq_u8(v, low4), ih = vshrq_n_u8(v, 4);
       for (int p = 0; p < P; ++p) {
