@@ -301,7 +301,13 @@ def _check_manifest_schema(manifest: dict[str, Any], file: Path) -> None:
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the pack's weights.safetensors, as stored: checked against the manifest's
-    SHA-256 (packs written since it was recorded) and for non-finite values."""
+    SHA-256 (packs written since it was recorded) and for non-finite values.
+
+    The tensors are views of a private (copy-on-write) memory map of the file, not heap copies:
+    pages are read when touched and are page cache the kernel can reclaim, so a lowering that
+    repacks the signs holds the pack once, not twice (a 3B pack is 1.5 GB). A write to a tensor
+    stays in this process; packs are replaced by rename (`liftedge.io`), never rewritten in
+    place, so a mapped file does not change under its reader."""
     file = Path(path) / WEIGHTS_NAME
     if not file.is_file():
         raise ArtifactError(f"{file} not found; the pack is incomplete")
@@ -309,10 +315,11 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if expected is not None and sha256_file(file) != expected:
         raise ArtifactError(f"{file} is not the weights file this pack's manifest was written with (SHA-256 "
                             "differs): replaced or damaged; rebuild the pack")
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        tensors = load_file(str(file))
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncation/corruption
         raise ArtifactError(f"{file} cannot be read ({type(exc).__name__}: {exc}); the pack is corrupt") from None
     for name, tensor in tensors.items():
@@ -354,6 +361,12 @@ def read_quantized(path: str | os.PathLike, manifest: dict[str, Any] | None = No
 
 def load_packed(path: str | os.PathLike):
     """Rebuild the quantized model of a pack as a `LoadedModel` (reference modules, float32)."""
+    return load_packed_quantized(path)[0]
+
+
+def load_packed_quantized(path: str | os.PathLike):
+    """`load_packed`, and the pack's quantized sites (`read_quantized`) from the same read: the
+    reference modules and a target's export modules then share the stored tensors."""
     from liftedge.model import LoadedModel, check_tokenizer_fits
 
     path = Path(path)
@@ -369,8 +382,9 @@ def load_packed(path: str | os.PathLike):
     tokenizer = _load_tokenizer(path)
     check_tokenizer_fits(tokenizer, model.config.get_text_config().vocab_size, str(path), error=ArtifactError)
     source_hash = sha256_text(PACK_FORMAT, sha256_file(path / MANIFEST_NAME), sha256_file(path / WEIGHTS_NAME))
-    return LoadedModel(model=model, tokenizer=tokenizer, family=manifest["source"].get("family"),
-                       source=str(path), source_hash=source_hash)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, family=manifest["source"].get("family"),
+                         source=str(path), source_hash=source_hash)
+    return loaded, qtensors
 
 
 def _build_model(path: Path, shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module:

@@ -34,9 +34,6 @@ storing the result `liftedge.packed`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import json
 import logging
 import os
@@ -57,6 +54,7 @@ from liftedge.correct import (
     installed,
     module_bias,
 )
+from liftedge.heap import map_large_allocations, release_memory
 from liftedge.model import decoder_blocks, get_module, list_sites, site_weight
 from liftedge.pages import release_clean_pages
 from liftedge.progress import progress
@@ -86,51 +84,6 @@ class StreamReport:
 # rounding (relative 2^-11 per block) is far below the quantization error being corrected;
 # a batch that overflows fp16 stays in the model's dtype (`stream.narrow`).
 STREAM_STORAGE = torch.float16
-
-# glibc's M_MMAP_THRESHOLD option number (malloc.h).
-_M_MMAP_THRESHOLD = -3
-# Allocations from this size up get their own mapping, returned to the OS when freed.
-_MMAP_THRESHOLD_NBYTES = 256 << 10
-
-
-def _libc():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-def _map_large_allocations() -> None:
-    """Give every tensor of 256 KiB or more its own mapping, for the rest of the process.
-
-    glibc raises its mmap threshold (up to 32 MB) each time a mapped chunk is freed, so after
-    the first block the correction's 1-40 MB tensors come from the heap, whose free space
-    fragments and stays resident: measured on SmolLM2, the process held ~290 MB more than
-    its live tensors during a block. A fixed threshold also turns the raising off. The values
-    computed are unchanged; each large allocation costs a map and page faults (~5% of a block).
-    """
-    if os.environ.get("LIFTEDGE_NO_TRIM"):
-        return
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):  # not glibc: its own allocator policy stands
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_NBYTES)
-
-
-def _release_memory() -> None:
-    """Return freed heap memory to the OS between blocks.
-
-    Each block allocates and frees tens of MB of same-sized tensors (latent signs, Adam
-    state, activations); glibc keeps such freed chunks in its heap, and without a trim the
-    process RSS creeps up block after block although nothing is alive.
-    """
-    gc.collect()
-    if os.environ.get("LIFTEDGE_NO_TRIM"):
-        return
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):  # not glibc: nothing to trim
-        libc.malloc_trim(0)
-
 
 def _release_weights(model: nn.Module) -> int:
     """Give back the pages of the memory-mapped weights read so far (values unchanged)."""
@@ -240,8 +193,8 @@ def quantize_streaming(loaded, tokens: torch.Tensor, configs: dict[str, LiftQuan
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     blocks = decoder_blocks(model)
-    _map_large_allocations()
-    _release_memory()  # what tokenizing the calibration text left in the heap: ~55 MB on WikiText-2 valid
+    map_large_allocations()
+    release_memory()  # what tokenizing the calibration text left in the heap: ~55 MB on WikiText-2 valid
     x_fp = capture_block_inputs(model, tokens, batch_size, storage=STREAM_STORAGE)
     table_qts = _quantize_tables(model, tables)
     if any(s.kind == "embedding" for s in tables):  # block 0 sees the quantized embedding's rows
@@ -303,7 +256,7 @@ def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q
             advance_block(blocks[i], x_q, i)
         result.update(qts)
         report.blocks.append({"block": i, **record})
-        _release_memory()
+        release_memory()
         _release_weights(model)
     return result, report
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from liftedge.errors import ArtifactError
+from liftedge.pages import release_clean_pages
 from liftedge.targets.executorch import attention, fusion, modules, ops
 from liftedge.targets.reference import TiedHead
 
@@ -94,6 +95,7 @@ def swap_sites(model: nn.Module, qtensors: dict, custom_ops: bool) -> dict[str, 
         bias = getattr(model.get_submodule(name), "bias", None)
         if qt.fmt == "liftquant":
             _replace(model, name, ops.LqLinear(qt.tensors, bias, custom_op=custom_ops))
+            release_clean_pages(qt.tensors.values())  # the stored signs were read into the repacked copy
             sites[name] = ({"lowering": CUSTOM_OP, "why": "lift-project layer: C++ kernel over the packed signs"}
                            if custom_ops else
                            {"lowering": "stock-op lift-project",
@@ -206,13 +208,12 @@ def _int_tied_head(emb: modules.IntEmbedding, bias, custom_ops: bool):
 
 def prepare_model(pack: Path, opts: ExportOptions):
     """The loaded pack with export modules in place, and the per-site report."""
-    from liftedge.packed import load_packed, read_manifest, read_quantized
+    from liftedge.packed import load_packed_quantized, read_manifest
 
     family = read_manifest(pack)["source"].get("family")
     check_family(family)  # before the (slow) load
-    loaded = load_packed(pack)
+    loaded, qtensors = load_packed_quantized(pack)
     model = loaded.model
-    qtensors = read_quantized(pack)
     sites = swap_sites(model, qtensors, opts.custom_ops)
     sites.update(swap_embeddings(model, qtensors, opts.custom_ops, opts.int8_head))
     sites.update(swap_fp16_linears(model, opts.custom_ops))
@@ -330,6 +331,24 @@ def to_pte(program: torch.export.ExportedProgram, partitioners: list | None = No
     With `etrecord`, the ETRecord (the edge graph with debug handles, which the profiler
     uses to name ETDump events by layer) is saved there; the `.pte` bytes are the same.
     """
+    manager, counts = to_executorch(program, partitioners, etrecord=etrecord, constant_methods=constant_methods)
+    return manager.buffer, counts
+
+
+def write_pte(program: torch.export.ExportedProgram, path: Path, *,
+              constant_methods: dict[str, Any] | None = None) -> dict[str, int]:
+    """`to_pte` written straight to `path` (the serialized pieces one after another: no
+    whole-program bytes object, which at 3B is 1.5 GB beside the tensors it was made from);
+    returns the operator counts."""
+    manager, counts = to_executorch(program, constant_methods=constant_methods)
+    with open(path, "wb") as f:
+        manager.write_to_file(f)
+    return counts
+
+
+def to_executorch(program: torch.export.ExportedProgram, partitioners: list | None = None, *,
+                  etrecord: Path | None = None, constant_methods: dict[str, Any] | None = None):
+    """The lowered program's `ExecutorchProgramManager` and the operator counts (`to_pte`)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
@@ -343,7 +362,7 @@ def to_pte(program: torch.export.ExportedProgram, partitioners: list | None = No
         manager = edge.to_executorch()
     if etrecord is not None:
         manager.get_etrecord().save(str(etrecord))
-    return manager.buffer, counts
+    return manager, counts
 
 
 @contextlib.contextmanager
@@ -389,9 +408,8 @@ def lower_pack(pack: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
     attn = attention_lowering(model, opts)
     program = export_program(model, opts)
     metadata = runner_metadata(loaded, opts, attn["lowering"] == "llm ops")
-    del loaded
-    data, counts = to_pte(program, constant_methods=metadata)
-    (out / PTE_NAME).write_bytes(data)
+    del loaded, model
+    counts = write_pte(program, out / PTE_NAME, constant_methods=metadata)
     custom = sorted(k.split(".")[1] if "." in k else k for k in counts if k.startswith(f"{ops.NAMESPACE}."))
     n_custom = sum(v for k, v in counts.items() if k.startswith(f"{ops.NAMESPACE}."))
     return {"sites": sites, "operators": counts, "int8_head": any(
