@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from liftedge.targets.reference.registry import get_format
+from liftedge.targets.reference.registry import get_format, stored_buffer
 from liftedge.types import QuantizedTensor
 
 # Rows decoded at once by the tied head: 8192 x 576 float32 is 19 MB for SmolLM2, against
@@ -36,8 +36,8 @@ class TableEmbedding(nn.Module):
         self.fmt, self.meta = qt.fmt, dict(qt.meta)
         self.num_embeddings, self.embedding_dim = qt.meta["out_features"], qt.meta["in_features"]
         self._fields = tuple(qt.tensors)
-        for field, tensor in qt.tensors.items():
-            self.register_buffer(f"q_{field}", tensor.detach().clone())
+        for field, tensor in qt.tensors.items():  # shared, not copied (`stored_buffer`)
+            self.register_buffer(f"q_{field}", stored_buffer(tensor))
         self.embed_scale = None if embed_scale is None else float(embed_scale)
 
     def stored(self) -> QuantizedTensor:

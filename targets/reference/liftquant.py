@@ -38,7 +38,7 @@ from torch import nn
 
 from liftedge.bitpack import pack_signs, packed_row_nbytes, unpack_signs
 from liftedge.types import QuantizedTensor
-from liftedge.targets.reference.registry import Format, register_format
+from liftedge.targets.reference.registry import Format, register_format, stored_buffer
 from liftedge.whiten import apply_inverse
 
 
@@ -146,8 +146,8 @@ class LiftLinear(nn.Module):
         super().__init__()
         self.fmt, self.meta = qt.fmt, dict(qt.meta)
         self.in_features, self.out_features = qt.meta["in_features"], qt.meta["out_features"]
-        for field, tensor in qt.tensors.items():
-            self.register_buffer(f"q_{field}", tensor.detach().clone())
+        for field, tensor in qt.tensors.items():  # shared, not copied (`stored_buffer`)
+            self.register_buffer(f"q_{field}", stored_buffer(tensor))
         device = qt.tensors["scale"].device
         f = {k: v.to(device, torch.float32) for k, v in qt.tensors.items() if k != "signs"}
         self.register_buffer("sign_matrix", None, persistent=False)  # unpacked at the first forward

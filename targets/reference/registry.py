@@ -30,6 +30,13 @@ from torch import nn
 from liftedge.errors import ArtifactError
 from liftedge.types import QuantizedTensor
 
+
+def stored_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """A stored field as a reference module's buffer: the tensor itself, not a copy. A pack's
+    tensors are views of its memory-mapped file (`liftedge.packed.read_weights`); a copy would
+    put the whole pack on the heap (1.5 GB at 3B) beside the map. Nothing writes to them."""
+    return tensor.detach()
+
 FORMATS: dict[str, "Format"] = {}
 
 
@@ -111,8 +118,8 @@ class DequantLinear(nn.Module):
         super().__init__()
         self.fmt = qt.fmt
         self.meta = dict(qt.meta)
-        for field, tensor in qt.tensors.items():
-            self.register_buffer(f"q_{field}", tensor.detach().clone())
+        for field, tensor in qt.tensors.items():  # shared, not copied (`stored_buffer`)
+            self.register_buffer(f"q_{field}", stored_buffer(tensor))
         weight = get_format(qt.fmt).dequantize(qt)
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight, persistent=False)
