@@ -108,8 +108,10 @@ class DequantLinear(nn.Module):
     """Reference linear layer over a stored quantized weight: y = x @ W^T + b.
 
     The stored fields are kept as buffers named `q_<field>` (so `state_dict` shows the
-    packed form); the float32 weight is decoded once at construction and cached in a
-    non-persistent buffer, which keeps evaluation as fast as an ordinary Linear.
+    packed form); the float32 weight is decoded when first read (`weight`, the forward call)
+    and cached in a non-persistent buffer, which keeps evaluation as fast as an ordinary
+    Linear while a model whose layers a target swaps out before running never decodes it (an
+    8B head is 2.1 GB as float32).
     The calling convention is the Linear/Conv1D one: x [..., in] -> y [..., out]; a GPT-2
     Conv1D site gets the same module, only its stored weight layout ([in, out]) differed.
     """
@@ -118,12 +120,18 @@ class DequantLinear(nn.Module):
         super().__init__()
         self.fmt = qt.fmt
         self.meta = dict(qt.meta)
+        self._fields = tuple(qt.tensors)
         for field, tensor in qt.tensors.items():  # shared, not copied (`stored_buffer`)
             self.register_buffer(f"q_{field}", stored_buffer(tensor))
-        weight = get_format(qt.fmt).dequantize(qt)
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight, persistent=False)
+        self.out_features, self.in_features = int(qt.meta["out_features"]), int(qt.meta["in_features"])
+        self.register_buffer("weight", None, persistent=False)  # decoded when first read (__getattr__)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "weight" in self._buffers and self._buffers["weight"] is None:
+            stored = QuantizedTensor(self.fmt, {f: self._buffers[f"q_{f}"] for f in self._fields}, self.meta)
+            self._buffers["weight"] = get_format(self.fmt).dequantize(stored)
+        return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.matmul(x, self.weight.to(x.dtype).t())
