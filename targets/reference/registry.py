@@ -37,6 +37,7 @@ def stored_buffer(tensor: torch.Tensor) -> torch.Tensor:
     put the whole pack on the heap (1.5 GB at 3B) beside the map. Nothing writes to them."""
     return tensor.detach()
 
+
 FORMATS: dict[str, "Format"] = {}
 
 
@@ -127,10 +128,13 @@ class DequantLinear(nn.Module):
         self.register_buffer("weight", None, persistent=False)  # decoded when first read (__getattr__)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
 
+    def stored(self) -> QuantizedTensor:
+        """The stored weight as a QuantizedTensor (the buffers themselves, not copies)."""
+        return QuantizedTensor(self.fmt, {f: self._buffers[f"q_{f}"] for f in self._fields}, self.meta)
+
     def __getattr__(self, name: str):
         if name == "weight" and "weight" in self._buffers and self._buffers["weight"] is None:
-            stored = QuantizedTensor(self.fmt, {f: self._buffers[f"q_{f}"] for f in self._fields}, self.meta)
-            self._buffers["weight"] = get_format(self.fmt).dequantize(stored)
+            self._buffers["weight"] = get_format(self.fmt).dequantize(self.stored())
         return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
