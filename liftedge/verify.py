@@ -7,6 +7,10 @@ whose lift-project layers are `targets/reference`), then
 - compare the prompt's logits (relative Frobenius error, a tolerance the target states), and
 - decode greedily from both and require the same tokens, token for token.
 
+The artifact decodes first; the reference then checks its tokens in one forward pass
+(`reference_along`), which finds the reference's own greedy tokens exactly (see there) for the
+cost of one pass, not one per token: at 8B each reference step unpacks ~16 GB of signs.
+
 A target supplies a *step function*: `step(ids, start_pos) -> logits [len(ids), vocab]` that
 feeds `ids` at positions `start_pos ...` into its own KV cache (prefill is one call with the
 whole prompt, decode one call per token). `greedy` turns any step function into a `Run`, so
@@ -112,6 +116,33 @@ def reference_step(model: torch.nn.Module) -> StepFn:
 def reference_run(model: torch.nn.Module, prompt: list[int], new_tokens: int = DEFAULT_NEW_TOKENS) -> Run:
     model.eval()
     return greedy(reference_step(model), prompt, new_tokens)
+
+
+def reference_along(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> Run:
+    """The reference's greedy run, found in one forward pass along an artifact's `tokens`.
+
+    A causal model's logits at a position depend only on the tokens up to it, so one pass over
+    `prompt + tokens[:-1]` gives the reference's next-token logits after every prefix of `tokens`.
+    While the reference's argmax equals the artifact's token the two greedy paths are one path;
+    at the first difference the argmax is the reference's own next token. So the returned `Run`
+    holds exactly the tokens (and logits) `reference_run` would, up to and including the first
+    difference, or all of them when there is none; `compare` needs no more.
+    """
+    from liftedge.targets.reference.registry import one_pass
+
+    model.eval()
+    ids = list(prompt) + list(tokens[:-1])
+    with torch.no_grad(), one_pass():  # nothing decoded is kept: each layer runs once
+        out = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False)
+    logits = out.logits[0].float().numpy()
+    run = Run(prompt_logits=logits[:len(prompt)], tokens=[])
+    for i, token in enumerate(tokens):
+        row = logits[len(prompt) - 1 + i]
+        run.tokens.append(int(np.argmax(row)))
+        run.step_logits.append(row)
+        if run.tokens[-1] != token:
+            break
+    return run
 
 
 def relative_error(got: np.ndarray, ref: np.ndarray) -> float:

@@ -179,3 +179,24 @@ def test_liftquant_sign_cache_budget(monkeypatch):
     y1, y2 = uncached(x), uncached(x)
     assert uncached.sign_matrix is None
     assert torch.equal(y1, y_cached) and torch.equal(y2, y_cached)  # same ops, same order: exact
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_one_pass_decodes_by_rows_and_keeps_nothing(fmt, monkeypatch):
+    """Under `one_pass()` (verification's single forward pass) a module decodes its weight per
+    call, a few rows at a time, keeps nothing decoded, and computes what the cached module does."""
+    from liftedge.targets.reference import registry
+
+    qt = get_format(fmt).example()
+    x = torch.randn(2, 3, qt.meta["in_features"], generator=torch.Generator().manual_seed(0))
+    want = make_module(qt, None)(x)
+    monkeypatch.setattr(registry, "DECODE_CHUNK_ROWS", 3)  # examples have a few rows: several chunks, one ragged
+    module = make_module(qt, None)
+    with registry.one_pass():
+        got = module(x)
+    assert registry.keeps_decoded()  # the mode ends with its block
+    # nothing decoded is kept (DequantLinear's float32 weight, LiftLinear's unpacked signs)
+    assert module._buffers.get("weight") is None and module._buffers.get("sign_matrix") is None
+    # Row chunks change no row's own sum, only which rows a matmul call holds; the BLAS may
+    # block a smaller matmul differently, so float32 summation order (1e-5 relative) may move.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

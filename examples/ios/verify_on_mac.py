@@ -74,16 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         compare,
         greedy,
         prompt_ids,
-        reference_run,
+        reference_along,
     )
 
     report = json.loads((args.artifact / "report.json").read_text())
     loaded = load_packed(args.pack)
     prompt = prompt_ids(loaded.tokenizer)
-    ref = reference_run(loaded.model, prompt, args.tokens)
     timings: list[tuple[int, float]] = []
     step = coreml_step(args.artifact / PACKAGE_NAME, args.compute_units, report["runtime"]["max_prefill"], timings)
     got = greedy(step, prompt, args.tokens)
+    ref = reference_along(loaded.model, prompt, got.tokens)
     try:
         record = compare(got, ref, args.tolerance or TOLERANCE, what=f"Core ML ({args.compute_units})")
     except VerificationError as exc:

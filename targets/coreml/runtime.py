@@ -35,7 +35,7 @@ from liftedge.verify import (
     greedy,
     in_chunks,
     prompt_ids,
-    reference_run,
+    reference_along,
 )
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,10 @@ def verify_package(out: Path, pack: Path, report: dict[str, Any], new_tokens: in
     if len(prompt) + new_tokens > limit:
         raise VerificationError(f"verification needs {len(prompt) + new_tokens} cache positions; "
                                 f"max_context is {limit}")
-    ref = reference_run(loaded.model, prompt, new_tokens)
     start = time.perf_counter()
     got = greedy(interpreter_step(Interpreter(prog), report["runtime"]["max_prefill"]), prompt, new_tokens)
     seconds = time.perf_counter() - start
+    ref = reference_along(loaded.model, prompt, got.tokens)
     record = compare(got, ref, TOLERANCE, what=f"{package.name} (read back, numpy interpreter)")
     record.update({"engine": "numpy interpreter of the read-back MIL program (Core ML does not run on Linux)",
                    "interpreter_seconds": round(seconds, 3), "structure": structure,

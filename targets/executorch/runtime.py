@@ -4,7 +4,7 @@
 loading the kernel library when the program calls `liftedge::lq_linear`) and returns a
 `liftedge.verify` step function: `step(ids, start_pos) -> logits [len(ids), vocab]`, where a
 prompt longer than the exported prefill bound is fed in chunks. `verify_pte` runs the
-verification prompt through it and through the pack's reference model and compares.
+verification prompt through it, then checks its tokens with the pack's reference model.
 
 This module owns loading and running; lowering is `export.py`.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from liftedge.errors import ArtifactError
-from liftedge.verify import compare, greedy, in_chunks, prompt_ids, reference_run
+from liftedge.verify import compare, greedy, in_chunks, prompt_ids, reference_along
 
 # Relative Frobenius error allowed between .pte and reference logits. Both compute in fp32
 # from the same fp16-stored values and differ in summation order (XNNPACK GEMMs, the
@@ -118,7 +118,6 @@ def verify_pte(path: Path, pack: Path, needs_kernel: bool, max_prefill: int, max
     if len(prompt) + new_tokens > max_context:
         raise ArtifactError(f"verification needs {len(prompt)} prompt + {new_tokens} new tokens, more than "
                             f"max_context={max_context}; raise max_context or lower verify_tokens")
-    ref = reference_run(loaded.model, prompt, new_tokens)
-    del loaded
     got = greedy(pte_step(path, needs_kernel, max_prefill, max_context), prompt, new_tokens)
+    ref = reference_along(loaded.model, prompt, got.tokens)
     return compare(got, ref, tolerance, what=str(path.name))

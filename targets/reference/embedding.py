@@ -5,8 +5,8 @@ rows on their own (`Format.dequantize_rows`: "fp16", "int"): it gathers the stor
 the ids and decodes only those, so the float32 table is never materialised.
 `TiedHead(embedding, bias)` is the output head of a model whose head shares the embedding's
 weight: logits = x @ W^T with W the embedding module's own stored table (one stored copy),
-decoded per call in chunks of `HEAD_CHUNK_ROWS` rows so that no float32 copy of the whole
-table is held either. An untied quantized head is an ordinary linear site (`make_module`).
+decoded per call in chunks of `registry.DECODE_CHUNK_ROWS` rows so that no float32 copy of the
+whole table is held either. An untied quantized head is an ordinary linear site (`make_module`).
 
 This module owns those two modules; the table's byte layout belongs to its format's module.
 """
@@ -16,13 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from liftedge.targets.reference.registry import get_format, stored_buffer
+from liftedge.targets.reference.registry import get_format, matmul_rows, stored_buffer
 from liftedge.types import QuantizedTensor
-
-# Rows decoded at once by the tied head: 8192 x 576 float32 is 19 MB for SmolLM2, against
-# 113 MB for its whole table as float32.
-HEAD_CHUNK_ROWS = 8192
-
 
 class TableEmbedding(nn.Module):
     """ids [...] -> rows [..., hidden] float32 of a stored table, decoded on lookup.
@@ -66,13 +61,7 @@ class TiedHead(nn.Module):
         return self._embedding[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        emb = self._embedding[0]
-        fmt, qt = get_format(emb.fmt), emb.stored()
-        parts = []
-        for start in range(0, emb.num_embeddings, HEAD_CHUNK_ROWS):
-            rows = torch.arange(start, min(start + HEAD_CHUNK_ROWS, emb.num_embeddings))
-            parts.append(torch.matmul(x, fmt.dequantize_rows(qt, rows).to(x.device, x.dtype).t()))
-        y = torch.cat(parts, -1)
+        y = matmul_rows(x, self._embedding[0].stored())
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -38,7 +38,8 @@ from torch import nn
 
 from liftedge.bitpack import pack_signs, packed_row_nbytes, unpack_signs
 from liftedge.types import QuantizedTensor
-from liftedge.targets.reference.registry import Format, register_format, stored_buffer
+from liftedge.targets.reference import registry
+from liftedge.targets.reference.registry import Format, keeps_decoded, register_format, stored_buffer
 from liftedge.whiten import apply_inverse
 
 
@@ -139,7 +140,7 @@ class LiftLinear(nn.Module):
     whose layers are only swapped for a target's own modules, an export, never holds it), and
     kept as int8 while the process's `SIGN_CACHE_NBYTES` allows, cast to float32 one layer at a
     time: as float32 it would take 4 x D/d bytes per weight, 6 GB for a 1B model at 16/4 (the
-    cast is exact).
+    cast is exact). Under `registry.one_pass()` nothing is kept and rows unpack in chunks.
     """
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None):
@@ -164,16 +165,26 @@ class LiftLinear(nn.Module):
         if pad:
             v = torch.nn.functional.pad(v, (0, pad))
         u = torch.matmul(v.reshape(*v.shape[:-1], -1, d), self.codebook).reshape(*v.shape[:-1], -1)
+        if self.sign_matrix is None and not keeps_decoded():  # one pass: rows unpacked per chunk
+            chunk = registry.DECODE_CHUNK_ROWS
+            y = torch.cat([torch.matmul(u, self._unpack(start, chunk).T.to(u.dtype))
+                           for start in range(0, self.out_features, chunk)], -1) * self.scale
+            return y if self.bias is None else y + self.bias
         signs = self.sign_matrix
         if signs is None:
-            signs = unpack_signs(self.q_signs.to(self.scale.device), n_blocks(self.in_features, d) * D,
-                                 dtype=torch.int8)
+            signs = self._unpack(0, self.out_features)
             if _sign_cache["nbytes"] + signs.nbytes <= SIGN_CACHE_NBYTES:
                 self.sign_matrix = signs
                 _sign_cache["nbytes"] += signs.nbytes
                 weakref.finalize(self, _uncache, signs.nbytes)
         y = torch.matmul(u, signs.T.to(u.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
+
+    def _unpack(self, start: int, rows: int) -> torch.Tensor:
+        """Sign rows [start, start + rows) as int8 ±1 [rows, n_blocks * D]."""
+        d, D = self.codebook.shape
+        return unpack_signs(self.q_signs[start:start + rows].to(self.scale.device), n_blocks(self.in_features, d) * D,
+                            dtype=torch.int8)
 
     def extra_repr(self) -> str:
         m = self.meta

@@ -22,7 +22,8 @@ This module owns the registry and the shared base class; it does not own any byt
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +40,39 @@ def stored_buffer(tensor: torch.Tensor) -> torch.Tensor:
 
 
 FORMATS: dict[str, "Format"] = {}
+
+# Rows decoded at once where a weight is decoded per call (a tied head, a one-pass model):
+# 8192 rows of a 4096-wide layer are 134 MB as float32, against 2.1 GB for an 8B head whole.
+DECODE_CHUNK_ROWS = 8192
+
+# Whether reference modules keep what they decode (a float32 weight, unpacked signs) for their
+# next call. Evaluation runs many batches and wants them kept; a single forward pass (the
+# verification's `liftedge.verify.reference_along`) gains nothing, and at 8B they are GBs.
+_keep_decoded = [True]
+
+
+@contextmanager
+def one_pass() -> Iterator[None]:
+    """Within: reference modules decode per call, in row chunks where they can, and keep nothing."""
+    _keep_decoded.append(False)
+    try:
+        yield
+    finally:
+        _keep_decoded.pop()
+
+
+def keeps_decoded() -> bool:
+    return _keep_decoded[-1]
+
+
+def matmul_rows(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """x @ W^T for the stored weight `qt`, its rows decoded `DECODE_CHUNK_ROWS` at a time
+    (`Format.dequantize_rows`), so no float32 copy of the whole weight is held."""
+    fmt, out, chunk = get_format(qt.fmt), int(qt.meta["out_features"]), DECODE_CHUNK_ROWS
+    parts = [torch.matmul(x, fmt.dequantize_rows(qt, torch.arange(start, min(start + chunk, out)))
+                          .to(x.device, x.dtype).t())
+             for start in range(0, out, chunk)]
+    return torch.cat(parts, -1)
 
 
 def register_format(name: str):
@@ -91,6 +125,10 @@ class Format:
         raise ArtifactError(f"format {self.name!r} cannot store an embedding table (no row-wise decoding); "
                             "embedding tables take 'fp16' or 'int'")
 
+    def decodes_rows(self) -> bool:
+        """Whether this format implements `dequantize_rows`."""
+        return type(self).dequantize_rows is not Format.dequantize_rows
+
     def check(self, qt: QuantizedTensor) -> None:
         """Raise ArtifactError if `qt`'s tensors do not match what its meta promises."""
         specs = self.tensor_specs(qt.meta)
@@ -112,7 +150,7 @@ class DequantLinear(nn.Module):
     packed form); the float32 weight is decoded when first read (`weight`, the forward call)
     and cached in a non-persistent buffer, which keeps evaluation as fast as an ordinary
     Linear while a model whose layers a target swaps out before running never decodes it (an
-    8B head is 2.1 GB as float32).
+    8B head is 2.1 GB as float32). Under `one_pass()` it decodes per call instead, by rows.
     The calling convention is the Linear/Conv1D one: x [..., in] -> y [..., out]; a GPT-2
     Conv1D site gets the same module, only its stored weight layout ([in, out]) differed.
     """
@@ -138,7 +176,12 @@ class DequantLinear(nn.Module):
         return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(x, self.weight.to(x.dtype).t())
+        if self._buffers["weight"] is None and not keeps_decoded():
+            fmt = get_format(self.fmt)
+            y = matmul_rows(x, self.stored()) if fmt.decodes_rows() else \
+                torch.matmul(x, fmt.dequantize(self.stored()).to(x.dtype).t())
+        else:
+            y = torch.matmul(x, self.weight.to(x.dtype).t())
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
