@@ -279,10 +279,32 @@ def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.Export
     seq = torch.export.Dim("seq", min=1, max=opts.max_prefill)
     ids = torch.zeros((1, 2), dtype=torch.long)
     pos = torch.arange(2, dtype=torch.long)
-    with torch.no_grad():
+    with torch.no_grad(), _real_values_uncopied():
         return torch.export.export(wrapper, args=(), kwargs={"input_ids": ids, "cache_position": pos},
                                    dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
                                    strict=True)
+
+
+@contextlib.contextmanager
+def _real_values_uncopied():
+    """Strict export traces with Dynamo, which clones every real tensor it meets (each weight,
+    each cache buffer) into its real-value cache, kept for evaluating data-dependent values that
+    this graph never asks for: a copy of the whole model while it traces (the 8B lowering peaked
+    3.3 GB above its repacked weights) that the export's shape environment keeps alive afterwards.
+    Here the cache holds the tensors themselves; the traced graph is the same (it is built from
+    fake tensors), and the program is verified like any other."""
+    from torch._dynamo.variables import builder
+
+    original = builder._clone_input
+
+    def keep(value, fake_mode):
+        return value if type(value) in (torch.Tensor, nn.Parameter) else original(value, fake_mode)
+
+    builder._clone_input = keep
+    try:
+        yield
+    finally:
+        builder._clone_input = original
 
 
 def runner_metadata(loaded, opts: ExportOptions, llm_attention: bool = False) -> dict[str, Any]:
@@ -358,11 +380,48 @@ def to_executorch(program: torch.export.ExportedProgram, partitioners: list | No
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                        generate_etrecord=etrecord is not None)
     counts = op_counts(edge.exported_program().graph_module)
-    with _fast_mutable_buffer_check():
+    freed = contextlib.nullcontext() if etrecord is not None else _constants_freed_once_emitted(edge.exported_program())
+    with _fast_mutable_buffer_check(), freed:
         manager = edge.to_executorch()
     if etrecord is not None:
         manager.get_etrecord().save(str(etrecord))
     return manager, counts
+
+
+# Constants smaller than this are left alone by `_constants_freed_once_emitted` (not worth it).
+_FREE_MIN_NBYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def _constants_freed_once_emitted(program: torch.export.ExportedProgram):
+    """Emission (`to_executorch`) copies every constant into a bytes object of the program
+    being serialized; the tensor it copied is not read again when nothing but the program holds
+    it. Within this block, each constant's storage is freed as soon as it has been copied, where
+    it is large, resizable (owned by torch: the repacked signs, not a memory-mapped pack field)
+    and held under one name only (a tied table is not), so the lowering never holds the weights
+    twice (the 8B lowering peaked 2.6 GB above its repacked weights). The ExportedProgram is
+    spent afterwards: only for a program that is written and dropped (no ETRecord)."""
+    from collections import Counter
+
+    from executorch.exir.emit._emitter import _Emitter
+
+    held = [t for t in (*program.state_dict.values(), *program.constants.values()) if isinstance(t, torch.Tensor)]
+    names = Counter(t.untyped_storage().data_ptr() for t in held)
+    original = _Emitter._tensor_spec_to_evalue
+
+    def emit_then_free(self, spec, *args, **kwargs):
+        value = original(self, spec, *args, **kwargs)
+        storage = spec.storage if spec.const else None
+        if (storage is not None and storage.nbytes() >= _FREE_MIN_NBYTES and storage.resizable()
+                and names.get(storage.data_ptr()) == 1):
+            storage.resize_(0)
+        return value
+
+    _Emitter._tensor_spec_to_evalue = emit_then_free
+    try:
+        yield
+    finally:
+        _Emitter._tensor_spec_to_evalue = original
 
 
 @contextlib.contextmanager
