@@ -361,16 +361,22 @@ def write_pte(program: torch.export.ExportedProgram, path: Path, *,
               constant_methods: dict[str, Any] | None = None) -> dict[str, int]:
     """`to_pte` written straight to `path` (the serialized pieces one after another: no
     whole-program bytes object, which at 3B is 1.5 GB beside the tensors it was made from);
-    returns the operator counts."""
-    manager, counts = to_executorch(program, constant_methods=constant_methods)
+    returns the operator counts. The program is spent (`to_executorch`'s `spend`): neither it
+    nor the module it was exported from can run afterwards."""
+    manager, counts = to_executorch(program, constant_methods=constant_methods, spend=True)
     with open(path, "wb") as f:
         manager.write_to_file(f)
     return counts
 
 
 def to_executorch(program: torch.export.ExportedProgram, partitioners: list | None = None, *,
-                  etrecord: Path | None = None, constant_methods: dict[str, Any] | None = None):
-    """The lowered program's `ExecutorchProgramManager` and the operator counts (`to_pte`)."""
+                  etrecord: Path | None = None, constant_methods: dict[str, Any] | None = None,
+                  spend: bool = False):
+    """The lowered program's `ExecutorchProgramManager` and the operator counts (`to_pte`).
+
+    `spend=True` frees the program's large constants as they are serialized
+    (`_constants_freed_once_emitted`): the lowering then never holds the weights twice, and
+    the program cannot be used again."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
@@ -380,7 +386,8 @@ def to_executorch(program: torch.export.ExportedProgram, partitioners: list | No
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                        generate_etrecord=etrecord is not None)
     counts = op_counts(edge.exported_program().graph_module)
-    freed = contextlib.nullcontext() if etrecord is not None else _constants_freed_once_emitted(edge.exported_program())
+    spent = edge.exported_program() if spend and etrecord is None else None
+    freed = contextlib.nullcontext() if spent is None else _constants_freed_once_emitted(spent)
     with _fast_mutable_buffer_check(), freed:
         manager = edge.to_executorch()
     if etrecord is not None:
@@ -399,8 +406,9 @@ def _constants_freed_once_emitted(program: torch.export.ExportedProgram):
     it. Within this block, each constant's storage is freed as soon as it has been copied, where
     it is large, resizable (owned by torch: the repacked signs, not a memory-mapped pack field)
     and held under one name only (a tied table is not), so the lowering never holds the weights
-    twice (the 8B lowering peaked 2.6 GB above its repacked weights). The ExportedProgram is
-    spent afterwards: only for a program that is written and dropped (no ETRecord)."""
+    twice (the 8B lowering peaked 2.6 GB above its repacked weights). On leaving the block the
+    rest of the program's large tensors (the KV-cache buffers, a tied table) are freed too:
+    the ExportedProgram is spent, for a program that is written and dropped (no ETRecord)."""
     from collections import Counter
 
     from executorch.exir.emit._emitter import _Emitter
@@ -422,6 +430,10 @@ def _constants_freed_once_emitted(program: torch.export.ExportedProgram):
         yield
     finally:
         _Emitter._tensor_spec_to_evalue = original
+    for t in held:  # what emission left (mutable buffers: the KV cache; tied tables): spent too
+        storage = t.untyped_storage()
+        if storage.nbytes() >= _FREE_MIN_NBYTES and storage.resizable():
+            storage.resize_(0)
 
 
 @contextlib.contextmanager
