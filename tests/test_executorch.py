@@ -463,3 +463,21 @@ def test_llm_attention_option_and_report(builds):
         parse_options({"llm_attention": "sometimes"})
     llm = builds[True]["runtime"]["llm_ops"]
     assert llm["needed"] is True and llm["operators"] == ["llama::update_cache", "llama::custom_sdpa"]
+
+
+def test_write_pte_frees_what_it_serialized_and_writes_the_same_bytes(mixed_pack, tmp_path, monkeypatch):
+    """`write_pte` spends its program: each constant is freed once the emitter has copied it
+    (and the KV-cache buffers at the end), so a lowering never holds the weights twice. The
+    bytes must be those of the intact program (`to_pte`): freeing happens after each copy."""
+    opts = export.ExportOptions(max_context=32, max_prefill=8)
+    want, _ = export.to_pte(export.export_program(export.prepare_model(mixed_pack, opts)[1], opts))
+    monkeypatch.setattr(export, "_FREE_MIN_NBYTES", 1)  # every tensor of this tiny program counts as large
+    program = export.export_program(export.prepare_model(mixed_pack, opts)[1], opts)
+    held = [t for t in (*program.state_dict.values(), *program.constants.values()) if isinstance(t, torch.Tensor)]
+    export.write_pte(program, tmp_path / "model.pte")
+    assert (tmp_path / "model.pte").read_bytes() == want
+    signs = [t for name, t in program.state_dict.items() if name.endswith(".signs")]
+    assert signs and all(t.untyped_storage().nbytes() == 0 for t in signs)  # the repacked signs: freed
+    caches = [t for name, t in program.constants.items() if "cache" in name and t.numel() > 1]
+    assert caches and all(t.untyped_storage().nbytes() == 0 for t in caches)  # the KV cache: freed on leaving
+    assert sum(t.untyped_storage().nbytes() for t in held) < sum(t.nbytes for t in held)
