@@ -28,7 +28,7 @@ class GraphBuilder:
     def __init__(self, name: str):
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.initializers: list[tuple[str, np.ndarray]] = []  # made TensorProtos in `model` only
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._counts: dict[str, int] = {}
@@ -56,7 +56,7 @@ class GraphBuilder:
     def initializer(self, name: str, array: np.ndarray) -> str:
         """Add `array` as an initializer under a fresh name derived from `name`."""
         name = self.fresh(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append((name, array))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -80,10 +80,17 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def model(self, doc: str = "") -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        """The ModelProto. Initializers are made here, each straight into the model's graph:
+        `make_graph` and `make_model` copy every message they are given, so building the graph
+        with its initializers first held the weights three times over (an 8B ONNX lowering
+        peaked at 9.8 GB for 2.3 GB of weights); the arrays (views of the pack's map) are
+        copied once, into the model. Same messages in the same order: the same bytes."""
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs)
         opsets = [helper.make_opsetid("", OPSET)]
         if any(n.domain == MS_DOMAIN for n in self.nodes):
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION,
                                   producer_name="liftedge", doc_string=doc)
+        for name, array in self.initializers:
+            model.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return model
