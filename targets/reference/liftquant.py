@@ -38,8 +38,8 @@ from torch import nn
 
 from liftedge.bitpack import pack_signs, packed_row_nbytes, unpack_signs
 from liftedge.types import QuantizedTensor
-from liftedge.targets.reference import registry
-from liftedge.targets.reference.registry import Format, keeps_decoded, register_format, stored_buffer
+from liftedge.targets.reference.registry import (Format, keeps_decoded, matmul_chunked, register_format,
+                                                 stored_buffer)
 from liftedge.whiten import apply_inverse
 
 
@@ -166,9 +166,7 @@ class LiftLinear(nn.Module):
             v = torch.nn.functional.pad(v, (0, pad))
         u = torch.matmul(v.reshape(*v.shape[:-1], -1, d), self.codebook).reshape(*v.shape[:-1], -1)
         if self.sign_matrix is None and not keeps_decoded():  # one pass: rows unpacked per chunk
-            chunk = registry.DECODE_CHUNK_ROWS
-            y = torch.cat([torch.matmul(u, self._unpack(start, chunk).T.to(u.dtype))
-                           for start in range(0, self.out_features, chunk)], -1) * self.scale
+            y = matmul_chunked(u, self.out_features, self._unpack) * self.scale
             return y if self.bias is None else y + self.bias
         signs = self.sign_matrix
         if signs is None:
@@ -180,10 +178,10 @@ class LiftLinear(nn.Module):
         y = torch.matmul(u, signs.T.to(u.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
-    def _unpack(self, start: int, rows: int) -> torch.Tensor:
-        """Sign rows [start, start + rows) as int8 ±1 [rows, n_blocks * D]."""
+    def _unpack(self, start: int, stop: int) -> torch.Tensor:
+        """Sign rows [start, stop) as int8 ±1 [stop - start, n_blocks * D]."""
         d, D = self.codebook.shape
-        return unpack_signs(self.q_signs[start:start + rows].to(self.scale.device), n_blocks(self.in_features, d) * D,
+        return unpack_signs(self.q_signs[start:stop].to(self.scale.device), n_blocks(self.in_features, d) * D,
                             dtype=torch.int8)
 
     def extra_repr(self) -> str:

@@ -68,11 +68,16 @@ def keeps_decoded() -> bool:
 def matmul_rows(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     """x @ W^T for the stored weight `qt`, its rows decoded `DECODE_CHUNK_ROWS` at a time
     (`Format.dequantize_rows`), so no float32 copy of the whole weight is held."""
-    fmt, out, chunk = get_format(qt.fmt), int(qt.meta["out_features"]), DECODE_CHUNK_ROWS
-    parts = [torch.matmul(x, fmt.dequantize_rows(qt, torch.arange(start, min(start + chunk, out)))
-                          .to(x.device, x.dtype).t())
-             for start in range(0, out, chunk)]
-    return torch.cat(parts, -1)
+    fmt = get_format(qt.fmt)
+    return matmul_chunked(x, int(qt.meta["out_features"]),
+                          lambda start, stop: fmt.dequantize_rows(qt, torch.arange(start, stop)))
+
+
+def matmul_chunked(x: torch.Tensor, out_features: int, rows) -> torch.Tensor:
+    """x @ W^T with `rows(start, stop)` giving W's rows [start, stop), `DECODE_CHUNK_ROWS` at a time."""
+    chunk = DECODE_CHUNK_ROWS
+    return torch.cat([torch.matmul(x, rows(start, min(start + chunk, out_features)).to(x.device, x.dtype).t())
+                      for start in range(0, out_features, chunk)], -1)
 
 
 def register_format(name: str):
