@@ -320,3 +320,12 @@ def test_external_data_round_trips(tiny_lq_pack, tmp_path):
 
     # the same float32 graph and bytes, read from another file: identical logits
     np.testing.assert_array_equal(make_step(a)(ids, 0), make_step(b)(ids, 0))
+    # The weights were streamed to model.onnx.data as the model was made (never all in memory):
+    # the files are byte for byte what onnx.save_model writes from the whole inline model.
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    onnx.save_model(onnx.load(str(tmp_path / "inline" / "model.onnx")), str(saved / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+                    size_threshold=1024)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (saved / name).read_bytes() == (tmp_path / "ext" / name).read_bytes(), name

@@ -124,7 +124,8 @@ class DecoderBuilder:
         return layers.emit_linear(self.ctx, x, site, qt, self.params.get(f"{site}.bias"))
 
     # ------------------------------------------------------------ graph
-    def build(self):
+    def build(self, external=None):
+        """The decoder's ModelProto; `external` (builder.ExternalData) takes large weights to a file."""
         b, s = self.b, self.s
         ids = b.add_input("input_ids", INT64, ["batch_size", "sequence_length"])
         mask = b.add_input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
@@ -148,7 +149,7 @@ class DecoderBuilder:
             x = self.block(i, x, masks[s.windows[i]], past[i])
         x = self.norm(x, self.FINAL_NORM)
         b.add_output(self.head(x), "logits", FLOAT, ["batch_size", "sequence_length", s.vocab])
-        return b.model(doc=f"liftedge {self.config.model_type} decoder (onnxruntime-genai I/O)")
+        return b.model(doc=f"liftedge {self.config.model_type} decoder (onnxruntime-genai I/O)", external=external)
 
     def embed(self, ids: str, pos: str) -> str:
         if self.emb_int is not None:

@@ -14,11 +14,9 @@ import onnx
 
 from liftedge.errors import ArtifactError
 from liftedge.lowering import chat_template, copy_tokenizer, special_tokens
+from liftedge.targets.onnxruntime.builder import ExternalData
 
 MODEL_NAME, GENAI_NAME, DATA_NAME = "model.onnx", "genai_config.json", "model.onnx.data"
-# Initializers smaller than this stay inside model.onnx when the rest go to external data
-# (norm weights, constants: reading them from a second file gains nothing).
-EXTERNAL_MIN_TENSOR_NBYTES = 1024
 # The .ort file is one flatbuffer, which cannot address past 2 GiB (no external data in it).
 ORT_FORMAT_MAX_NBYTES = 1 << 31
 
@@ -41,18 +39,24 @@ def read_pack(pack: Path):
     return config, params, sites, manifest
 
 
-def build_model(pack: Path) -> tuple[onnx.ModelProto, dict[str, Any], Any, Any]:
+def build_model(pack: Path, external=None) -> tuple[onnx.ModelProto, dict[str, Any], Any, Any]:
+    """The pack's ModelProto; with `external` (builder.ExternalData) and weights past its
+    threshold, their bytes are written to its file while the model is made."""
     from liftedge.targets.onnxruntime.families import make_builder
 
     config, params, sites, manifest = read_pack(pack)
     builder = make_builder(config, params, sites)
-    model = builder.build()
+    model = builder.build(external)
     return model, builder.report, builder.s, (config, manifest)
 
 
 def initializer_nbytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes
-               for t in model.graph.initializer)
+    """Bytes of initializer data, inside the model or referenced in its external data."""
+    def nbytes(t: onnx.TensorProto) -> int:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            return int(next(e.value for e in t.external_data if e.key == "length"))
+        return len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes
+    return sum(nbytes(t) for t in model.graph.initializer)
 
 
 def operators(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -62,24 +66,17 @@ def operators(model: onnx.ModelProto) -> dict[str, list[str]]:
     return {d: sorted(v) for d, v in sorted(ops.items())}
 
 
-def write_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Write `model` to `path`; with `external`, its initializers (those of 1 KiB and more) to
-    DATA_NAME beside it, one file, which ONNX Runtime and onnxruntime-genai read from there."""
-    if not external:
-        path.write_bytes(model.SerializeToString())
-        return
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_NAME, size_threshold=EXTERNAL_MIN_TENSOR_NBYTES)
-
-
 def lower_pack(pack: Path, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
     from liftedge.targets.onnxruntime import genai, ort_format
 
-    model, sites, shapes, (config, manifest) = build_model(pack)
+    # Weights past opts["external_data"] bytes go to DATA_NAME beside model.onnx (protobuf stops
+    # at 2 GiB), one file that ONNX Runtime and onnxruntime-genai read; initializers under 1 KiB
+    # (norm weights, constants) stay inside model.onnx.
+    model, sites, shapes, (config, manifest) = build_model(pack, ExternalData(out / DATA_NAME, opts["external_data"]))
     model_path = out / MODEL_NAME
     init_nbytes = initializer_nbytes(model)
-    external = init_nbytes > opts["external_data"]
-    write_model(model, model_path, external)
+    external = (out / DATA_NAME).exists()
+    model_path.write_bytes(model.SerializeToString())
     tokens = special_tokens(pack)
     context = min(opts["max_context"], int(getattr(config, "max_position_embeddings", opts["max_context"])))
     genai_json = genai.genai_config(config, shapes, MODEL_NAME, tokens, context)
