@@ -18,12 +18,14 @@ Writes benchmarks/results/quantize_throughput_<device>.json (--out overrides).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import json
 import os
 import platform
 import resource
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,9 +46,13 @@ def measure_shape(name: str, *, layers: int, device: str, samples: int, seq_len:
     full_layers = shape_config(name).num_hidden_layers
     with tempfile.TemporaryDirectory(prefix=f"qt-{name}-") as tmp:
         t = time.perf_counter()
-        folder = write_checkpoint(name, Path(tmp) / "model", seed=seed, layers=layers)
+        # Written in a child process, so that this process's peak RSS is the quantizer's alone.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            folder = pool.submit(write_checkpoint, name, Path(tmp) / "model", seed=seed, layers=layers).result()
         write_s = time.perf_counter() - t
-        loaded = load_model(folder)
+        # As `liftedge quantize` loads it: the fp16 weights stay a memory map, computed in
+        # float32 one block at a time (liftedge.upcast).
+        loaded = load_model(folder, mapped=True)
         sites = [s for s in list_sites(loaded.model) if s.kind == "linear" and s.block is not None]
         config = LiftQuantConfig(Rate.parse(rate), seed=seed)
         configs = {s.name: config for s in sites}

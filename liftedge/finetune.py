@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from liftedge.correct import TrainableLift, installed, module_bias, trainable_only
 from liftedge.progress import progress
 from liftedge.sites import decoder_blocks, list_sites, set_site_weight
+from liftedge.stream import forwards_replaced
 from liftedge.targets.reference import dequantize
 from liftedge.types import QuantizedTensor
 
@@ -174,10 +175,5 @@ def _checkpointed(blocks: nn.ModuleList):
 
     The model stays in eval mode (no dropout), so the recomputation is exact.
     """
-    for block in blocks:
-        block.forward = functools.partial(_run_checkpointed, block.forward)
-    try:
+    with forwards_replaced(blocks, lambda _, forward: functools.partial(_run_checkpointed, forward)):
         yield
-    finally:
-        for block in blocks:
-            del block.forward

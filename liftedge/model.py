@@ -78,13 +78,21 @@ class LoadedModel:
         return self.model.config
 
 
-def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a Hugging Face folder, a `.gguf` file, or (None / "default") the built-in model."""
+def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+               mapped: bool = False) -> LoadedModel:
+    """Load a Hugging Face folder, a `.gguf` file, or (None / "default") the built-in model.
+
+    With `mapped`, a folder whose weights are stored narrower than `dtype` (fp16, bf16) keeps
+    them in that dtype, a memory map of its safetensors files, and computes in `dtype` one
+    module at a time (`liftedge.upcast`): the runs that walk the model block by block
+    (quantizing, calibrating, measuring sensitivity) then hold one block in `dtype`, not the
+    whole model. Other inputs load as without it.
+    """
     if path is None or str(path) == "default":
         return _load_default(dtype)
     path = Path(path)
     if path.is_dir():
-        return _load_hf_dir(path, dtype)
+        return _load_hf_dir(path, dtype, mapped=mapped)
     if not path.exists():
         raise ModelLoadError(
             f"{path} does not exist; give a Hugging Face model folder (config.json + *.safetensors), "
@@ -137,7 +145,7 @@ def _save_float_copy(loaded: LoadedModel, folder: Path) -> None:
 
 
 def _load_hf_dir(folder: Path, dtype: torch.dtype, source: str | None = None,
-                 source_hash: str | None = None) -> LoadedModel:
+                 source_hash: str | None = None, mapped: bool = False) -> LoadedModel:
     _refuse_pickle_only(folder)
     config = _read_json(folder / "config.json", what="the model configuration")
     _refuse_remote_code(folder, config)
@@ -146,8 +154,15 @@ def _load_hf_dir(folder: Path, dtype: torch.dtype, source: str | None = None,
     check_config_matches_tensors(config, shapes, str(folder / "config.json"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    stored = _stored_float_dtype([w for w in weights if w.suffix == ".safetensors"]) if mapped else None
+    narrow = stored is not None and stored.itemsize < dtype.itemsize
     model = _call(f"transformers could not load the model in {folder}", AutoModelForCausalLM.from_pretrained,
-                  folder, dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+                  folder, dtype=stored if narrow else dtype, use_safetensors=True, trust_remote_code=False,
+                  output_loading_info=True)
+    if narrow:
+        from liftedge.upcast import compute_in
+
+        compute_in(model[0], dtype)
     tokenizer = _call(f"transformers could not load the tokenizer in {folder} (tokenizer.json or "
                       "tokenizer_config.json + vocab files)", AutoTokenizer.from_pretrained,
                       folder, trust_remote_code=False)
@@ -245,6 +260,19 @@ def _check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
     if file_nbytes < expected:
         raise ModelLoadError(f"{path.name} is truncated: its header needs {expected} bytes, the file has {file_nbytes}")
     return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _stored_float_dtype(shards: list[Path]) -> torch.dtype | None:
+    """The one dtype every floating tensor of the shards is stored in; None if they differ."""
+    found = set()
+    for shard in shards:
+        with open(shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))  # checked by _check_safetensors
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in _SAFETENSORS_FLOATS}
+    return _SAFETENSORS_FLOATS[found.pop()] if len(found) == 1 else None
 
 
 # Decoder-block tensors are named "...layers.N." (Llama, Qwen, Mistral, Gemma, GPT-NeoX) or "...h.N." (GPT-2).

@@ -31,6 +31,7 @@ only rounds it (relative 2^-11, far below a quantized model's own error).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from liftedge.model import decoder_blocks
+from liftedge.upcast import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return compute_dtype(model)  # float32 for a narrow model computing in float32 (liftedge.upcast)
 
 
 @torch.no_grad()
@@ -161,18 +163,31 @@ def _record(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> lis
             return hidden_states
         return forward
 
-    for i, block in enumerate(blocks):
-        block.forward = recorder(i)
-    try:
-        model(input_ids=batch, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for block in blocks:
-            del block.forward
+    with forwards_replaced(blocks, lambda i, _: recorder(i)):
+        try:
+            model(input_ids=batch, use_cache=False)
+        except _Stop:
+            pass
     if len(recorded) != len(blocks):
         raise RuntimeError(f"recorded {len(recorded)} of {len(blocks)} decoder blocks")
     return recorded
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules, make):
+    """Inside the `with`, module i's forward is `make(i, its current forward)`; after it, the
+    forward it had before comes back (an instance wrapper such as `liftedge.upcast`'s stays)."""
+    before = [m.__dict__.get("forward") for m in modules]
+    for i, m in enumerate(modules):
+        m.forward = make(i, m.forward)
+    try:
+        yield
+    finally:
+        for m, forward in zip(modules, before):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
 
 
 def _is_cache(value: Any) -> bool:

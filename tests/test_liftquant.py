@@ -146,12 +146,14 @@ def test_correction_lowers_block_error_and_is_recorded(tiny_llama_dir):
     assert any(b["kept"] for b in report.blocks), report.blocks
 
 
-def test_resume_after_interruption_gives_identical_output(tiny_llama_dir, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_identical_output(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     import liftedge.quantize.pipeline as pipeline
 
     cfg = CorrectionConfig(epochs=1)
     loaded, tokens = _tiny_setup(tiny_llama_dir)
     full, _ = quantize_streaming(loaded, tokens, _configs(loaded.model, _cheapest_rate()), cfg)
+    # the time the rest will take, from the first block's pace, printed after that block
+    assert "LiftQuant: block 1 of 2 took" in capsys.readouterr().err
 
     real = pipeline._quantize_block
 
@@ -169,9 +171,11 @@ def test_resume_after_interruption_gives_identical_output(tiny_llama_dir, tmp_pa
     assert sorted(p.name for p in ckpt.iterdir()) == ["block-0000.safetensors"]
 
     loaded, tokens = _tiny_setup(tiny_llama_dir)
+    capsys.readouterr()
     resumed, report = quantize_streaming(loaded, tokens, _configs(loaded.model, _cheapest_rate()), cfg,
                                          checkpoint_dir=ckpt)
     assert report.blocks[0].get("resumed") and not report.blocks[1].get("resumed")
+    assert "took" not in capsys.readouterr().err  # a replayed block is no sample of the pace; none left after block 2
     assert full.keys() == resumed.keys()
     for name in full:
         for field, tensor in full[name].tensors.items():

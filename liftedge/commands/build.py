@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         extra["memory"] = check_pack_fits(pack, request) if request.device else None
     else:
         correction, finetune = correction_from_args(args), finetune_from_args(args)
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, mapped=True)
         tokens, calib, sens = calibration_and_sensitivity(loaded, args)
         result = make_plan(sens, ModelDims.from_config(loaded.config), request)
         plan = result.plan

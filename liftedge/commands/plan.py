@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         config, model = config_only_model(args.model)  # nothing but shapes: no weights are read
         result = make_plan(unmeasured_sensitivity(model, args), ModelDims.from_config(config), request)
     else:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, mapped=True)
         _, _, sens = calibration_and_sensitivity(loaded, args)
         result = make_plan(sens, ModelDims.from_config(loaded.config), request)
     data = result.to_dict()

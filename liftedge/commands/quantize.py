@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
 
         config, correction = lq.configs_from_args(args)
         finetune = lq.finetune_from_args(args)
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, mapped=True)
         tokens, calib = calibration(loaded, args)
         from liftedge.quantize import default_sites
 
@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         config = method_config(entry.config_cls, args)
     except ValueError as exc:
         raise LiftedgeError(str(exc)) from None
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, mapped=True)
     return _quantize_integer(loaded, entry, config, args)
 
 

@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ from liftedge.stream import (
 )
 from liftedge.targets.reference import dequantize
 from liftedge.types import QuantizedTensor, Site
+from liftedge.upcast import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +145,10 @@ def _decoded(model, sites: list[Site], qts: dict[str, QuantizedTensor], *, keep:
     """
     params = [get_module(model, s.name).weight for s in sites]
     floats = [p.data for p in params]
+    dtype = compute_dtype(model)  # a narrow mapped model computes in float32: decoded weights are float32 too
     try:
         for p, s in zip(params, sites):
-            w = dequantize(qts[s.name]).to(device=p.device, dtype=p.dtype)
+            w = dequantize(qts[s.name]).to(device=p.device, dtype=dtype)
             p.data = (w.t() if s.transposed else w).contiguous()
         yield
     finally:
@@ -250,6 +253,8 @@ def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q
         else:
             qts, record = _quantize_block(model, blocks[i], i, block_sites, configs, x_q, targets, correction)
             record["seconds"] = round(time.perf_counter() - started, 3)
+            if not any("seconds" in b for b in report.blocks):
+                _print_estimate(i, len(blocks), record["seconds"])
             if ckpt is not None:
                 _save_checkpoint(ckpt, qts, record)
         with _decoded(model, block_sites, qts, keep=keep_decoded):
@@ -259,6 +264,20 @@ def _stream(model, blocks, sites, configs, correction, checkpoint_dir, x_fp, x_q
         release_memory()
         _release_weights(model)
     return result, report
+
+
+def _print_estimate(i: int, nblocks: int, seconds: float) -> None:
+    """After the first block quantized in this run: how long the rest will take at its pace
+    (blocks of one model have the same shapes, so the first one is a fair sample)."""
+    left = nblocks - i - 1
+    if left > 0:
+        print(f"LiftQuant: block {i + 1} of {nblocks} took {seconds:.0f} s; the {left} left will take about "
+              f"{_duration(seconds * left)}", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else \
+        f"{seconds:.0f} s"
 
 
 def _quantize_block(model, block, i, block_sites, configs, x_q, targets, correction):

@@ -1,0 +1,186 @@
+"""Run a model whose weights stay in their checkpoint's narrow dtype, computing in float32.
+
+Checkpoints of the models people put on phones are fp16 or bf16. Loaded as float32, the whole
+model is converted into heap memory: 4 bytes per weight, 32 GB for an 8B model, although the
+streaming quantizer and the calibration passes need one decoder block at a time. Loaded in
+its own dtype, a safetensors checkpoint stays a memory map of the file (`liftedge.pages`), and
+this module makes that model compute in float32 module by module:
+
+* each decoder block, the final norm and the output head run with float32 copies of their
+  narrow parameters and buffers swapped in for the call (the module's own tensors are never
+  written, so the map's pages stay clean), on float32 inputs; the copies live for the
+  call, and the pages the call read are given back afterwards (`release_clean_pages`);
+* the token (and position) embeddings return their looked-up rows in float32 (fp16 and bf16
+  values are exactly representable: the cast loses nothing).
+
+A float32 copy of fp16 weights holds the same values, so a block computes exactly what it
+computes when the model is loaded in float32 (tested). Under autograd with large copies (a
+backward pass through the whole model, as the Fisher statistics take) a block runs through
+non-reentrant activation checkpointing, so the copies are made again in the backward pass
+instead of being held for it: memory stays at one block's float weights either way.
+
+Owns the wrappers and `compute_dtype`, the dtype a (possibly wrapped) model computes in.
+Loading a model this way is `liftedge.model.load_model(..., mapped=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from liftedge.pages import release_clean_pages
+
+log = logging.getLogger(__name__)
+
+_ATTR = "_liftedge_compute_dtype"
+# Above this many bytes of float copies, a block under autograd is checkpointed (the copies
+# are remade in the backward pass rather than held for it). Below it, only small tensors are
+# narrow (norm weights while the block's linears are trainable float32 layers, as in the
+# intra-block correction) and recomputing the block would cost more than holding them.
+_CHECKPOINT_MIN_NBYTES = 16 << 20
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype `model` computes in: float32 for a wrapped narrow model, else its parameters'."""
+    dtype = getattr(model, _ATTR, None)
+    if dtype is not None:
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Make a model whose floating weights are narrower than `dtype` compute in `dtype`.
+
+    Wraps the model's embeddings, decoder blocks, final norm and output head (see the module
+    docstring) and returns the model. A model already in `dtype` is returned unchanged. Raises
+    if a narrow parameter sits outside every wrapped module (a family this does not cover).
+    """
+    narrow = [name for name, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype]
+    if not narrow:
+        return model
+    from liftedge.sites import decoder_blocks
+    from liftedge.stream import final_norm
+
+    covered: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and not _inside_blocks(model, module):
+            module.register_forward_hook(_cast_output(dtype))
+            covered.append(module)
+    head = model.get_output_embeddings()
+    for module in [*decoder_blocks(model), final_norm(model), head]:
+        if module is not None and any(True for _ in module.parameters()):
+            _wrap(module, dtype)
+            covered.append(module)
+    inside = {id(p) for m in covered for p in m.parameters()}
+    outside = [name for name, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype
+               and id(p) not in inside]
+    if outside:
+        raise ValueError(f"{type(model).__name__}: narrow weights outside the blocks, norm, head and embeddings "
+                         f"cannot be computed in {dtype}: {outside[:3]}")
+    setattr(model, _ATTR, dtype)
+    # What the model computes in, as a float32-loaded one says: packs copy this config.
+    model.config.dtype = dtype
+    log.info("%s keeps %d narrow tensors mapped, computing in %s", type(model).__name__, len(narrow), dtype)
+    return model
+
+
+def _inside_blocks(model: nn.Module, module: nn.Module) -> bool:
+    from liftedge.sites import decoder_blocks
+
+    return any(module is m for block in decoder_blocks(model) for m in block.modules())
+
+
+def _cast_output(dtype: torch.dtype):
+    def hook(module, args, output):
+        return _cast(output, dtype)
+    return hook
+
+
+def _wrap(module: nn.Module, dtype: torch.dtype) -> None:
+    """Replace `module.forward` by one that runs it on float copies of its narrow tensors."""
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+        narrow = _narrow_tensors(module, dtype)
+        nbytes = sum(t.numel() for t in narrow.values()) * _itemsize(dtype)
+
+        def run(*a, **k):
+            with _swapped(module, {name: t.detach().to(dtype) for name, t in narrow.items()}):
+                return inner(*a, **k)
+
+        try:
+            if torch.is_grad_enabled() and nbytes >= _CHECKPOINT_MIN_NBYTES and _wants_grad(args, kwargs, module):
+                return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return run(*args, **kwargs)
+        finally:
+            release_clean_pages(narrow.values())  # the mapped pages this call read
+
+    module.forward = forward
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Inside the `with`, the named parameters / buffers of `module` are `tensors`.
+
+    The module's tables are pointed at the copies and back; nothing is written into a tensor,
+    and autograd keeps the copies it saw. (`torch.func.functional_call` does the same but
+    calls the module again, which would run its forward hooks twice.)
+    """
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            table = owner._parameters if leaf in owner._parameters else owner._buffers
+            saved.append((table, leaf, table[leaf]))
+            table[leaf] = tensor
+        yield
+    finally:
+        for table, leaf, tensor in reversed(saved):
+            table[leaf] = tensor
+
+
+def _narrow_tensors(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors = itertools.chain(module.named_parameters(remove_duplicate=False),
+                              module.named_buffers(remove_duplicate=False))
+    return {name: t for name, t in tensors if t.is_floating_point() and t.dtype != dtype}
+
+
+def _wants_grad(args, kwargs, module: nn.Module) -> bool:
+    tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
+
+
+def _leaves(value: Any):
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """`value` with every narrower floating tensor (in tuples, lists and dicts) cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        narrower = value.is_floating_point() and value.dtype != dtype and value.element_size() < _itemsize(dtype)
+        return value.to(dtype) if narrower else value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_cast(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    if type(value) is dict:
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value  # caches, model outputs, None, ints
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
