@@ -465,6 +465,7 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise LiftedgeError("sensitivity needs calibration tokens [samples, length >= 2]")
     model = loaded.model
+    tokens = tokens.to(next(model.parameters()).device)  # measured where the model is (cpu or cuda)
     sites = planned_sites(model, tables=tables)
     path = _cache_file(loaded, tokens, sites, rates, rows, fisher_samples, seed) if use_cache else None
     if path is not None and path.is_file():

@@ -193,6 +193,11 @@ def test_pack_with_an_absurd_config_is_refused(tiny_lq_pack, tmp_path, sample_te
     (["plan", "{m}", "--target", "android", "--ram", "4GB", "--context", "100000"], "beyond the 256 positions"),
     (["plan", "{m}", "--bits", "3", "--menu", "24/10", "7/3"], "--menu 7/3: no codebook"),
     (["build", "{m}", "--target", "android", "--ram", "4GB", "--samples", "0", "-o", "{o}"], "--samples must be"),
+    (["plan", "{m}", "--bits", "3", "--device", "mps"], "liftedge measures and quantizes on cpu or cuda"),
+    (["plan", "{m}", "--bits", "3", "--device", "gpu0"], "is not a torch device"),
+    pytest.param(["build", "{m}", "--target", "android", "--ram", "4GB", "--device", "cuda", "-o", "{o}"],
+                 "torch sees no CUDA device", marks=pytest.mark.skipif(
+                     __import__("torch").cuda.is_available(), reason="this machine has CUDA: the device is fine")),
 ])
 def test_arguments_are_checked_before_the_model_loads(model, tmp_path, argv, words, capsys, monkeypatch):
     import liftedge.model

@@ -29,7 +29,7 @@ def claimed_output(args: argparse.Namespace) -> Iterator[None]:
 
 
 def check_calibration_arguments(args: argparse.Namespace) -> None:
-    """--samples / --seq-len / --menu / --context checked in a second, before the model loads."""
+    """--samples / --seq-len / --menu / --device / --context checked in a second, before the model loads."""
     from liftedge.errors import LiftedgeError
     from liftedge.model import peek_max_positions
 
@@ -39,6 +39,10 @@ def check_calibration_arguments(args: argparse.Namespace) -> None:
         raise LiftedgeError(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
     for rate in getattr(args, "menu", None) or ():
         check_shipped_rate(rate, "--menu")
+    if getattr(args, "device", None) is not None:
+        from liftedge.commands.budget_args import torch_device
+
+        torch_device(args.device)
     positions = peek_max_positions(args.model)
     if positions is None:
         return

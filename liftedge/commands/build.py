@@ -26,7 +26,6 @@ def register(subparsers) -> None:
     add_budget_arguments(p)
     q = p.add_argument_group("quantization")
     add_training_arguments(q)
-    q.add_argument("--device", default="cpu", help="torch device for quantization (cpu, cuda)")
     t = p.add_argument_group("artifact")
     t.add_argument("--max-context", dest="max_context", type=int, default=None,
                    help="KV cache length baked into the artifact where the runtime needs one (ExecuTorch, Core ML; "
