@@ -44,6 +44,7 @@ def measure_shape(name: str, *, layers: int, device: str, samples: int, seq_len:
     from liftedge.types import Rate
 
     full_layers = shape_config(name).num_hidden_layers
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"qt-{name}-") as tmp:
         t = time.perf_counter()
         # Written in a child process, so that this process's peak RSS is the quantizer's alone.
@@ -71,7 +72,10 @@ def measure_shape(name: str, *, layers: int, device: str, samples: int, seq_len:
     steady = seconds[1:] or seconds
     per_block = sum(steady) / len(steady)
     record = {
-        "shape": name, "blocks_quantized": layers, "blocks_in_model": full_layers,
+        "shape": name, "rate": rate, "samples": samples, "seq_len": seq_len, "correction_epochs": epochs,
+        "load_average_at_start": round(load, 2),
+        "contended": load > 1.0 and not device.startswith("cuda"),
+        "blocks_quantized": layers, "blocks_in_model": full_layers,
         "linear_weights_per_block": block_params, "checkpoint_write_s": round(write_s, 2),
         "block_seconds": seconds, "run_seconds": round(total_s, 2),
         "weights_per_s": round(block_params / per_block),
@@ -105,8 +109,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="correction passes (0: none; default as quantize)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--merge", action="store_true",
+                    help="add to the runs already in --out (a run of the same shape and settings is replaced)")
     args = ap.parse_args()
-    load = os.getloadavg()[0]
     out = args.out or RESULTS / f"quantize_throughput_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -114,15 +119,18 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor()
         or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "samples": args.samples, "seq_len": args.seq_len, "rate": args.rate, "correction_epochs": args.epochs,
-        "load_average_at_start": round(load, 2), "tail_search": tail_search_kind(args.device),
-        "contended": load > 1.0 and not args.device.startswith("cuda"),
+        "tail_search": tail_search_kind(args.device),
         "method": "first blocks of a shape-true random checkpoint; total = mean block time after the first "
                   "x the model's block count (embedding/head not quantized by LiftQuant)",
         "shapes": [],
     }
+    if args.merge and out.is_file():  # keep the runs of other shapes / settings already there
+        earlier = json.loads(out.read_text())
+        result["shapes"] = earlier.get("shapes") or earlier.get("runs") or []
     for name in args.shapes.split(","):
         print(f"{name}: {args.layers} block(s) on {args.device}", flush=True)
+        result["shapes"] = [r for r in result["shapes"] if (r.get("shape"), r.get("samples"), r.get("seq_len"),
+                            r.get("correction_epochs")) != (name, args.samples, args.seq_len, args.epochs)]
         result["shapes"].append(measure_shape(name, layers=args.layers, device=args.device, samples=args.samples,
                                               seq_len=args.seq_len, rate=args.rate, epochs=args.epochs,
                                               seed=args.seed))

@@ -48,30 +48,49 @@ class SiteStats:
 
 
 class _Accumulator:
-    """Running sum of x x^T (float64) and token count for one site."""
+    """Running sum of x x^T (float64, on the inputs' device) and token count for one site.
+
+    A site whose every input is the input of an earlier site (k and v after q, up after gate)
+    is an `alias` of that site's accumulator: equal sums, kept once.
+    """
 
     def __init__(self, in_features: int):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.in_features = in_features
+        self.sum: torch.Tensor | None = None
         self.count = 0
+        self.alias: "_Accumulator | None" = None
 
-    def add_product(self, product: torch.Tensor, ntokens: int) -> None:
-        self.sum += product
-        self.count += ntokens
+    def add(self, x: torch.Tensor) -> None:
+        """Add x x^T over the tokens of activations x [..., in], one chunk of tokens at a time.
+
+        Each chunk's float32 product goes straight into the float64 sum: no float64 copy of a
+        product and no per-call total is made (for an 8B down projection, [14336, 14336], each
+        would be 1.6 GB)."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.sum is None:
+            self.sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
+        for start in range(0, x.shape[0], _CHUNK_TOKENS):
+            chunk = x[start : start + _CHUNK_TOKENS]
+            self.sum += chunk.T @ chunk
+        self.count += x.shape[0]
 
     def result(self) -> SiteStats:
+        """H = sum / count (float32, on the CPU). The accumulator is spent: the division is in place."""
         if self.count == 0:
             raise RuntimeError("a site received no calibration tokens")
-        return SiteStats(hessian=(self.sum / self.count).float(), nsamples=self.count)
+        hessian = self.sum.div_(self.count).float().cpu()
+        self.sum = None
+        return SiteStats(hessian=hessian, nsamples=self.count)
 
 
-def second_moment_sum(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum over tokens of x x^T as float64, token count) for activations [..., in]."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], _CHUNK_TOKENS):
-        chunk = x[start : start + _CHUNK_TOKENS]
-        total += (chunk.T @ chunk).double()
-    return total.cpu(), x.shape[0]
+def results(accs: dict[str, _Accumulator]) -> dict[str, SiteStats]:
+    """Every accumulator's statistics; an alias gets its own copy of its source's."""
+    own = {id(acc): acc.result() for acc in accs.values() if acc.alias is None}
+    out = {}
+    for name, acc in accs.items():
+        stats = own[id(acc.alias if acc.alias is not None else acc)]
+        out[name] = stats if acc.alias is None else SiteStats(hessian=stats.hessian.clone(), nsamples=stats.nsamples)
+    return out
 
 
 def collect_stats(loaded, tokens: torch.Tensor, sites: list[Site] | None = None, *,
@@ -115,25 +134,37 @@ def _stream_stats(model: nn.Module, tokens: torch.Tensor, sites: list[Site], bat
     for s in sites:
         if s.kind == "head":
             for h in inputs.hidden:
-                accs[s.name].add_product(*second_moment_sum(norm(h)))
-    return {name: acc.result() for name, acc in accs.items()}
+                accs[s.name].add(norm(h))
+    return results(accs)
 
 
 @contextlib.contextmanager
 def _hooked(model: nn.Module, sites: list[Site], accs: dict[str, _Accumulator]):
     """Forward hooks that add each site's input product to its accumulator.
 
-    Sites fed by the same tensor (q/k/v, gate/up) share one product per forward call.
+    Sites fed by the same tensor (q/k/v, gate/up) are found on the first call: a site that
+    meets, before it has any tokens, exactly the input its predecessor has just taken as its
+    first becomes that accumulator's alias, and later calls skip it. Computed once, stored once.
     """
-    # Holding the last input alive means no later tensor can reuse its identity.
-    last: list = [None, None, -1]
+    # (the input, its version, the accumulator that took it); holding the input alive means no
+    # later tensor can reuse its identity
+    last: list = [None, -1, None]
 
     def hook_for(name: str):
         def hook(module, args, output):
-            x = args[0]
-            if last[0] is not x or last[2] != x._version:
-                last[0], last[1], last[2] = x, second_moment_sum(x), x._version
-            accs[name].add_product(*last[1])
+            x, acc = args[0], accs[name]
+            same = last[0] is x and last[1] == x._version
+            if same and acc.alias is last[2]:
+                return
+            if same and acc.alias is None and acc.count == 0 and last[2].alias is None \
+                    and last[2].count == x.numel() // x.shape[-1]:
+                acc.alias = last[2]
+                return
+            if acc.alias is not None:
+                raise RuntimeError(f"{name} was fed the input of another site on the first calibration call, "
+                                   "but not on this one")
+            acc.add(x)
+            last[0], last[1], last[2] = x, x._version, acc
         return hook
 
     handles = [model.get_submodule(s.name).register_forward_hook(hook_for(s.name)) for s in sites]

@@ -121,3 +121,23 @@ def test_stats_cached_second_call_runs_no_model(tiny_llama_dir):
         assert calls
     finally:
         handle.remove()
+
+
+def test_sites_fed_one_tensor_share_one_accumulator():
+    """q/k/v read one normed tensor, gate/up another: their sums are computed and stored once
+    (the others alias them), which at 8B saves two [4096, 4096] and one [4096, 4096] float64 sums
+    per block, and each still equals its plain-forward value (test above)."""
+    from liftedge.calibrate import _Accumulator, _hooked, results
+
+    loaded = _tiny_loaded("llama")
+    sites = [s for s in list_sites(loaded.model) if s.kind == "linear" and s.block == 0]
+    accs = {s.name: _Accumulator(s.in_features) for s in sites}
+    with torch.no_grad(), _hooked(loaded.model, sites, accs):
+        for batch in _tokens(4).split(2):  # two calls: the sharing found on the first holds on the second
+            loaded.model(input_ids=batch, use_cache=False)
+    aliased = {name.rsplit(".", 1)[1]: acc.alias is not None for name, acc in accs.items()}
+    assert aliased == {"q_proj": False, "k_proj": True, "v_proj": True, "o_proj": False,
+                       "gate_proj": False, "up_proj": True, "down_proj": False}
+    stats = results(accs)
+    q, k = (stats[f"model.layers.0.self_attn.{p}"] for p in ("q_proj", "k_proj"))
+    assert torch.equal(q.hessian, k.hessian) and q.hessian is not k.hessian and q.nsamples == k.nsamples == 4 * 40

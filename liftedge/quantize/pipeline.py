@@ -47,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from liftedge.calibrate import _Accumulator, _hooked
+from liftedge.calibrate import _Accumulator, _hooked, results
 from liftedge.correct import (
     CorrectionConfig,
     TrainableLift,
@@ -98,7 +98,7 @@ def _block_stats(model, block, i, x_q: BlockInputs, sites: list[Site]) -> dict:
     with _hooked(model, sites, accs):
         for k in range(len(x_q.hidden)):  # outputs dropped batch by batch: only the hooks' sums matter
             forward_block(block, x_q, i, k)
-    return {name: acc.result() for name, acc in accs.items()}
+    return results(accs)
 
 
 def _checkpoint_path(checkpoint_dir: Path | None, i: int) -> Path | None:
