@@ -87,6 +87,16 @@ def measure_shape(name: str, *, layers: int, device: str, samples: int, seq_len:
     return record
 
 
+def cpu_name() -> str:
+    """The CPU's model name and core count (Linux), else the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        return f"{model}, {os.cpu_count()} cores"
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def tail_search_kind(device: str) -> str:
     """Which tail search `encode` runs on `device`: the fused Triton kernel, the CPU kernel, or torch."""
     from liftedge.lattice import kernel
@@ -116,8 +126,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "device": args.device,
-        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "tail_search": tail_search_kind(args.device),
         "method": "first blocks of a shape-true random checkpoint; total = mean block time after the first "

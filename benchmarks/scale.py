@@ -197,8 +197,9 @@ def artifacts_markdown(data: dict) -> str:
              "`liftedge.synthetic`): bytes, memory and speed are real, the text is not. Each step ran in its own "
              "process; peak RSS is the process's maximum resident set (wait4 ru_maxrss).", "",
              "| shape | device | runtime | plan b/w | pack | pack write (s / peak RSS) | build (s / peak RSS) | "
-             "artifact | runtime load (s) | runtime peak RSS | predicted runtime memory | decode tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "artifact | runtime load (s) | runtime peak RSS | predicted runtime memory | decode tok/s | "
+             "vs 4-bit (torchao 8da4w) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tail = [""] + [f"- {note}" for note in data.get("notes", [])]
     for r in data["rows"]:
         pk, b, pf = r.get("synthetic_pack", {}), r.get("build", {}), (r.get("profile") or {})
@@ -216,8 +217,79 @@ def artifacts_markdown(data: dict) -> str:
         lines.append(f"| {r['shape']} | {r['device']} | {r['runtime']} | {r['bits_per_weight']:.2f} | "
                      f"{gib(r.get('pack_nbytes'))} | {step(pk)} | {step(b)} | {gib(art) if art else '-'} | "
                      f"{load} | {gib(rep.get('peak_rss_nbytes'))} | {gib(predicted)} | "
-                     f"{tps} |")
-    return "\n".join(lines + tail) + "\n"
+                     f"{tps} | {_vs_int4(r.get('int4_baseline'))} |")
+    return "\n".join(lines + quantize_markdown() + tail) + "\n"
+
+
+def _vs_int4(base: dict | None) -> str:
+    """The paired comparison with torchao 8da4w of the same weights, where one was run."""
+    if not base:
+        return "-"
+    return (f"{base['lq_decode_tok_s']:.1f} vs {base['int4_decode_tok_s']:.1f} tok/s ({base['ratio']:.2f}x); "
+            f"peak {base['lq_peak_above_baseline_gb']:.2f} vs {base['int4_peak_above_baseline_gb']:.2f} GB")
+
+
+def quantize_markdown() -> list[str]:
+    """LiftQuant's time and memory per decoder block, from benchmarks/quantize_throughput.py's results."""
+    lines = ["", "## Quantization (LiftQuant, `benchmarks/quantize_throughput.py`)", "",
+             "The first blocks of a shape-true random checkpoint (fp16) through the streaming quantizer; the "
+             "model's time is the steady block time x its block count. Peak RSS is the quantizing process's (the "
+             "checkpoint kept memory-mapped, as `liftedge quantize` loads it; not so for the H200 rows, see the "
+             "notes).", "",
+             "| shape | device | calibration tokens | correction epochs | s / block | weights / s | model (extrapolated) "
+             "| peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for device in ("cpu", "cuda"):
+        path = RESULTS / f"quantize_throughput_{device}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        for r in data.get("shapes") or data.get("runs") or []:
+            samples, seq = r.get("samples", data.get("samples")), r.get("seq_len", data.get("seq_len"))
+            steady = r["block_seconds"][1:] or r["block_seconds"]
+            epochs = r.get("correction_epochs", data.get("correction_epochs"))
+            contended = " (contended)" if r.get("contended") else ""
+            lines.append(f"| {r['shape']} | {data.get('device_name', device)} | {samples} x {seq} | {epochs} | "
+                         f"{sum(steady) / len(steady):.0f} | {r['weights_per_s'] / 1e6:.2f} M | "
+                         f"{_minutes(r['extrapolated_model_minutes'])} | {r['peak_rss_gb']:.2f} GB{contended} |")
+    return lines
+
+
+def _minutes(minutes: float) -> str:
+    return f"{minutes / 60:.1f} h" if minutes >= 90 else f"{minutes:.0f} min"
+
+
+def plot(data: dict, path: Path) -> None:
+    """Build and runtime peak memory per shape and runtime, against the 4 GB goal and the memory model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["rows"] if (r.get("build") or {}).get("exit") == 0]
+    labels = [f"{r['shape'].removeprefix('llama-')}\n{r['runtime']}\n{r['device']}" for r in rows]
+    gb = lambda n: (n or 0) / 1e9  # noqa: E731
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(rows))
+    left.bar(x, [gb(r["build"]["peak_rss_nbytes"]) for r in rows], color="#4c72b0")
+    left.axhline(4.0, color="#c44e52", linestyle="--", label="issue 20's goal: 4 GB")
+    left.set_xticks(list(x), labels, fontsize=7)
+    left.set_ylabel("GB")
+    left.set_title("liftedge build: peak resident memory")
+    left.legend()
+    runtime = [(gb((r.get("profile") or {}).get("report", {}).get("peak_rss_nbytes")), r) for r in rows]
+    predicted = [gb(r["planned_weights_nbytes"] + sum((r.get("predicted") or {}).get(k, 0) for k in (
+        "kv_cache_nbytes", "activation_nbytes", "runtime_overhead_nbytes", "tokenizer_nbytes", "head_cast_nbytes")))
+        for r in rows]
+    width = 0.4
+    right.bar([i - width / 2 for i in x], [m for m, _ in runtime], width, label="measured (process peak)")
+    right.bar([i + width / 2 for i in x], predicted, width, label="memory model (KV cache full)")
+    right.set_xticks(list(x), labels, fontsize=7)
+    right.set_ylabel("GB")
+    right.set_title("runtime peak resident memory vs the memory model")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -243,6 +315,7 @@ def main() -> None:
         path.write_text(json.dumps({"notes": notes, "machine": machine(), "rows": merged},
                                    indent=1, sort_keys=True, default=str) + "\n")
         (RESULTS / "scale.md").write_text(artifacts_markdown(json.loads(path.read_text())))
+        plot(json.loads(path.read_text()), RESULTS / "scale.png")
         return
     t0 = time.perf_counter()
     rows = fits()
