@@ -126,7 +126,8 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, QuantizedTensor], dict]:
 
 
 def _code_block(model, block_sites, stats, configs) -> dict[str, QuantizedTensor]:
-    return {s.name: LiftQuantQuantizer(configs[s.name]).quantize(site_weight(model, s), stats[s.name])
+    # Each site's statistics are let go once it is coded (the caller keeps no reference).
+    return {s.name: LiftQuantQuantizer(configs[s.name]).quantize(site_weight(model, s), stats.pop(s.name))
             for s in block_sites}
 
 
