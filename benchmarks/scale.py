@@ -190,6 +190,15 @@ def machine() -> str:
             "whether other jobs shared the CPU)")
 
 
+def predicted_nbytes(row: dict) -> int | None:
+    """The memory model's runtime total: planned weights + KV cache + activations + runtime + tokenizer."""
+    pred = row.get("predicted")
+    if not pred:
+        return None
+    return row["planned_weights_nbytes"] + sum(pred.get(k, 0) for k in (
+        "kv_cache_nbytes", "activation_nbytes", "runtime_overhead_nbytes", "tokenizer_nbytes", "head_cast_nbytes"))
+
+
 def artifacts_markdown(data: dict) -> str:
     gib = lambda n: "-" if n is None else f"{n / 2**30:.2f} GiB"  # noqa: E731
     lines = ["# Phone-sized shapes built and run (`benchmarks/scale.py artifacts`)", "",
@@ -205,11 +214,7 @@ def artifacts_markdown(data: dict) -> str:
         pk, b, pf = r.get("synthetic_pack", {}), r.get("build", {}), (r.get("profile") or {})
         rep = pf.get("report") or {}
         art = sum(v for k, v in (r.get("artifact_files") or {}).items() if k.endswith((".pte", ".onnx", ".data", ".ort")))
-        pred = r.get("predicted") or {}
-        # the memory model's runtime total: planned weights + KV cache + activations + runtime + tokenizer
-        predicted = r["planned_weights_nbytes"] + sum(pred.get(k, 0) for k in (
-            "kv_cache_nbytes", "activation_nbytes", "runtime_overhead_nbytes", "tokenizer_nbytes",
-            "head_cast_nbytes")) if pred else None
+        predicted = predicted_nbytes(r)
         load = f"{rep['load_ms'] / 1000:.1f}" if rep.get("load_ms") else "-"
         tps = f"{rep['decode_tokens_per_s']['median']:.2f}" if rep.get("decode_tokens_per_s") else "-"
         step = lambda m: "-" if not m else (f"{m['seconds']:.0f} / {gib(m['peak_rss_nbytes'])}"  # noqa: E731
@@ -277,9 +282,7 @@ def plot(data: dict, path: Path) -> None:
     left.set_title("liftedge build: peak resident memory")
     left.legend()
     runtime = [(gb((r.get("profile") or {}).get("report", {}).get("peak_rss_nbytes")), r) for r in rows]
-    predicted = [gb(r["planned_weights_nbytes"] + sum((r.get("predicted") or {}).get(k, 0) for k in (
-        "kv_cache_nbytes", "activation_nbytes", "runtime_overhead_nbytes", "tokenizer_nbytes", "head_cast_nbytes")))
-        for r in rows]
+    predicted = [gb(predicted_nbytes(r)) for r in rows]
     width = 0.4
     right.bar([i - width / 2 for i in x], [m for m, _ in runtime], width, label="measured (process peak)")
     right.bar([i + width / 2 for i in x], predicted, width, label="memory model (KV cache full)")

@@ -66,13 +66,15 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     from liftedge.sites import decoder_blocks
     from liftedge.stream import final_norm
 
+    blocks = decoder_blocks(model)
+    in_blocks = {id(m) for block in blocks for m in block.modules()}
     covered: list[nn.Module] = []
     for module in model.modules():
-        if isinstance(module, nn.Embedding) and not _inside_blocks(model, module):
+        if isinstance(module, nn.Embedding) and id(module) not in in_blocks:
             module.register_forward_hook(_cast_output(dtype))
             covered.append(module)
     head = model.get_output_embeddings()
-    for module in [*decoder_blocks(model), final_norm(model), head]:
+    for module in [*blocks, final_norm(model), head]:
         if module is not None and any(True for _ in module.parameters()):
             _wrap(module, dtype)
             covered.append(module)
@@ -89,12 +91,6 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     return model
 
 
-def _inside_blocks(model: nn.Module, module: nn.Module) -> bool:
-    from liftedge.sites import decoder_blocks
-
-    return any(module is m for block in decoder_blocks(model) for m in block.modules())
-
-
 def _cast_output(dtype: torch.dtype):
     def hook(module, args, output):
         return _cast(output, dtype)
@@ -108,7 +104,7 @@ def _wrap(module: nn.Module, dtype: torch.dtype) -> None:
     def forward(*args, **kwargs):
         args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
         narrow = _narrow_tensors(module, dtype)
-        nbytes = sum(t.numel() for t in narrow.values()) * _itemsize(dtype)
+        nbytes = sum(t.numel() for t in narrow.values()) * dtype.itemsize
 
         def run(*a, **k):
             with _swapped(module, {name: t.detach().to(dtype) for name, t in narrow.items()}):
@@ -171,7 +167,7 @@ def _leaves(value: Any):
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     """`value` with every narrower floating tensor (in tuples, lists and dicts) cast to `dtype`."""
     if isinstance(value, torch.Tensor):
-        narrower = value.is_floating_point() and value.dtype != dtype and value.element_size() < _itemsize(dtype)
+        narrower = value.is_floating_point() and value.dtype != dtype and value.element_size() < dtype.itemsize
         return value.to(dtype) if narrower else value
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return tuple(_cast(v, dtype) for v in value)
@@ -180,7 +176,3 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     if type(value) is dict:
         return {k: _cast(v, dtype) for k, v in value.items()}
     return value  # caches, model outputs, None, ints
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -40,7 +40,7 @@ def check_calibration_arguments(args: argparse.Namespace) -> None:
     for rate in getattr(args, "menu", None) or ():
         check_shipped_rate(rate, "--menu")
     if getattr(args, "device", None) is not None:
-        from liftedge.commands.budget_args import torch_device
+        from liftedge.quantize.save import torch_device
 
         torch_device(args.device)
     positions = peek_max_positions(args.model)

@@ -87,25 +87,12 @@ def calibration_and_sensitivity(loaded, args: argparse.Namespace):
     if args.sensitivity != "measure":
         return tokens, calib, unmeasured_sensitivity(loaded.model, args)
     print(f"measuring sensitivity of every site ({len(args.menu)} rates + fp16; cached after the first run)", file=sys.stderr)
+    from liftedge.quantize.save import torch_device
+
     device = torch_device(args.device)
     if device.type != "cpu":
         loaded.model.to(device)
     return tokens, calib, measure_sensitivity(loaded, tokens, menu=args.menu, seed=args.seed)
-
-
-def torch_device(name: str):
-    """The torch device `name`, refused with a clear error where this machine has no such device."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LiftedgeError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LiftedgeError(f"--device {name} was asked for but torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise LiftedgeError(f"--device {name}: liftedge measures and quantizes on cpu or cuda")
-    return device
 
 
 def unmeasured_sensitivity(model, args: argparse.Namespace):

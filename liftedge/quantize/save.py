@@ -36,6 +36,19 @@ def _as_dict(cfg) -> Any:
     return None if cfg is None else dataclasses.asdict(cfg)
 
 
+def torch_device(name: str) -> torch.device:
+    """The torch device `name`, refused with a clear error where liftedge cannot run on it here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LiftedgeError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LiftedgeError(f"--device {name} was asked for but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise LiftedgeError(f"--device {name}: liftedge measures and quantizes on cpu or cuda")
+    return device
+
+
 def quantize_and_save(loaded, tokens, calibration: dict, configs: dict[str, LiftQuantConfig],
                       correction: CorrectionConfig | None, output, *, force: bool = False, device: str = "cpu",
                       plan: dict | None = None, finetune: FinetuneConfig | None = None) -> dict:
@@ -51,14 +64,12 @@ def quantize_and_save(loaded, tokens, calibration: dict, configs: dict[str, Lift
     lq_configs = {k: c for k, c in configs.items() if isinstance(c, LiftQuantConfig)}
     for config in set(lq_configs.values()):
         lattice.load_codebook(config.rate)  # an unknown rate fails here, listing the shipped ones
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise LiftedgeError("--device cuda was asked for but torch sees no CUDA device")
+    device = torch_device(device)
     ckpt = cache_path("runs", _run_key(loaded, tokens, configs, correction))
     if ckpt.is_dir() and any(ckpt.iterdir()):
         print(f"resuming from {len(list(ckpt.iterdir()))} finished block(s) in {ckpt}")
-    loaded.model.to(torch_device)
-    tokens = tokens.to(torch_device)
+    loaded.model.to(device)
+    tokens = tokens.to(device)
     teacher = _teacher(loaded, tokens) if finetune else None  # the float model's view, before it changes
     # Without fine-tuning, keep_decoded=False: the pack needs only the packed tensors, and the
     # float model stays a memory map that is resident a block at a time (peak RSS well below
