@@ -84,8 +84,10 @@ def dense_model(pack: Path, fp16_embeddings: bool, int8_head: bool = False):
     from liftedge.targets.executorch import export
     from liftedge.targets.reference import dequantize
 
+    from liftedge.upcast import widen
+
     loaded = load_packed(pack)
-    model = loaded.model
+    model = widen(loaded.model)  # the pack's fp16 layers as float32 Linears too (8da4w quantizes them)
     for name, qt in read_quantized(pack).items():
         old = model.get_submodule(name)
         lin = torch.nn.Linear(qt.meta["in_features"], qt.meta["out_features"], bias=getattr(old, "bias", None) is not None)

@@ -10,13 +10,39 @@
 #   gpu_session.sh stage                       copy part 0, install wheels
 #   gpu_session.sh run CONFIG...               one quality.py process -> $OUT/quality.json
 #   gpu_session.sh sens                        the sensitivity table -> $OUT/sensitivity.json
+#   gpu_session.sh plan SHAPE...               `liftedge plan --sensitivity measure --device cuda` on
+#                                              shape-true checkpoints (benchmarks/plan_measure.py)
+#                                              -> $OUT/plan_measure.json; no GGUF needed
+#   gpu_session.sh qt SHAPE...                 LiftQuant throughput, 2 blocks, 4 correction epochs
+#                                              (benchmarks/quantize_throughput.py) -> $OUT/qt.json
 #   gpu_session.sh par "CONFIG CONFIG" "..."   one quality.py process per group, side by side on
 #                                              the one GPU (a 135M model leaves it mostly idle)
 #                                              -> $OUT/quality_<i>.json; SAMPLES=N overrides 128;
 #                                              PP=DIR keeps two trees run at once apart
 set -euo pipefail
-step=${1:?usage: gpu_session.sh stage|run|sens|par ...}
+step=${1:?usage: gpu_session.sh stage|run|sens|plan|qt|par ...}
 shift
+pythonpath() {  # liftedge importable as `pip install` lays it out
+  local pp=${PP:-/tmp/pp}
+  rm -rf "$pp" && mkdir -p "$pp" && cp -r liftedge "$pp/" && cp -r targets "$pp/liftedge/targets" \
+    && cp -r devices "$pp/liftedge/devices"
+  export PYTHONPATH=$pp:. LIFTEDGE_CACHE=/tmp/lecache LIFTEDGE_NO_PROGRESS=1
+}
+if [ "$step" = plan ]; then
+  pythonpath
+  unset LIFTEDGE_NO_PROGRESS  # the log shows each phase's progress
+  for shape in "$@"; do
+    python benchmarks/plan_measure.py --shape "$shape" --device cuda --checkpoint "/tmp/ckpt-$shape" \
+      --log "$OUT/plan_$shape.log" --out "$OUT/plan_measure.json"
+  done
+  exit 0
+fi
+if [ "$step" = qt ]; then
+  pythonpath
+  python benchmarks/quantize_throughput.py --device cuda --shapes "$(IFS=,; echo "$*")" --layers 2 --epochs 4 \
+    --samples 64 --seq-len 512 --out "$OUT/qt.json"
+  exit 0
+fi
 if [ "$step" = stage ]; then
   cp .devdata/smol.part00 /tmp/smol.part00
   python -m pip install -q --no-deps .devdata/gguf-*.whl 2>&1 | grep -v "Running pip as" || true
@@ -30,8 +56,7 @@ if [ "$step" = stage ]; then
 fi
 cat /tmp/smol.part00 .devdata/smol.part01 > /tmp/smol.gguf
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol.gguf" | sha256sum -c -
-pp=${PP:-/tmp/pp} && rm -rf $pp && mkdir -p $pp && cp -r liftedge $pp/ && cp -r targets $pp/liftedge/targets && cp -r devices $pp/liftedge/devices
-export PYTHONPATH=$pp:. LIFTEDGE_CACHE=/tmp/lecache LIFTEDGE_NO_PROGRESS=1
+pythonpath
 samples=${SAMPLES:-128}
 if [ "$step" = sens ]; then
   python benchmarks/sensitivity.py --model /tmp/smol.gguf --device cuda --samples "$samples" --seq-len 512 \

@@ -388,36 +388,48 @@ def site_errors(weight: torch.Tensor, stats, fisher_stats: "OutputFisher", rates
     return errors
 
 
-def lookup_error(dw: torch.Tensor, fisher_stats: "OutputFisher") -> float:
-    """½ Σ_v H_vv Σ_j F_j ΔE_vj² for a table error ΔE [vocab, hidden] (see `_LookupFisher`)."""
+def lookup_error(dw: torch.Tensor, fisher_stats: "OutputFisher", rows: slice = slice(None)) -> float:
+    """½ Σ_v H_vv Σ_j F_j ΔE_vj² for a table error ΔE [vocab, hidden] (see `_LookupFisher`);
+    `dw` may be the table's `rows` only (the sum over those rows)."""
     per_row = dw.double().pow(2) @ fisher_stats.diag.double().to(dw.device)
-    return 0.5 * float((per_row * fisher_stats.hessian.double().to(dw.device)).sum())
+    return 0.5 * float((per_row * fisher_stats.hessian[rows].double().to(dw.device)).sum())
 
 
-def table_errors(weight: torch.Tensor, lookup: "OutputFisher | None", head: "OutputFisher | None") -> dict[str, float]:
+# Rows of a table measured at once: every option's error is a sum over rows (round-to-nearest
+# groups lie within a row), so the table is measured in slices. 4096 rows of an 8B model's
+# 4096-wide table are 64 MiB per float32 temporary, where the whole table would be 2.1 GB each.
+TABLE_ROWS_PER_SLICE = 4096
+
+
+def table_errors(weight: torch.Tensor, lookup: "OutputFisher | None", head: "OutputFisher | None",
+                 *, rows_per_slice: int = TABLE_ROWS_PER_SLICE) -> dict[str, float]:
     """Predicted Δloss of a table [rows, hidden] stored as fp16 and as each of `TABLE_OPTIONS`.
 
     `lookup` weighs its error as the token embedding's (through the first block's input),
     `head` as the output head's (through the logits, the linear-site formula on every row);
     a tied table is both, and the two add up like the errors of separate sites. The integer
-    options are quantized exactly as the pack will be (round-to-nearest, every row).
+    options are quantized exactly as the pack will be (round-to-nearest, every row), a slice of
+    `rows_per_slice` rows at a time so that memory follows the slice, not the table.
     """
     from liftedge.quantize import make_quantizer
     from liftedge.targets.reference import dequantize
 
-    w = weight.detach().float()
-    errors = {}
-    for name in (FP16_OPTION, *TABLE_OPTIONS):
-        if name == FP16_OPTION:
-            dw = w.half().float() - w
-        else:
-            dw = dequantize(make_quantizer("rtn", TABLE_CONFIGS[name]).quantize(w, None)).to(w.device) - w
-        err = 0.0
-        if lookup is not None:
-            err += lookup_error(dw, lookup)
-        if head is not None:
-            err += weighted_output_error(dw, head.hessian.float().to(w.device), head.diag.to(w.device))
-        errors[name] = err
+    quantizers = {name: make_quantizer("rtn", config) for name, config in TABLE_CONFIGS.items()}
+    errors = dict.fromkeys((FP16_OPTION, *TABLE_OPTIONS), 0.0)
+    head_h = None if head is None else head.hessian.float().to(weight.device)
+    for start in range(0, weight.shape[0], rows_per_slice):
+        w = weight[start:start + rows_per_slice].detach().float()
+        rows = slice(start, start + w.shape[0])
+        for name in errors:
+            if name == FP16_OPTION:
+                dw = w.half().float() - w
+            else:
+                dw = dequantize(quantizers[name].quantize(w, None)).to(w.device) - w
+            if lookup is not None:
+                errors[name] += lookup_error(dw, lookup, rows)
+            if head is not None:
+                errors[name] += weighted_output_error(dw, head_h, head.diag[rows].to(w.device))
+            del dw
     return errors
 
 
@@ -480,7 +492,8 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
         # which other sites are hooked, so the table equals a one-pass measurement), then freed:
         # memory follows the chunk, not the model.
         linears = [s for s in chunk if s.kind == "linear"]
-        stats = collect_stats(loaded, tokens, linears) if linears else {}
+        # Not cached per chunk: the table is (at 8B the chunks' sums would be tens of GB on disk).
+        stats = collect_stats(loaded, tokens, linears, use_cache=False) if linears else {}
         names = {s.name for s in chunk}
         fisher = output_fisher(model, tokens[:fisher_samples], chunk + [s for s in tied_heads if s.tied_to in names])
         for s in progress(chunk, desc="sensitivity", unit="site"):

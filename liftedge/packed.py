@@ -44,6 +44,7 @@ from liftedge.cache import sha256_file, sha256_text
 from liftedge.errors import ArtifactError
 from liftedge.io import atomic_output_dir, atomic_write_json, read_json_object
 from liftedge.types import QuantizedTensor, Site
+from liftedge.upcast import keep_narrow, narrowable
 
 log = logging.getLogger(__name__)
 
@@ -375,8 +376,12 @@ def load_packed_quantized(path: str | os.PathLike):
     qtensors = read_quantized(path, manifest, tensors)
     model = _build_model(path, {k: tuple(v.shape) for k, v in tensors.items()})
     fields = {f"{n}.{f}" for n, qt in qtensors.items() for f in qt.tensors}
-    params = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items() if k not in fields}
+    narrow = _narrow_weights(model, tensors, fields)
+    params = {k: v.to(torch.float32) if v.is_floating_point() and k not in narrow else v
+              for k, v in tensors.items() if k not in fields}
     _load_parameters(model, params, set(qtensors), path / WEIGHTS_NAME)
+    for holders in narrow.values():
+        keep_narrow(holders)
     install_reference_modules(model, qtensors)
     model.eval().requires_grad_(False)
     tokenizer = _load_tokenizer(path)
@@ -385,6 +390,26 @@ def load_packed_quantized(path: str | os.PathLike):
     loaded = LoadedModel(model=model, tokenizer=tokenizer, family=manifest["source"].get("family"),
                          source=str(path), source_hash=source_hash)
     return loaded, qtensors
+
+
+def _narrow_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
+                    fields: set[str]) -> dict[str, list[torch.nn.Module]]:
+    """The pack's unquantized fp16 weights that stay fp16 (views of the mapped file), by name,
+    with the modules holding each (two when tied): those of plain Linear and Embedding layers,
+    which then widen them per call (`liftedge.upcast.keep_narrow`). Every other float tensor
+    (norms, biases, subclassed layers) is loaded as float32."""
+    holders: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(module)
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=True):
+        stored = tensors.get(name)
+        if (name.endswith(".weight") and name not in fields and stored is not None and stored.dtype == torch.float16
+                and narrowable(holders[id(param)])):
+            out[name] = holders[id(param)]
+    return out
 
 
 def _build_model(path: Path, shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module:
@@ -432,7 +457,9 @@ def _load_parameters(model: torch.nn.Module, params: dict[str, torch.Tensor], si
         if tuple(target.shape) != tuple(value.shape):
             raise ArtifactError(f"{file}: {name} has shape {list(value.shape)}, the model expects "
                                 f"{list(target.shape)}")
-        new[id(target)] = torch.nn.Parameter(value.to(target.dtype), requires_grad=False)
+        if value.is_floating_point() and value.dtype != torch.float16:
+            value = value.to(target.dtype)
+        new[id(target)] = torch.nn.Parameter(value, requires_grad=False)
     # Assigned, not copied (the model's parameters are on the meta device), everywhere the old
     # parameter object is held, so a tied head keeps sharing its embedding's weight.
     for module in model.modules():

@@ -21,6 +21,10 @@ instead of being held for it: memory stays at one block's float weights either w
 
 Owns the wrappers and `compute_dtype`, the dtype a (possibly wrapped) model computes in.
 Loading a model this way is `liftedge.model.load_model(..., mapped=True)`.
+
+A pack's plain fp16 layers (the linears a plan leaves unquantized, an fp16 embedding and head)
+take the lighter form: `NarrowLinear` / `NarrowEmbedding` widen their weight per call
+(`keep_narrow`, used by `liftedge.packed.load_packed`).
 """
 
 from __future__ import annotations
@@ -176,3 +180,53 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     if type(value) is dict:
         return {k: _cast(v, dtype) for k, v in value.items()}
     return value  # caches, model outputs, None, ints
+
+
+class NarrowLinear(nn.Linear):
+    """A Linear whose weight stays in its stored narrow dtype (a pack's fp16, a view of the
+    mapped file) and is widened to the input's dtype for each call: the numbers of a float32
+    Linear holding the widened weight (the cast is exact), without keeping that copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+class NarrowEmbedding(nn.Embedding):
+    """An Embedding over a narrow table whose looked-up rows come out float32 (exact)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(torch.float32)
+
+
+# Plain module types that compute exactly in float32 over a narrow weight once given the
+# class beside them; subclasses (Gemma 3's scaled embedding, GPT-2's Conv1D) are not covered.
+_NARROW_CLASSES: dict[type, type] = {nn.Linear: NarrowLinear, nn.Embedding: NarrowEmbedding}
+
+
+def narrowable(modules: list[nn.Module]) -> bool:
+    """Whether a weight held by `modules` (more than one when tied) can stay narrow."""
+    return bool(modules) and all(type(m) in _NARROW_CLASSES for m in modules)
+
+
+def keep_narrow(modules: list[nn.Module]) -> None:
+    """Make `modules` (see `narrowable`) compute in float32 over their narrow weight, in place:
+    their class becomes the narrow one; parameters, ties and hooks are kept."""
+    for m in modules:
+        m.__class__ = _NARROW_CLASSES[type(m)]
+
+
+def widen(module: nn.Module) -> nn.Module:
+    """Undo `keep_narrow` inside `module`: each narrow layer holds its weight as float32 again
+    (a tied weight stays one parameter) and is a plain Linear / Embedding. For consumers that
+    need float weights in place (an exporter's stock float linear, a dense float model)."""
+    plain = {narrow: base for base, narrow in _NARROW_CLASSES.items()}
+    widened: dict[int, nn.Parameter] = {}
+    for m in module.modules():
+        if type(m) in plain:
+            w = m.weight
+            if id(w) not in widened:
+                widened[id(w)] = nn.Parameter(w.detach().float(), requires_grad=w.requires_grad)
+            m.weight = widened[id(w)]
+            m.__class__ = plain[type(m)]
+    return module

@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from conftest import make_tiny_model_dir
+import copy
+
+from conftest import make_tiny_model_dir, make_tiny_pack
 from liftedge.cache import sha256_file
 from liftedge.errors import ArtifactError
 from liftedge.model import list_sites, load_model, set_site_weight
@@ -78,6 +80,33 @@ def test_round_trip_tied_qwen3_stores_embedding_once(family_dirs, tmp_path):
 def test_round_trip_gpt2_conv1d(family_dirs, tmp_path):
     _, manifest = check_round_trip(family_dirs["gpt2"], tmp_path, bits=8, group=64)
     assert all(e["transposed"] for e in manifest["sites"].values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_unquantized_fp16_layers_stay_fp16_and_compute_exactly(tmp_path, family):
+    """The pack's plain fp16 linears and embedding are not widened into float32 copies at load
+    (a 1B android plan keeps 77 linears fp16: 3.3 GB as float32); they widen per call, which
+    computes exactly what the widened weights compute (the cast is exact)."""
+    from liftedge.upcast import NarrowEmbedding, NarrowLinear, widen
+
+    path = make_tiny_pack(family, tmp_path / "pack", limit=2)
+    model = load_packed(path).model
+    quantized = set(read_quantized(path))
+    linears = [s for s in list_sites(model) if s.kind == "linear" and s.block is not None]
+    plain = [s.name for s in linears if s.name not in quantized]
+    assert plain and all(type(model.get_submodule(n)) is NarrowLinear for n in plain)
+    assert all(model.get_submodule(n).weight.dtype == torch.float16 for n in plain)
+    emb = model.get_input_embeddings()
+    assert type(emb) is NarrowEmbedding and emb.weight.dtype == torch.float16
+    if family == "qwen3":  # tied: one fp16 table, still shared with the head
+        assert model.lm_head.weight is emb.weight and type(model.lm_head) is NarrowLinear
+    float_model = widen(copy.deepcopy(model))
+    assert all(p.dtype == torch.float32 for p in float_model.parameters())
+    if family == "qwen3":
+        assert float_model.lm_head.weight is float_model.get_input_embeddings().weight
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, float_model(ids).logits)
 
 
 def test_manifest_totals_count_the_stored_bytes(tiny_llama_dir, tmp_path):

@@ -80,18 +80,18 @@ def calibration_and_sensitivity(loaded, args: argparse.Namespace):
 
     from liftedge.commands.quantize import calibration
     from liftedge.measure import measure_sensitivity
+    from liftedge.quantize.save import torch_device
 
     if args.calib:
         args.calib = [Path(p) for p in args.calib]
+    if args.sensitivity == "measure" and torch_device(args.device).type != "cpu":
+        # Measured there, so moved there first: data-free calibration then samples on it too
+        # (64 x 512 tokens from an 8B model are hours on CPU, a minute on a GPU).
+        loaded.model.to(torch_device(args.device))
     tokens, calib = calibration(loaded, args)
     if args.sensitivity != "measure":
         return tokens, calib, unmeasured_sensitivity(loaded.model, args)
     print(f"measuring sensitivity of every site ({len(args.menu)} rates + fp16; cached after the first run)", file=sys.stderr)
-    from liftedge.quantize.save import torch_device
-
-    device = torch_device(args.device)
-    if device.type != "cpu":
-        loaded.model.to(device)
     return tokens, calib, measure_sensitivity(loaded, tokens, menu=args.menu, seed=args.seed)
 
 

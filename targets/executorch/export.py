@@ -36,6 +36,7 @@ from torch import nn
 
 from liftedge.errors import ArtifactError
 from liftedge.pages import release_clean_pages
+from liftedge.upcast import NarrowLinear, widen
 from liftedge.targets.executorch import attention, fusion, modules, ops
 from liftedge.targets.reference import TiedHead
 
@@ -126,9 +127,10 @@ def swap_fp16_linears(model: nn.Module, custom_ops: bool) -> dict[str, dict[str,
     sites = {}
     head = model.get_output_embeddings()  # already swapped (`swap_embeddings`), or the int8 head option's
     for name, layer in list(model.named_modules()):
-        if type(layer) is not nn.Linear or layer is head:
+        if type(layer) not in (nn.Linear, NarrowLinear) or layer is head:
             continue
         if not custom_ops:
+            widen(layer)  # a pack's fp16 weight (NarrowLinear), as float32 for XNNPACK's fp32 linear
             sites[name] = {"lowering": "xnnpack fp32 linear",
                            "why": "fp16 site, custom_ops=False: stock XNNPACK linear over fp32 weights"}
             continue

@@ -130,7 +130,7 @@ class Fp16Embedding(nn.Module):
 
     def __init__(self, table: torch.Tensor, scale: float | None = None):
         super().__init__()
-        self.register_buffer("table", table.detach().to(torch.float16).clone())
+        self.register_buffer("table", table.detach().to(torch.float16))  # a pack's fp16 table: no copy
         self.embed_scale = scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -168,7 +168,7 @@ def fp16_linear(weight: torch.Tensor, bias: torch.Tensor | None, custom_op: bool
     """An `Fp16Head` over its own copy of `weight` in fp16 (an untied head, or a linear the pack
     keeps fp16); the table is registered on a holder the module keeps."""
     holder = nn.Module()
-    holder.register_buffer("weight", weight.detach().to(torch.float16).clone())
+    holder.register_buffer("weight", weight.detach().to(torch.float16))  # a pack's fp16 weight: no copy
     layer = Fp16Head(holder, "weight", bias, custom_op)
     layer.holder = holder
     return layer

@@ -1,0 +1,175 @@
+"""`liftedge plan --sensitivity measure` on phone-sized shapes (issue 20): wall time, the
+process's peak resident memory, the GPU's peak memory, and the plan chosen.
+
+The plan runs as a user runs it (`python -m liftedge.cli plan CHECKPOINT --target ... --ram ...
+--json -o FILE`), in a child process with a fresh cache folder (so nothing is read from an
+earlier run); this process samples the child's RSS every 0.25 s (psutil) and, with
+`--device cuda`, the GPU memory in use (nvidia-smi) every second. The checkpoint is a
+shape-true random one (`liftedge.shapes.write_checkpoint`, fp16, memory-mapped by the plan),
+written first in its own process unless `--checkpoint` names one that exists.
+
+    .venv/bin/python benchmarks/plan_measure.py --shape llama-3.2-1b --device cpu --samples 4 --seq-len 64
+    python benchmarks/plan_measure.py --shape llama-3.1-8b --device cuda     # the plan's defaults
+
+Rows are merged into benchmarks/results/plan_measure.json (--out overrides), keyed by shape,
+device, samples and sequence length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Resident bytes of `proc` and its children (0 for those that are gone)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def gpu_used_bytes() -> int | None:
+    """Memory in use on GPU 0 as nvidia-smi reports it (None without nvidia-smi)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(out.split()[0]) << 20
+
+
+class Sampler(threading.Thread):
+    """Samples a process tree's RSS (and the GPU's memory) until the process ends."""
+
+    def __init__(self, proc: subprocess.Popen, gpu: bool, period: float = 0.25):
+        super().__init__(daemon=True)
+        self.proc, self.gpu, self.period = psutil.Process(proc.pid), gpu, period
+        self.peak_rss = 0
+        self.peak_gpu = 0
+        self.series: list[tuple[float, int]] = []  # (seconds, rss) every 5 s, for the record
+        self.start_time = time.perf_counter()
+
+    def run(self) -> None:
+        last_gpu = last_series = -1e9
+        while True:
+            try:
+                if self.proc.status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.Error:
+                return
+            now = time.perf_counter() - self.start_time
+            rss = tree_rss(self.proc)
+            self.peak_rss = max(self.peak_rss, rss)
+            if now - last_series >= 5:
+                self.series.append((round(now, 1), rss))
+                last_series = now
+            if self.gpu and now - last_gpu >= 1:
+                self.peak_gpu = max(self.peak_gpu, gpu_used_bytes() or 0)
+                last_gpu = now
+            time.sleep(self.period)
+
+
+def summarize_plan(data: dict) -> dict:
+    """The plan's headline: bits/weight, bytes, option counts, the budget."""
+    plan = data["plan"]
+    counts = collections.Counter(c["option"] for c in plan["choices"])
+    return {"bits_per_weight": round(plan["derived"]["bits_per_weight"], 3),
+            "planned_nbytes": sum(c["nbytes"] for c in plan["choices"]),
+            "weight_budget_nbytes": data["memory"]["weight_budget_nbytes"],
+            "predicted_error": plan["derived"]["predicted_error"],
+            "options": dict(sorted(counts.items()))}
+
+
+def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
+    plan_json = workdir / "plan.json"
+    cmd = [sys.executable, "-m", "liftedge.cli", "plan", str(checkpoint), "--target", args.target, "--ram", args.ram,
+           "--device", args.device, "--json", "-o", str(plan_json), "--force"]
+    if args.samples is not None:
+        cmd += ["--samples", str(args.samples)]
+    if args.seq_len is not None:
+        cmd += ["--seq-len", str(args.seq_len)]
+    env = dict(os.environ, LIFTEDGE_CACHE=str(workdir / "cache"))
+    log_path = args.log or workdir / "plan.log"
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        # cwd outside the source tree: `python -m` puts the cwd first on sys.path
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=workdir)
+        sampler = Sampler(proc, gpu=args.device == "cuda")
+        sampler.start()
+        rc = proc.wait()
+        sampler.join()
+    wall = time.perf_counter() - t
+    if rc != 0:
+        raise SystemExit(f"plan failed (rc {rc}); log: {log_path}\n{Path(log_path).read_text()[-3000:]}")
+    cache_bytes = sum(f.stat().st_size for f in (workdir / "cache").rglob("*") if f.is_file())
+    row = {"wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
+           "rss_series_s_gb": [(s, round(r / 1e9, 2)) for s, r in sampler.series],
+           "cache_written_mb": round(cache_bytes / 1e6, 2), "command": " ".join(cmd[1:])}
+    if args.device == "cuda":
+        row["gpu_peak_gb"] = round(sampler.peak_gpu / 1e9, 2)
+    row["plan"] = summarize_plan(json.loads(plan_json.read_text()))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", required=True)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="the shape's checkpoint (written there if absent)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--target", default="android")
+    ap.add_argument("--ram", default="4GB")
+    ap.add_argument("--samples", type=int, default=None, help="default: the plan's")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the plan's")
+    ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS / "plan_measure.json")
+    args = ap.parse_args()
+
+    from liftedge.commands.quantize import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+    from liftedge.shapes import write_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="plan-measure-") as tmp:
+        work = Path(tmp)
+        checkpoint = args.checkpoint or work / "model"
+        write_s = None
+        if not (checkpoint / "config.json").is_file():
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import sys; from liftedge.shapes import write_checkpoint; "
+                            "write_checkpoint(sys.argv[1], sys.argv[2])", args.shape, str(checkpoint)], check=True)
+            write_s = round(time.perf_counter() - t, 1)
+        row = {"shape": args.shape, "device": args.device, "target": args.target, "ram": args.ram,
+               "samples": args.samples or DEFAULT_SAMPLES, "seq_len": args.seq_len or DEFAULT_SEQ_LEN,
+               "load_average_at_start": round(os.getloadavg()[0], 2), "checkpoint_write_s": write_s}
+        row.update(run_plan(checkpoint, args, work))
+    row.update(host=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+               date=time.strftime("%Y-%m-%d"))
+    if args.device == "cuda":
+        import torch
+
+        row["device_name"] = torch.cuda.get_device_name(0)
+    data = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    key = (row["shape"], row["device"], row["samples"], row["seq_len"])
+    data["rows"] = [r for r in data["rows"] if (r["shape"], r["device"], r["samples"], r["seq_len"]) != key] + [row]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k != "rss_series_s_gb"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
