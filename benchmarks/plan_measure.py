@@ -86,6 +86,16 @@ class Sampler(threading.Thread):
             time.sleep(self.period)
 
 
+def downsampled(series: list[tuple[float, int]], points: int = 40) -> list[list[float]]:
+    """At most `points` (seconds, GB) pairs of the RSS series, each the maximum of its stretch."""
+    step = max(1, -(-len(series) // points))
+    out = []
+    for i in range(0, len(series), step):
+        part = series[i:i + step]
+        out.append([part[0][0], round(max(r for _, r in part) / 1e9, 2)])
+    return out
+
+
 def summarize_plan(data: dict) -> dict:
     """The plan's headline: bits/weight, bytes, option counts, the budget."""
     plan = data["plan"]
@@ -120,7 +130,7 @@ def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
         raise SystemExit(f"plan failed (rc {rc}); log: {log_path}\n{Path(log_path).read_text()[-3000:]}")
     cache_bytes = sum(f.stat().st_size for f in (workdir / "cache").rglob("*") if f.is_file())
     row = {"wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
-           "rss_series_s_gb": [(s, round(r / 1e9, 2)) for s, r in sampler.series],
+           "rss_series_s_gb": downsampled(sampler.series),
            "cache_written_mb": round(cache_bytes / 1e6, 2), "command": " ".join(cmd[1:])}
     if args.device == "cuda":
         row["gpu_peak_gb"] = round(sampler.peak_gpu / 1e9, 2)

@@ -223,7 +223,7 @@ def artifacts_markdown(data: dict) -> str:
                      f"{gib(r.get('pack_nbytes'))} | {step(pk)} | {step(b)} | {gib(art) if art else '-'} | "
                      f"{load} | {gib(rep.get('peak_rss_nbytes'))} | {gib(predicted)} | "
                      f"{tps} | {_vs_int4(r.get('int4_baseline'))} |")
-    return "\n".join(lines + quantize_markdown() + tail) + "\n"
+    return "\n".join(lines + quantize_markdown() + plan_markdown() + tail) + "\n"
 
 
 def _vs_int4(base: dict | None) -> str:
@@ -256,6 +256,26 @@ def quantize_markdown() -> list[str]:
             lines.append(f"| {r['shape']} | {data.get('device_name', device)} | {samples} x {seq} | {epochs} | "
                          f"{sum(steady) / len(steady):.0f} | {r['weights_per_s'] / 1e6:.2f} M | "
                          f"{_minutes(r['extrapolated_model_minutes'])} | {r['peak_rss_gb']:.2f} GB{contended} |")
+    return lines
+
+
+def plan_markdown() -> list[str]:
+    """`liftedge plan --sensitivity measure` at scale, from benchmarks/plan_measure.py's results."""
+    path = RESULTS / "plan_measure.json"
+    if not path.is_file():
+        return []
+    lines = ["", "## Measured plans (`liftedge plan --sensitivity measure`, `benchmarks/plan_measure.py`)", "",
+             "The plan as a user runs it on a shape-true random checkpoint (fp16, memory-mapped), from a fresh "
+             "cache; peak RSS sampled every 0.25 s.", "",
+             "| shape | device | target | calibration tokens | wall | peak RSS | GPU peak | cache written | "
+             "plan b/w (weights) | options |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in json.loads(path.read_text())["rows"]:
+        p = r["plan"]
+        options = ", ".join(f"{k} {v}" for k, v in p["options"].items())
+        gpu = f"{r['gpu_peak_gb']:.1f} GB" if r.get("gpu_peak_gb") else "-"
+        lines.append(f"| {r['shape']} | {r.get('device_name', r['device'])} | {r['target']} {r['ram']} | "
+                     f"{r['samples']} x {r['seq_len']} | {_minutes(r['wall_s'] / 60)} | {r['peak_rss_gb']:.2f} GB | "
+                     f"{gpu} | {r['cache_written_mb']:.1f} MB | {p['bits_per_weight']:.2f} | {options} |")
     return lines
 
 
@@ -297,7 +317,7 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("fits", "artifacts"))
+    ap.add_argument("step", choices=("fits", "artifacts", "render"))
     ap.add_argument("--shape", default="llama-3.2-1b")
     ap.add_argument("--target", default="android")
     ap.add_argument("--ram", default="4GB")
@@ -306,6 +326,11 @@ def main() -> None:
     ap.add_argument("--reuse-pack", action="store_true", help="keep a synthetic pack already in --work")
     ap.add_argument("--rss-cap-gb", type=float, default=8.0, help="stop a step past this resident memory")
     args = ap.parse_args()
+    if args.step == "render":  # scale.md and scale.png again from the results (no runs)
+        data = json.loads((RESULTS / "scale.json").read_text())
+        (RESULTS / "scale.md").write_text(artifacts_markdown(data))
+        plot(data, RESULTS / "scale.png")
+        return
     if args.step == "artifacts":
         rows = artifacts(args.shape, args.target, args.ram, args.runtimes, args.work, int(args.rss_cap_gb * 2**30),
                          args.reuse_pack)

@@ -21,9 +21,11 @@ lookup (decoding only the rows looked up) and the logits (`targets/reference/emb
 
 Writing is atomic (`liftedge.io.atomic_output_dir`) and deterministic: tensors are laid out
 by safetensors in a fixed order, its metadata is one key, JSON is key-sorted, nothing records
-a time. `load_packed` rebuilds the architecture from config.json (no remote code), loads the
-fp16 parameters as float32 and puts the reference module of each site's format
-(`liftedge.targets.reference`) in place of the quantized layer. Any unreadable, truncated or
+a time. `load_packed` rebuilds the architecture from config.json (no remote code), keeps the
+fp16 weights of plain linear and embedding layers fp16 (views of the mapped file, widened per
+call: `liftedge.upcast.NarrowLinear`), loads the other fp16 parameters (norms, biases) as
+float32, and puts the reference module of each site's format (`liftedge.targets.reference`)
+in place of the quantized layer. Any unreadable, truncated or
 inconsistent pack is an `ArtifactError` naming the file.
 
 This module owns the folder layout and the manifest; formats' byte layouts belong to
@@ -361,7 +363,7 @@ def read_quantized(path: str | os.PathLike, manifest: dict[str, Any] | None = No
 
 
 def load_packed(path: str | os.PathLike):
-    """Rebuild the quantized model of a pack as a `LoadedModel` (reference modules, float32)."""
+    """Rebuild the quantized model of a pack as a `LoadedModel` (reference modules; computes in float32)."""
     return load_packed_quantized(path)[0]
 
 
