@@ -3,7 +3,8 @@ process's peak resident memory, the GPU's peak memory, and the plan chosen.
 
 The plan runs as a user runs it (`python -m liftedge.cli plan CHECKPOINT --target ... --ram ...
 --json -o FILE`), in a child process with a fresh cache folder (so nothing is read from an
-earlier run); this process samples the child's RSS every 0.25 s (psutil) and, with
+earlier run); this process samples the child's RSS, and its anonymous part (RSS less the pages
+of mapped files), every 0.25 s (psutil) and, with
 `--device cuda`, the GPU memory in use (nvidia-smi) every second. The checkpoint is a
 shape-true random one (`liftedge.shapes.write_checkpoint`, fp16, memory-mapped by the plan),
 written first in its own process unless `--checkpoint` names one that exists.
@@ -34,15 +35,19 @@ import psutil
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of `proc` and its children (0 for those that are gone)."""
-    total = 0
+def tree_rss(proc: psutil.Process) -> tuple[int, int]:
+    """Resident bytes of `proc` and its children, and the anonymous part of them (RSS less the
+    file-backed and shared pages: what the process itself allocated; the pages of a memory-mapped
+    checkpoint are file-backed, reclaimable by the kernel). 0 for processes that are gone."""
+    total = anon = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        total += info.rss
+        anon += info.rss - info.shared
+    return total, anon
 
 
 def gpu_used_bytes() -> int | None:
@@ -61,7 +66,7 @@ class Sampler(threading.Thread):
     def __init__(self, proc: subprocess.Popen, gpu: bool, period: float = 0.25):
         super().__init__(daemon=True)
         self.proc, self.gpu, self.period = psutil.Process(proc.pid), gpu, period
-        self.peak_rss = 0
+        self.peak_rss = self.peak_anon = 0
         self.peak_gpu = 0
         self.series: list[tuple[float, int]] = []  # (seconds, rss) every 5 s, for the record
         self.start_time = time.perf_counter()
@@ -75,8 +80,8 @@ class Sampler(threading.Thread):
             except psutil.Error:
                 return
             now = time.perf_counter() - self.start_time
-            rss = tree_rss(self.proc)
-            self.peak_rss = max(self.peak_rss, rss)
+            rss, anon = tree_rss(self.proc)
+            self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
             if now - last_series >= 5:
                 self.series.append((round(now, 1), rss))
                 last_series = now
@@ -94,6 +99,12 @@ def downsampled(series: list[tuple[float, int]], points: int = 40) -> list[list[
         part = series[i:i + step]
         out.append([part[0][0], round(max(r for _, r in part) / 1e9, 2)])
     return out
+
+
+def last_progress(log: Path) -> str:
+    """The last progress-bar or log line the plan wrote (where a stopped run had got to)."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][-200:] if lines else ""
 
 
 def summarize_plan(data: dict) -> dict:
@@ -123,13 +134,25 @@ def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=workdir)
         sampler = Sampler(proc, gpu=args.device == "cuda")
         sampler.start()
-        rc = proc.wait()
+        try:
+            rc = proc.wait(timeout=args.stop_after)
+        except subprocess.TimeoutExpired:  # a partial row: the memory of the phases reached, and how far it got
+            proc.terminate()
+            rc = proc.wait()
         sampler.join()
     wall = time.perf_counter() - t
+    completed = plan_json.is_file()
+    if not completed and args.stop_after is not None and wall >= args.stop_after:
+        return {"completed": False, "wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
+                "peak_anon_rss_gb": round(sampler.peak_anon / 1e9, 2),
+                "rss_series_s_gb": downsampled(sampler.series), "command": " ".join(cmd[1:]),
+                "progress_at_stop": last_progress(Path(log_path)),
+                **({"gpu_peak_gb": round(sampler.peak_gpu / 1e9, 2)} if args.device == "cuda" else {})}
     if rc != 0:
         raise SystemExit(f"plan failed (rc {rc}); log: {log_path}\n{Path(log_path).read_text()[-3000:]}")
     cache_bytes = sum(f.stat().st_size for f in (workdir / "cache").rglob("*") if f.is_file())
-    row = {"wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
+    row = {"completed": True, "wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
+                "peak_anon_rss_gb": round(sampler.peak_anon / 1e9, 2),
            "rss_series_s_gb": downsampled(sampler.series),
            "cache_written_mb": round(cache_bytes / 1e6, 2), "command": " ".join(cmd[1:])}
     if args.device == "cuda":
@@ -148,6 +171,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None, help="default: the plan's")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the plan's")
     ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--stop-after", type=float, default=None,
+                    help="stop the plan after this many seconds and record how far it got (a partial row)")
     ap.add_argument("--out", type=Path, default=RESULTS / "plan_measure.json")
     args = ap.parse_args()
 

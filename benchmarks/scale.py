@@ -266,16 +266,24 @@ def plan_markdown() -> list[str]:
         return []
     lines = ["", "## Measured plans (`liftedge plan --sensitivity measure`, `benchmarks/plan_measure.py`)", "",
              "The plan as a user runs it on a shape-true random checkpoint (fp16, memory-mapped), from a fresh "
-             "cache; peak RSS sampled every 0.25 s.", "",
+             "cache; peak RSS sampled every 0.25 s (anon.: without the file-backed pages of the mapped checkpoint, "
+             "which the kernel can reclaim; recorded since 2026-12-05).", "",
              "| shape | device | target | calibration tokens | wall | peak RSS | GPU peak | cache written | "
              "plan b/w (weights) | options |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in json.loads(path.read_text())["rows"]:
-        p = r["plan"]
-        options = ", ".join(f"{k} {v}" for k, v in p["options"].items())
         gpu = f"{r['gpu_peak_gb']:.1f} GB" if r.get("gpu_peak_gb") else "-"
+        anon = f" ({r['peak_anon_rss_gb']:.2f} anon.)" if "peak_anon_rss_gb" in r else ""
+        if r.get("completed", True):
+            p = r["plan"]
+            options = ", ".join(f"{k} {v}" for k, v in p["options"].items())
+            cache, bits = f"{r['cache_written_mb']:.1f} MB", f"{p['bits_per_weight']:.2f}"
+            wall = _minutes(r["wall_s"] / 60)
+        else:  # stopped on purpose (--stop-after): the memory of the phases it reached
+            cache, bits, options = "-", "-", f"stopped at: {r['progress_at_stop']}"
+            wall = f"{_minutes(r['wall_s'] / 60)} (stopped)"
         lines.append(f"| {r['shape']} | {r.get('device_name', r['device'])} | {r['target']} {r['ram']} | "
-                     f"{r['samples']} x {r['seq_len']} | {_minutes(r['wall_s'] / 60)} | {r['peak_rss_gb']:.2f} GB | "
-                     f"{gpu} | {r['cache_written_mb']:.1f} MB | {p['bits_per_weight']:.2f} | {options} |")
+                     f"{r['samples']} x {r['seq_len']} | {wall} | {r['peak_rss_gb']:.2f} GB{anon} | "
+                     f"{gpu} | {cache} | {bits} | {options} |")
     return lines
 
 

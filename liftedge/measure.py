@@ -263,20 +263,22 @@ def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, O
     lookups = [s for s in sites if s.kind == "embedding"]
     sites = [s for s in sites if s.kind != "embedding"]
     diag = {s.name: torch.zeros(s.out_features, dtype=torch.float64, device=device) for s in sites}
-    gram = {s.name: torch.zeros(s.in_features, s.in_features, dtype=torch.float64, device=device) for s in sites}
+    # float32 Grams (each adds one product per sequence: a handful of roundings of 2^-24), which
+    # at 8B halves the largest one, the down projection's [14336, 14336], to 0.8 GB
+    gram = {s.name: torch.zeros(s.in_features, s.in_features, dtype=torch.float32, device=device) for s in sites}
     weight = {s.name: 0.0 for s in sites}
     lookup = _LookupFisher(lookups, device)
     handles, count = [], 0
 
     def hook_for(name: str):
         def forward_hook(module, inputs, output):
-            x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
 
             def grad_hook(g: torch.Tensor) -> None:
                 g2 = g.detach().double().pow(2).reshape(-1, g.shape[-1])
                 diag[name].add_(g2.sum(0))
                 v = g2.sum(1)
-                gram[name].add_((x * v[:, None]).T @ x)
+                gram[name].addmm_((x * v.float()[:, None]).T, x)
                 weight[name] += float(v.sum())
 
             output.register_hook(grad_hook)
@@ -305,7 +307,7 @@ def output_fisher(model, tokens: torch.Tensor, sites: list[Site]) -> dict[str, O
             p.requires_grad_(True)
         model.train(was_training)
     out = {name: OutputFisher(diag=(diag[name] / max(count, 1)).float().cpu(),
-                              hessian=(gram[name] / max(weight[name], 1e-30)).float().cpu())
+                              hessian=gram.pop(name).div_(max(weight[name], 1e-30)).cpu())  # in place
            for name in diag}
     out.update(lookup.result(model, count))
     return out
@@ -433,13 +435,14 @@ def table_errors(weight: torch.Tensor, lookup: "OutputFisher | None", head: "Out
     return errors
 
 
-# Float64 [in, in] sums held at once while measuring (a Fisher Gram and a Hessian per site):
-# 2 GiB keeps a few 1B/8B decoder blocks per chunk; a small model is measured in one chunk.
+# Float32 [in, in] sums held at once while measuring (a Fisher Gram and a Hessian per site):
+# 2 GiB keeps a few 1B/3B decoder blocks per chunk (an 8B block, ~2.3 GB, is a chunk alone);
+# a small model is measured in one chunk.
 CHUNK_NBYTES = 2 << 30
 
 
 def site_chunks(sites: list[Site], budget: int) -> list[list[Site]]:
-    """`sites` in order, cut between decoder blocks so that each chunk's [in, in] float64 sums
+    """`sites` in order, cut between decoder blocks so that each chunk's [in, in] float32 sums
     (two per site) stay within `budget` bytes; a block larger than the budget is a chunk alone.
     Sites outside the blocks (embedding, head) form the last chunk."""
     chunks: list[list[Site]] = []
@@ -449,7 +452,7 @@ def site_chunks(sites: list[Site], budget: int) -> list[list[Site]]:
     current: list[Site] = []
     used = 0
     for block, members in blocks.items():
-        cost = sum(2 * 8 * s.in_features ** 2 for s in members if s.kind == "linear")
+        cost = sum(2 * 4 * s.in_features ** 2 for s in members if s.kind == "linear")
         if current and (block is None or used + cost > budget or current[-1].block is None):
             chunks.append(current)
             current, used = [], 0
@@ -521,7 +524,9 @@ def _cache_file(loaded, tokens, sites, rates, rows, fisher_samples, seed):
     if not source_hash:
         return None
     tokens_hash = hashlib.sha256(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    key = sha256_text(SENSITIVITY_FORMAT, source_hash, tokens_hash, str(tuple(tokens.shape)),
+    from liftedge.calibrate import STATS_FORMAT  # how the sums are kept (bumped with their dtype)
+
+    key = sha256_text(SENSITIVITY_FORMAT, STATS_FORMAT, source_hash, tokens_hash, str(tuple(tokens.shape)),
                       ";".join(s.name for s in sites), ";".join(f"{r.D}/{r.d}" for r in rates),
                       str(rows), str(fisher_samples), str(seed))
     return cache_path("sensitivity", f"{key}.json")

@@ -259,3 +259,29 @@ def test_recomputed_weight_rebuild_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.mark.parametrize("block_scale", [True, False])
+def test_coding_in_row_chunks_gives_the_layer_coded_in_one_piece(monkeypatch, block_scale):
+    """Rows are coded a chunk at a time (memory: tens of MB whatever the layer); the chunking
+    must not change the layer. Ragged: 67 rows in chunks of 5 (last chunk 2), 100 inputs."""
+    import liftedge.quantize.liftquant as lq
+    from liftedge.calibrate import SiteStats
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(67, 100, generator=g)
+    w[:, 7] *= 15  # an outlier input, so the scales differ from block to block
+    x = torch.randn(512, 100, generator=g)
+    stats = SiteStats(hessian=(x.T @ x) / 512, nsamples=512)
+    cfg = LiftQuantConfig(_cheapest_rate(), block_scale=block_scale)
+    one_piece = LiftQuantQuantizer(cfg).quantize(w, stats)
+    per_row = int(4 * (3 + 1.25 * cfg.rate.D / cfg.rate.d) * w.shape[1]) + 1  # as _row_chunks counts a row
+    monkeypatch.setattr(lq, "CODE_CHUNK_NBYTES", 5 * per_row)
+    assert len(list(lq._row_chunks(w, cfg.rate.D / cfg.rate.d))) == 14
+    chunked = LiftQuantQuantizer(cfg).quantize(w, stats)
+    assert chunked.meta == one_piece.meta
+    # Signs are the search's discrete choice: equal. Float fields: the per-chunk sums of s2
+    # add in another order (float64), so allow float16 storage's last bit (2^-10 relative).
+    assert torch.equal(chunked.tensors["signs"], one_piece.tensors["signs"])
+    for k, v in one_piece.tensors.items():
+        torch.testing.assert_close(chunked.tensors[k].float(), v.float(), rtol=2 ** -10, atol=0)

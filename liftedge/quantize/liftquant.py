@@ -29,7 +29,8 @@ import torch
 
 from liftedge import lattice
 from liftedge.quantize.base import register_quantizer
-from liftedge.targets.reference.liftquant import encode_liftquant, n_blocks, weight_from_factors, factors
+from liftedge.bitpack import pack_signs
+from liftedge.targets.reference.liftquant import liftquant_tensor, n_blocks, weight_from_factors, factors
 from liftedge.types import QuantizedTensor, Rate
 from liftedge.whiten import Whitening, kron_factors, mixing_matrices, orthogonal_factor
 
@@ -37,6 +38,9 @@ ALPHA_GRID = (0.0, 0.25, 0.5, 0.75)
 # Rows used to pick alpha: enough for a stable error estimate, few enough to keep the
 # search at a fraction of the layer's full coding cost.
 ALPHA_SEARCH_ROWS = 96
+# Working set of coding one row chunk (`_row_chunks`): big enough that the matmuls and the
+# sign search run at full speed, small enough that a layer's coding costs tens of MB, not GB.
+CODE_CHUNK_NBYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -98,33 +102,56 @@ def _mixing(n: int, cfg: LiftQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return p1.to(torch.float32), p2.to(torch.float32)
 
 
-def _block_s2(w1: torch.Tensor, d: int, per_block: bool) -> torch.Tensor:
-    """s2 such that every coding block of the mixed weight has unit RMS over all rows."""
-    n = w1.shape[1]
+def _row_chunks(w: torch.Tensor, D_over_d: float = 1.0):
+    """Slices of `w`'s rows whose coding working set is about `CODE_CHUNK_NBYTES`.
+
+    Per row that is the whitened row, its padded blocks and its decode (float32, n each) and
+    its D/d signs per input (int8 from the search, then float32): ~4 * (3 + 1.25 * D/d) * n bytes."""
+    per_row = int(4 * (3 + 1.25 * D_over_d) * w.shape[1]) + 1
+    rows = max(1, CODE_CHUNK_NBYTES // per_row)
+    return (slice(start, min(start + rows, w.shape[0])) for start in range(0, w.shape[0], rows))
+
+
+def _block_s2(w: torch.Tensor, unit: Whitening, d: int, per_block: bool) -> torch.Tensor:
+    """s2 such that every coding block of the mixed weight W T (T = `unit`, s2 = 1) has unit
+    RMS over all rows; the mixed weight is made a row chunk at a time."""
+    n = w.shape[1]
     nb = n_blocks(n, d)
+    sq = w.new_zeros(nb, dtype=torch.float64)
+    for rows in _row_chunks(w):
+        w1 = torch.nn.functional.pad(unit.apply_to_weight(w[rows]), (0, nb * d - n))
+        sq += w1.pow(2).reshape(w1.shape[0], nb, d).sum((0, 2), dtype=torch.float64)
     if not per_block:
-        return w1.new_ones(nb) / w1.pow(2).mean().sqrt().clamp_min(1e-12)
-    padded = torch.nn.functional.pad(w1, (0, nb * d - n))
-    sq = padded.pow(2).reshape(w1.shape[0], nb, d).sum((0, 2))
-    count = w1.new_full((nb,), float(w1.shape[0] * d))
-    count[-1] = w1.shape[0] * (n - (nb - 1) * d)
-    return 1.0 / (sq / count).sqrt().clamp_min(1e-12)
+        return w.new_ones(nb) / (sq.sum() / w.numel()).sqrt().clamp_min(1e-12).float()
+    count = sq.new_full((nb,), float(w.shape[0] * d))
+    count[-1] = w.shape[0] * (n - (nb - 1) * d)
+    return 1.0 / (sq / count).sqrt().clamp_min(1e-12).float()
 
 
 def _code(w: torch.Tensor, whitening: Whitening, codebook: torch.Tensor) -> QuantizedTensor:
-    """Code W [rows, n] in the whitened space and return the stored form."""
+    """Code W [rows, n] in the whitened space and return the stored form, a row chunk at a
+    time (rows are coded independently; an 8B down projection in one piece held ~1.5 GB)."""
+    D_over_d = codebook.shape[1] / codebook.shape[0]
+    coded = [_code_rows(w[rows], whitening, codebook) for rows in _row_chunks(w, D_over_d)]
+    mix1, mix2 = mixing_matrices(whitening)
+    return liftquant_tensor(torch.cat([p for p, _ in coded]), torch.cat([s for _, s in coded]), 1.0 / whitening.s1,
+                            mix1, mix2, 1.0 / whitening.s2, codebook)
+
+
+def _code_rows(w: torch.Tensor, whitening: Whitening, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed signs and least-squares row scales of the rows W [rows, n]."""
     d, D = codebook.shape
     n = w.shape[1]
     nb = n_blocks(n, d)
     wp = whitening.apply_to_weight(w)
     row_rms = wp.pow(2).mean(1).sqrt().clamp_min(1e-12)
     z = torch.nn.functional.pad(wp / row_rms[:, None], (0, nb * d - n))
-    signs = lattice.encode(z.reshape(-1, d), codebook, device=w.device).to(torch.float32).reshape(w.shape[0], nb * D)
-    dec = torch.matmul(signs.reshape(-1, nb, D), codebook.T).reshape(w.shape[0], -1)[:, :n]
+    signs = lattice.encode(z.reshape(-1, d), codebook, device=w.device).reshape(w.shape[0], nb * D)
+    del z
+    dec = torch.matmul(signs.to(torch.float32).reshape(-1, nb, D), codebook.T).reshape(w.shape[0], -1)[:, :n]
     # Least-squares scale per row in the whitened space: argmin_s ||wp - s * dec||^2.
     scale = (wp * dec).sum(1) / dec.pow(2).sum(1).clamp_min(1e-12)
-    mix1, mix2 = mixing_matrices(whitening)
-    return encode_liftquant(signs, scale, 1.0 / whitening.s1, mix1, mix2, 1.0 / whitening.s2, codebook)
+    return pack_signs(signs), scale
 
 
 def _output_error(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor) -> float:
@@ -136,7 +163,7 @@ def _whitening(w: torch.Tensor, act_rms: torch.Tensor, alpha: float, cfg: LiftQu
     p1, p2 = (p.to(w.device) for p in _mixing(w.shape[1], cfg))
     s1 = _s1(act_rms, alpha)
     unit = Whitening(s1, p1, p2, w.new_ones(n_blocks(w.shape[1], d)), d)
-    s2 = _block_s2(unit.apply_to_weight(w), d, cfg.block_scale)
+    s2 = _block_s2(w, unit, d, cfg.block_scale)
     return Whitening(s1, p1, p2, s2, d)
 
 

@@ -54,13 +54,20 @@ def expand_block_scale(block_scale: torch.Tensor, d: int, in_features: int) -> t
 
 def encode_liftquant(signs: torch.Tensor, scale, in_scale, mix1, mix2, block_scale, codebook) -> QuantizedTensor:
     """Build a "liftquant" tensor from ±1 signs [out, n_blocks * D] and float factors."""
+    return liftquant_tensor(pack_signs(signs), scale, in_scale, mix1, mix2, block_scale, codebook)
+
+
+def liftquant_tensor(packed_signs: torch.Tensor, scale, in_scale, mix1, mix2, block_scale,
+                     codebook) -> QuantizedTensor:
+    """`encode_liftquant` from signs already packed (`pack_signs`, uint8 [out, ceil(n_blocks * D / 8)]):
+    a coder that packs row by row never holds the ±1 matrix of the whole layer."""
     d, D = codebook.shape
-    out_features = signs.shape[0]
+    out_features = packed_signs.shape[0]
     in_features = in_scale.numel()
     meta = dict(D=int(D), d=int(d), in_features=int(in_features), out_features=int(out_features),
                 n1=int(mix1.shape[0]), n2=int(mix2.shape[0]))
     half = lambda t: t.detach().to("cpu", torch.float16).contiguous()  # noqa: E731
-    tensors = {"signs": pack_signs(signs), "scale": half(scale), "in_scale": half(in_scale),
+    tensors = {"signs": packed_signs, "scale": half(scale), "in_scale": half(in_scale),
                "mix1": half(mix1), "mix2": half(mix2), "block_scale": half(block_scale),
                "codebook": half(codebook)}
     return QuantizedTensor("liftquant", tensors, meta)
