@@ -103,7 +103,8 @@ def downsampled(series: list[tuple[float, int]], points: int = 40) -> list[list[
 
 def last_progress(log: Path) -> str:
     """The last progress-bar or log line the plan wrote (where a stopped run had got to)."""
-    lines = [ln.strip() for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines()
+             if ln.strip() and not ln.startswith("liftedge: terminated")]  # the plan's own word on the stop
     return lines[-1][-200:] if lines else ""
 
 
