@@ -26,7 +26,7 @@ pythonpath() {  # liftedge importable as `pip install` lays it out
   local pp=${PP:-/tmp/pp}
   rm -rf "$pp" && mkdir -p "$pp" && cp -r liftedge "$pp/" && cp -r targets "$pp/liftedge/targets" \
     && cp -r devices "$pp/liftedge/devices"
-  export PYTHONPATH=$pp:. LIFTEDGE_CACHE=/tmp/lecache LIFTEDGE_NO_PROGRESS=1
+  export PYTHONPATH=$pp:.${PYTHONPATH:+:$PYTHONPATH} LIFTEDGE_CACHE=/tmp/lecache LIFTEDGE_NO_PROGRESS=1
 }
 if [ "$step" = plan ]; then
   pythonpath

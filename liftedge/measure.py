@@ -436,27 +436,49 @@ def table_errors(weight: torch.Tensor, lookup: "OutputFisher | None", head: "Out
 
 
 # Float32 [in, in] sums held at once while measuring (a Fisher Gram and a Hessian per site):
-# 2 GiB keeps a few 1B/3B decoder blocks per chunk (an 8B block, ~2.3 GB, is a chunk alone);
-# a small model is measured in one chunk.
+# 2 GiB keeps two 1B/3B decoder blocks per chunk; an 8B block (2.4 GB, 1.6 of it the down
+# projection's two [14336, 14336] sums) is measured in two parts. A small model is one chunk.
 CHUNK_NBYTES = 2 << 30
 
 
+def _sums_nbytes(site: Site) -> int:
+    """Bytes of the float32 [in, in] sums measuring a linear site holds (its H and Fisher Gram)."""
+    return 2 * 4 * site.in_features ** 2 if site.kind == "linear" else 0
+
+
+def _block_parts(members: list[Site], budget: int) -> list[list[Site]]:
+    """A decoder block's sites in order, cut into runs whose sums fit `budget` (a site larger
+    than the budget is a run alone); a block that fits is one run."""
+    parts: list[list[Site]] = [[]]
+    used = 0
+    for s in members:
+        if parts[-1] and used + _sums_nbytes(s) > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(s)
+        used += _sums_nbytes(s)
+    return parts
+
+
 def site_chunks(sites: list[Site], budget: int) -> list[list[Site]]:
-    """`sites` in order, cut between decoder blocks so that each chunk's [in, in] float32 sums
-    (two per site) stay within `budget` bytes; a block larger than the budget is a chunk alone.
-    Sites outside the blocks (embedding, head) form the last chunk."""
-    chunks: list[list[Site]] = []
+    """`sites` in order, cut so that each chunk's [in, in] float32 sums (two per linear site)
+    stay within `budget` bytes: whole decoder blocks where they fit, else a block's sites in
+    runs that do (a site larger than the budget is a chunk alone). Sites outside the blocks
+    (embedding, head) form a chunk of their own."""
     blocks: dict[Any, list[Site]] = {}
     for s in sites:
         blocks.setdefault(s.block, []).append(s)
+    units = [(block, part) for block, members in blocks.items()
+             for part in (_block_parts(members, budget) if block is not None else [members])]
+    chunks: list[list[Site]] = []
     current: list[Site] = []
     used = 0
-    for block, members in blocks.items():
-        cost = sum(2 * 4 * s.in_features ** 2 for s in members if s.kind == "linear")
-        if current and (block is None or used + cost > budget or current[-1].block is None):
+    for block, part in units:
+        cost = sum(map(_sums_nbytes, part))
+        if current and (block is None or current[-1].block is None or used + cost > budget):
             chunks.append(current)
             current, used = [], 0
-        current += members
+        current += part
         used += cost
     if current:
         chunks.append(current)

@@ -6,12 +6,14 @@ streaming quantizer and the calibration passes need one decoder block at a time.
 its own dtype, a safetensors checkpoint stays a memory map of the file (`liftedge.pages`), and
 this module makes that model compute in float32 module by module:
 
-* each decoder block, the final norm and the output head run with float32 copies of their
-  narrow parameters and buffers swapped in for the call (the module's own tensors are never
+* each decoder block and the final norm run with float32 copies of their narrow parameters
+  and buffers swapped in for the call (the module's own tensors are never
   written, so the map's pages stay clean), on float32 inputs; the copies live for the
   call, and the pages the call read are given back afterwards (`release_clean_pages`);
 * the token (and position) embeddings return their looked-up rows in float32 (fp16 and bf16
-  values are exactly representable: the cast loses nothing).
+  values are exactly representable: the cast loses nothing);
+* a plain Linear output head becomes a `NarrowLinear`, which widens its weight per call, a
+  slice of rows at a time when the copy would be large (forward and backward).
 
 A float32 copy of fp16 weights holds the same values, so a block computes exactly what it
 computes when the model is loaded in float32 (tested). Under autograd with large copies (a
@@ -78,6 +80,11 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
             module.register_forward_hook(_cast_output(dtype))
             covered.append(module)
     head = model.get_output_embeddings()
+    if head is not None and narrowable([head]):
+        # widened a slice of rows at a time when large (an 8B head's float copy is 2.1 GB)
+        keep_narrow([head])
+        covered.append(head)
+        head = None
     for module in [*blocks, final_norm(model), head]:
         if module is not None and any(True for _ in module.parameters()):
             _wrap(module, dtype)
@@ -182,14 +189,67 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value  # caches, model outputs, None, ints
 
 
+# A narrow weight whose widened copy would pass this many bytes is widened a slice of rows at
+# a time, forward and backward (an 8B output head, 128256 x 4096, would be a 2.1 GB copy; a
+# 64 MB slice keeps the matrix products long enough to run at full speed).
+SLICE_NBYTES = 64 << 20
+
+
+class _SlicedLinear(torch.autograd.Function):
+    """x Wᵀ for a narrow W widened `rows` rows at a time, in the forward and the backward pass:
+    no float copy of the whole weight is made, nor saved for the backward pass (which widens
+    the slices again). Each slice's mapped pages are given back once it is used."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_empty(flat.shape[0], weight.shape[0])
+        for part in _row_slices(weight, rows):
+            out[:, part].copy_(flat @ _widened(weight[part], x.dtype).T)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        ctx.rows = rows
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.new_zeros(g.shape[0], weight.shape[1])
+            for part in _row_slices(weight, ctx.rows):
+                grad_x.addmm_(g[:, part], _widened(weight[part], g.dtype))
+            grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.T @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _row_slices(weight: torch.Tensor, rows: int) -> list[slice]:
+    return [slice(r, r + rows) for r in range(0, weight.shape[0], rows)]
+
+
+def _widened(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    wide = part.to(dtype)
+    release_clean_pages([part])
+    return wide
+
+
 class NarrowLinear(nn.Linear):
     """A Linear whose weight stays in its stored narrow dtype (a pack's fp16, a view of the
     mapped file) and is widened to the input's dtype for each call: the numbers of a float32
-    Linear holding the widened weight (the cast is exact), without keeping that copy."""
+    Linear holding the widened weight (the cast is exact), without keeping that copy. A weight
+    whose copy would pass `SLICE_NBYTES` is widened a slice of rows at a time (`_SlicedLinear`;
+    equal to the whole product up to the float32 summation order)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        w = self.weight
+        if w.numel() * x.element_size() <= SLICE_NBYTES:
+            return nn.functional.linear(x, w.to(x.dtype), bias)
+        rows = max(1, SLICE_NBYTES // (w.shape[1] * x.element_size()))
+        out = _SlicedLinear.apply(x, w, rows)
+        return out if bias is None else out + bias
 
 
 class NarrowEmbedding(nn.Embedding):

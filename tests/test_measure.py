@@ -129,18 +129,26 @@ def test_bad_menu_and_tokens_are_clear_errors(setup):
         measure_sensitivity(loaded, calib[:, :1], menu=MENU)
 
 
-def test_measured_a_block_at_a_time_equals_one_pass(setup):
+def test_measured_a_block_or_a_site_at_a_time_equals_one_pass(setup):
     """Memory follows a chunk of blocks, not the model (a 1B model's float64 sums for every site
-    at once passed 20 GB): each site's statistics do not depend on which others are measured
-    beside it, so a block-per-chunk table is the one-pass table, value for value."""
-    from liftedge.measure import planned_sites, site_chunks
+    at once passed 20 GB), and a block larger than the budget is cut between its sites (an 8B
+    block's sums are 2.4 GB): each site's statistics do not depend on which others are measured
+    beside it, so block-per-chunk and site-per-chunk tables are the one-pass table, value for value."""
+    from liftedge.measure import _sums_nbytes, planned_sites, site_chunks
 
     loaded, calib, _ = setup
     sites = planned_sites(loaded.model)
-    chunks = site_chunks(sites, 1)  # a budget below any block: one block per chunk
     blocks = {s.block for s in sites if s.block is not None}
-    assert len(chunks) == len(blocks) + 1 and sum(map(len, chunks)) == len(sites)
-    assert sum(all(s.block is None for s in c) for c in chunks) == 1  # embedding and head: one chunk
+    linears = [s for s in sites if s.block is not None]
+    block_cost = max(sum(_sums_nbytes(s) for s in linears if s.block == b) for b in blocks)
+    by_block = site_chunks(sites, block_cost)  # a budget of one block: one block per chunk
+    by_site = site_chunks(sites, 1)  # a budget below any site: one site per chunk
+    for chunks in (by_block, by_site):
+        assert sorted(s.name for c in chunks for s in c) == sorted(s.name for s in sites)  # each once
+        assert sum(all(s.block is None for s in c) for c in chunks) == 1  # embedding and head: one chunk
+    assert len(by_block) == len(blocks) + 1
+    assert len(by_site) == len(linears) + 1
     one = measure_sensitivity(loaded, calib, menu=MENU, use_cache=False)
-    each = measure_sensitivity(loaded, calib, menu=MENU, use_cache=False, chunk_nbytes=1)
-    assert one.table == each.table
+    per_block = measure_sensitivity(loaded, calib, menu=MENU, use_cache=False, chunk_nbytes=block_cost)
+    per_site = measure_sensitivity(loaded, calib, menu=MENU, use_cache=False, chunk_nbytes=1)
+    assert one.table == per_block.table == per_site.table

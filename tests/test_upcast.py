@@ -95,3 +95,64 @@ def test_quantizer_statistics_and_fisher_equal_on_a_mapped_model(fp16_dirs, fami
     for name in fisher_a:
         assert torch.equal(fisher_a[name].diag, fisher_b[name].diag), name
         assert torch.equal(fisher_a[name].hessian, fisher_b[name].hessian), name
+
+
+def test_a_large_narrow_weight_is_widened_a_slice_of_rows_at_a_time(monkeypatch):
+    """Above SLICE_NBYTES a NarrowLinear never holds its whole float copy, forward or backward
+    (an 8B head's is 2.1 GB). Slices of 21 rows (the last one ragged) give the widened Linear's
+    output, input gradient and weight gradient up to float32 summation order: 1e-6 relative,
+    ~10 roundings of 2^-24 over sums of 48 (forward) or 1000 (backward) products."""
+    from liftedge import upcast
+    from liftedge.upcast import NarrowLinear
+
+    gen = torch.Generator().manual_seed(0)
+    layer = NarrowLinear(48, 1000, bias=True).half()
+    assert type(layer) is NarrowLinear
+    x = torch.randn(3, 5, 48, generator=gen, requires_grad=True)
+    g = torch.randn(3, 5, 1000, generator=gen)
+    wide = torch.nn.Linear(48, 1000)
+    with torch.no_grad():
+        wide.weight.copy_(layer.weight.float())
+        wide.bias.copy_(layer.bias.float())
+    expected = wide(x)
+    (ex_gx, ex_gw) = torch.autograd.grad(expected, (x, wide.weight), g)
+    widened = []
+    real = upcast._widened
+    monkeypatch.setattr(upcast, "_widened", lambda part, dtype: widened.append(part.shape[0]) or real(part, dtype))
+    monkeypatch.setattr(upcast, "SLICE_NBYTES", 21 * 48 * 4)
+    got = layer(x)
+    (gx, gw) = torch.autograd.grad(got, (x, layer.weight), g)
+    assert widened and max(widened) == 21 and widened[-1] == 1000 % 21  # sliced, forward and backward
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert got.dtype == torch.float32 and rel(got, expected) < 1e-6
+    assert rel(gx, ex_gx) < 1e-6
+    assert gw.dtype == torch.float16 and rel(gw, ex_gw) < 1e-3  # the gradient is rounded to fp16 (2^-11)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sliced_head_gives_the_float32_logits_and_fisher(fp16_dirs, family, monkeypatch):
+    """A mapped model's head widened in slices (as an 8B head is) computes the float32 model's
+    logits and Fisher statistics up to float32 summation order (1e-5 relative: the input
+    gradient's sum over the vocabulary runs in 7 slices, and its rounding travels back through
+    every block)."""
+    from liftedge import upcast
+    from liftedge.measure import output_fisher, planned_sites
+
+    monkeypatch.setattr(upcast, "SLICE_NBYTES", 48 * 64 * 4)  # 48 rows of the 64-wide tiny head
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    wide, mapped = _both(fp16_dirs[family])
+    head = mapped.model.get_output_embeddings()
+    assert type(head) is upcast.NarrowLinear and head.weight.dtype == torch.float16
+    assert head.weight.numel() * 4 > upcast.SLICE_NBYTES
+    with torch.no_grad():
+        expected, got = wide.model(input_ids=tokens).logits, mapped.model(input_ids=tokens).logits
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
+    fa = output_fisher(wide.model, tokens, planned_sites(wide.model))
+    fb = output_fisher(mapped.model, tokens, planned_sites(mapped.model))
+    assert fa.keys() == fb.keys()
+    for name in fa:
+        for a, b in ((fa[name].diag, fb[name].diag), (fa[name].hessian, fb[name].hessian)):
+            assert float((a - b).norm() / a.norm()) < 1e-5, name
