@@ -127,6 +127,8 @@ def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
         cmd += ["--samples", str(args.samples)]
     if args.seq_len is not None:
         cmd += ["--seq-len", str(args.seq_len)]
+    if args.calib is not None:
+        cmd += ["--calib", str(args.calib)]
     env = dict(os.environ, LIFTEDGE_CACHE=str(workdir / "cache"))
     log_path = args.log or workdir / "plan.log"
     t = time.perf_counter()
@@ -153,7 +155,7 @@ def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
         raise SystemExit(f"plan failed (rc {rc}); log: {log_path}\n{Path(log_path).read_text()[-3000:]}")
     cache_bytes = sum(f.stat().st_size for f in (workdir / "cache").rglob("*") if f.is_file())
     row = {"completed": True, "wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
-                "peak_anon_rss_gb": round(sampler.peak_anon / 1e9, 2),
+           "peak_anon_rss_gb": round(sampler.peak_anon / 1e9, 2),
            "rss_series_s_gb": downsampled(sampler.series),
            "cache_written_mb": round(cache_bytes / 1e6, 2), "command": " ".join(cmd[1:])}
     if args.device == "cuda":
@@ -171,6 +173,9 @@ def main() -> None:
     ap.add_argument("--ram", default="4GB")
     ap.add_argument("--samples", type=int, default=None, help="default: the plan's")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the plan's")
+    ap.add_argument("--calib", type=Path, default=None,
+                    help="calibration text (default: the plan's data-free sampling, which at 8B on CPU is a "
+                         "full forward pass per sampled token)")
     ap.add_argument("--log", type=Path, default=None)
     ap.add_argument("--stop-after", type=float, default=None,
                     help="stop the plan after this many seconds and record how far it got (a partial row)")
@@ -191,6 +196,7 @@ def main() -> None:
             write_s = round(time.perf_counter() - t, 1)
         row = {"shape": args.shape, "device": args.device, "target": args.target, "ram": args.ram,
                "samples": args.samples or DEFAULT_SAMPLES, "seq_len": args.seq_len or DEFAULT_SEQ_LEN,
+               "calibration": args.calib.name if args.calib else "data-free",
                "load_average_at_start": round(os.getloadavg()[0], 2), "checkpoint_write_s": write_s}
         row.update(run_plan(checkpoint, args, work))
     row.update(host=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
