@@ -128,7 +128,7 @@ def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
     if args.seq_len is not None:
         cmd += ["--seq-len", str(args.seq_len)]
     if args.calib is not None:
-        cmd += ["--calib", str(args.calib)]
+        cmd += ["--calib", str(args.calib.resolve())]  # the plan runs in its work folder
     env = dict(os.environ, LIFTEDGE_CACHE=str(workdir / "cache"))
     log_path = args.log or workdir / "plan.log"
     t = time.perf_counter()
