@@ -255,7 +255,7 @@ def quantize_markdown() -> list[str]:
             contended = " (contended)" if r.get("contended") else ""
             lines.append(f"| {r['shape']} | {data.get('device_name', device)} | {samples} x {seq} | {epochs} | "
                          f"{sum(steady) / len(steady):.0f} | {r['weights_per_s'] / 1e6:.2f} M | "
-                         f"{_minutes(r['extrapolated_model_minutes'])} | {r['peak_rss_gb']:.2f} GB{contended} |")
+                         f"{_minutes(r['extrapolated_model_minutes'])} | {r['peak_rss_gb']:.2f} GiB{contended} |")
     return lines
 
 
