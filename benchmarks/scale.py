@@ -243,7 +243,7 @@ def quantize_markdown() -> list[str]:
              "notes).", "",
              "| shape | device | calibration tokens | correction epochs | s / block | weights / s | model (extrapolated) "
              "| peak RSS |", "|---|---|---|---|---|---|---|---|"]
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", "cuda", "cuda_h100"):
         path = RESULTS / f"quantize_throughput_{device}.json"
         if not path.is_file():
             continue
