@@ -243,10 +243,8 @@ def quantize_markdown() -> list[str]:
              "notes).", "",
              "| shape | device | calibration tokens | correction epochs | s / block | weights / s | model (extrapolated) "
              "| peak RSS |", "|---|---|---|---|---|---|---|---|"]
-    for device in ("cpu", "cuda", "cuda_h100"):
-        path = RESULTS / f"quantize_throughput_{device}.json"
-        if not path.is_file():
-            continue
+    for path in sorted(RESULTS.glob("quantize_throughput_*.json")):  # cpu, cuda, cuda_h100
+        device = path.stem.removeprefix("quantize_throughput_")
         data = json.loads(path.read_text())
         for r in data.get("shapes") or data.get("runs") or []:
             samples, seq = r.get("samples", data.get("samples")), r.get("seq_len", data.get("seq_len"))

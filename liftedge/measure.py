@@ -446,18 +446,18 @@ def _sums_nbytes(site: Site) -> int:
     return 2 * 4 * site.in_features ** 2 if site.kind == "linear" else 0
 
 
-def _block_parts(members: list[Site], budget: int) -> list[list[Site]]:
-    """A decoder block's sites in order, cut into runs whose sums fit `budget` (a site larger
-    than the budget is a run alone); a block that fits is one run."""
-    parts: list[list[Site]] = [[]]
+def _packed(items: list, cost, budget: int, alone=lambda prev, item: False) -> list[list]:
+    """`items` in order, cut greedily into runs whose `cost` sums stay within `budget` (an item
+    larger than the budget is a run alone); `alone(prev, item)` forces a cut between two items."""
+    runs: list[list] = []
     used = 0
-    for s in members:
-        if parts[-1] and used + _sums_nbytes(s) > budget:
-            parts.append([])
+    for item in items:
+        if not runs or alone(runs[-1][-1], item) or used + cost(item) > budget:
+            runs.append([])
             used = 0
-        parts[-1].append(s)
-        used += _sums_nbytes(s)
-    return parts
+        runs[-1].append(item)
+        used += cost(item)
+    return runs
 
 
 def site_chunks(sites: list[Site], budget: int) -> list[list[Site]]:
@@ -469,20 +469,10 @@ def site_chunks(sites: list[Site], budget: int) -> list[list[Site]]:
     for s in sites:
         blocks.setdefault(s.block, []).append(s)
     units = [(block, part) for block, members in blocks.items()
-             for part in (_block_parts(members, budget) if block is not None else [members])]
-    chunks: list[list[Site]] = []
-    current: list[Site] = []
-    used = 0
-    for block, part in units:
-        cost = sum(map(_sums_nbytes, part))
-        if current and (block is None or current[-1].block is None or used + cost > budget):
-            chunks.append(current)
-            current, used = [], 0
-        current += part
-        used += cost
-    if current:
-        chunks.append(current)
-    return chunks
+             for part in (_packed(members, _sums_nbytes, budget) if block is not None else [members])]
+    runs = _packed(units, lambda unit: sum(map(_sums_nbytes, unit[1])), budget,
+                   alone=lambda prev, unit: prev[0] is None or unit[0] is None)
+    return [[s for _, part in run for s in part] for run in runs]
 
 
 def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = DEFAULT_MENU, rows: int = DEFAULT_ROWS,

@@ -79,13 +79,15 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
         if isinstance(module, nn.Embedding) and id(module) not in in_blocks:
             module.register_forward_hook(_cast_output(dtype))
             covered.append(module)
+    wrapped = [*blocks, final_norm(model)]
     head = model.get_output_embeddings()
     if head is not None and narrowable([head]):
         # widened a slice of rows at a time when large (an 8B head's float copy is 2.1 GB)
         keep_narrow([head])
         covered.append(head)
-        head = None
-    for module in [*blocks, final_norm(model), head]:
+    else:
+        wrapped.append(head)
+    for module in wrapped:
         if module is not None and any(True for _ in module.parameters()):
             _wrap(module, dtype)
             covered.append(module)
