@@ -32,10 +32,11 @@ if [ "$step" = plan ]; then
   pythonpath
   unset LIFTEDGE_NO_PROGRESS  # the log shows each phase's progress
   for shape in "$@"; do
-    # SAMPLES / SEQ_LEN override the plan's calibration defaults; STOP_AFTER=S records a partial row
+    # SAMPLES / SEQ_LEN override the plan's calibration defaults; STOP_AFTER=S records a partial row;
+    # CACHE=DIR keeps the plan's cache there (carry it to the next call: the plan resumes from it)
     python benchmarks/plan_measure.py --shape "$shape" --device cuda --checkpoint "/tmp/ckpt-$shape" \
       --log "$OUT/plan_$shape.log" --out "$OUT/plan_measure.json" ${SAMPLES:+--samples $SAMPLES} \
-      ${SEQ_LEN:+--seq-len $SEQ_LEN} ${STOP_AFTER:+--stop-after $STOP_AFTER}
+      ${SEQ_LEN:+--seq-len $SEQ_LEN} ${STOP_AFTER:+--stop-after $STOP_AFTER} ${CACHE:+--cache $CACHE}
   done
   exit 0
 fi

@@ -119,7 +119,7 @@ def summarize_plan(data: dict) -> dict:
             "options": dict(sorted(counts.items()))}
 
 
-def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
+def run_plan(checkpoint: Path, args, workdir: Path, deadline: float | None) -> dict:
     plan_json = workdir / "plan.json"
     cmd = [sys.executable, "-m", "liftedge.cli", "plan", str(checkpoint), "--target", args.target, "--ram", args.ram,
            "--device", args.device, "--json", "-o", str(plan_json), "--force"]
@@ -129,7 +129,9 @@ def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
         cmd += ["--seq-len", str(args.seq_len)]
     if args.calib is not None:
         cmd += ["--calib", str(args.calib.resolve())]  # the plan runs in its work folder
-    env = dict(os.environ, LIFTEDGE_CACHE=str(workdir / "cache"))
+    cache = args.cache or workdir / "cache"
+    resumed = any(cache.rglob("*.partial.json"))  # an earlier, stopped run's measured chunks
+    env = dict(os.environ, LIFTEDGE_CACHE=str(cache.resolve()))
     log_path = args.log or workdir / "plan.log"
     t = time.perf_counter()
     with open(log_path, "w") as log:
@@ -138,23 +140,23 @@ def run_plan(checkpoint: Path, args, workdir: Path) -> dict:
         sampler = Sampler(proc, gpu=args.device == "cuda")
         sampler.start()
         try:
-            rc = proc.wait(timeout=args.stop_after)
+            rc = proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:  # a partial row: the memory of the phases reached, and how far it got
             proc.terminate()
             rc = proc.wait()
         sampler.join()
     wall = time.perf_counter() - t
     completed = plan_json.is_file()
-    if not completed and args.stop_after is not None and wall >= args.stop_after:
-        return {"completed": False, "wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
+    if not completed and deadline is not None and time.perf_counter() >= deadline:
+        return {"completed": False, "resumed": resumed, "wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
                 "peak_anon_rss_gb": round(sampler.peak_anon / 1e9, 2),
                 "rss_series_s_gb": downsampled(sampler.series), "command": " ".join(cmd[1:]),
                 "progress_at_stop": last_progress(Path(log_path)),
                 **({"gpu_peak_gb": round(sampler.peak_gpu / 1e9, 2)} if args.device == "cuda" else {})}
     if rc != 0:
         raise SystemExit(f"plan failed (rc {rc}); log: {log_path}\n{Path(log_path).read_text()[-3000:]}")
-    cache_bytes = sum(f.stat().st_size for f in (workdir / "cache").rglob("*") if f.is_file())
-    row = {"completed": True, "wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
+    cache_bytes = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    row = {"completed": True, "resumed": resumed, "wall_s": round(wall, 1), "peak_rss_gb": round(sampler.peak_rss / 1e9, 2),
            "peak_anon_rss_gb": round(sampler.peak_anon / 1e9, 2),
            "rss_series_s_gb": downsampled(sampler.series),
            "cache_written_mb": round(cache_bytes / 1e6, 2), "command": " ".join(cmd[1:])}
@@ -178,13 +180,18 @@ def main() -> None:
                          "full forward pass per sampled token)")
     ap.add_argument("--log", type=Path, default=None)
     ap.add_argument("--stop-after", type=float, default=None,
-                    help="stop the plan after this many seconds and record how far it got (a partial row)")
+                    help="stop the plan this many seconds after this script starts (a checkpoint write "
+                         "included) and record how far it got (a partial row)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="the plan's cache folder, kept (default: a fresh one, removed): a plan stopped "
+                         "with this folder goes on from its measured chunks when run again with it")
     ap.add_argument("--out", type=Path, default=RESULTS / "plan_measure.json")
     args = ap.parse_args()
 
     from liftedge.commands.quantize import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
     from liftedge.shapes import write_checkpoint
 
+    deadline = None if args.stop_after is None else time.perf_counter() + args.stop_after
     with tempfile.TemporaryDirectory(prefix="plan-measure-") as tmp:
         work = Path(tmp)
         checkpoint = args.checkpoint or work / "model"
@@ -198,7 +205,7 @@ def main() -> None:
                "samples": args.samples or DEFAULT_SAMPLES, "seq_len": args.seq_len or DEFAULT_SEQ_LEN,
                "calibration": args.calib.name if args.calib else "data-free",
                "load_average_at_start": round(os.getloadavg()[0], 2), "checkpoint_write_s": write_s}
-        row.update(run_plan(checkpoint, args, work))
+        row.update(run_plan(checkpoint, args, work, deadline))
     row.update(host=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                date=time.strftime("%Y-%m-%d"))
     if args.device == "cuda":

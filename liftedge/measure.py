@@ -486,6 +486,7 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
     head's error counts against its embedding's options); without, they are fixed fp16 bytes.
     """
     from liftedge.calibrate import collect_stats
+    from liftedge.heap import map_large_allocations, release_memory
     from liftedge.model import list_sites, site_weight
 
     rates = parse_menu(menu)
@@ -501,8 +502,14 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
     planned = {s.name for s in sites}
     tied_heads = [s for s in list_sites(model) if s.tied_to in planned]
     tied = {s.tied_to: s.name for s in tied_heads}  # embedding -> its tied head
-    table: dict[str, list[Option]] = {}
+    partial = None if path is None else path.with_name(path.stem + ".partial.json")
+    table = _read_partial(partial, planned)
+    if table:
+        log.info("sensitivity resumed: %d of %d sites read from %s", len(table), len(sites), partial)
+    map_large_allocations()  # each chunk's freed sums go back to the OS (`liftedge.heap`)
     for chunk in site_chunks(sites, chunk_nbytes):
+        if all(s.name in table for s in chunk):
+            continue
         # Statistics and Fisher of this chunk's sites only (each site's sums do not depend on
         # which other sites are hooked, so the table equals a one-pass measurement), then freed:
         # memory follows the chunk, not the model.
@@ -519,6 +526,9 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
                 errors = table_errors(site_weight(model, s), fisher[s.name] if s.kind == "embedding" else None, head)
             table[s.name] = [Option(name, option_nbytes(s, name), err) for name, err in errors.items()]
         del stats, fisher
+        release_memory()
+        if partial is not None:
+            _write_partial(partial, table)
     result = Sensitivity(table=table, numel={s.name: s.numel for s in sites}, fixed_nbytes=fixed_nbytes(model, sites),
                          meta={"menu": [f"{r.D}/{r.d}" for r in rates], "rows": rows, "fisher_samples": fisher_samples,
                                "tables": list(TABLE_OPTIONS) if tables else [],
@@ -528,7 +538,37 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
         from liftedge.io import atomic_write_bytes
 
         atomic_write_bytes(path, result.to_json().encode())
+        partial.unlink(missing_ok=True)
     return result
+
+
+# A measurement of a few-billion-parameter model on CPU takes hours (each chunk is a forward
+# and backward pass of the whole model): the sites measured so far are kept beside the cache
+# entry, keyed like it, after every chunk, and an interrupted run goes on from there. A site's
+# options depend only on the inputs of the key, not on which chunk measured them.
+
+
+def _write_partial(partial, table: dict[str, list[Option]]) -> None:
+    from liftedge.io import atomic_write_bytes
+
+    data = {"format": SENSITIVITY_FORMAT, "table": {s: [[o.name, o.nbytes, o.error] for o in opts]
+                                                    for s, opts in table.items()}}
+    atomic_write_bytes(partial, (json.dumps(data) + "\n").encode())
+
+
+def _read_partial(partial, planned: set[str]) -> dict[str, list[Option]]:
+    """The sites a previous run measured (none if there is no such file, or one that cannot
+    be read or names a site this model does not plan: it is measured again)."""
+    if partial is None or not partial.is_file():
+        return {}
+    try:
+        data = json.loads(partial.read_text())
+        if data.get("format") != SENSITIVITY_FORMAT or not set(data["table"]) <= planned:
+            raise ValueError("another table")
+        return {s: [Option(str(n), int(b), float(e)) for n, b, e in opts] for s, opts in data["table"].items()}
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("ignoring %s (%s); measuring from the start", partial, exc)
+        return {}
 
 
 def _cache_file(loaded, tokens, sites, rates, rows, fisher_samples, seed):

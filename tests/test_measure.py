@@ -152,3 +152,51 @@ def test_measured_a_block_or_a_site_at_a_time_equals_one_pass(setup):
     per_block = measure_sensitivity(loaded, calib, menu=MENU, use_cache=False, chunk_nbytes=block_cost)
     per_site = measure_sensitivity(loaded, calib, menu=MENU, use_cache=False, chunk_nbytes=1)
     assert one.table == per_block.table == per_site.table
+
+
+def test_an_interrupted_measurement_resumes_from_its_last_chunk(setup, monkeypatch, tmp_path):
+    """An 8B measurement on CPU takes hours: the chunks measured before an interruption are kept
+    (beside the cache entry) and not measured again, and the resumed table is the uninterrupted
+    one, value for value."""
+    import liftedge.measure as measure
+
+    loaded, calib, _ = setup
+    monkeypatch.setenv("LIFTEDGE_CACHE", str(tmp_path))
+    sites = measure.planned_sites(loaded.model)
+    budget = max(sum(measure._sums_nbytes(s) for s in sites if s.block == b) for b in {s.block for s in sites})
+    chunks = measure.site_chunks(sites, budget)  # one block per chunk, and the tables' chunk
+    assert len(chunks) > 2
+    whole = measure_sensitivity(loaded, calib, menu=MENU, use_cache=False, chunk_nbytes=budget)
+    real, calls = measure.output_fisher, []
+
+    def interrupted_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "output_fisher", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        measure_sensitivity(loaded, calib, menu=MENU, chunk_nbytes=budget)
+    assert not list(tmp_path.rglob("*[0-9a-f].json"))  # no table entry from an unfinished run
+    partial = list(tmp_path.rglob("*.partial.json"))
+    assert len(partial) == 1
+    calls.clear()
+    monkeypatch.setattr(measure, "output_fisher", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = measure_sensitivity(loaded, calib, menu=MENU, chunk_nbytes=budget)
+    assert len(calls) == len(chunks) - 2  # the first two chunks were read, not measured
+    assert resumed.table == whole.table
+    assert not partial[0].exists()  # the finished table replaces it
+
+
+def test_a_partial_table_of_another_model_is_ignored(setup, monkeypatch, tmp_path):
+    """A partial file naming sites this model does not plan (or unreadable) is measured over."""
+    import liftedge.measure as measure
+
+    loaded, calib, _ = setup
+    planned = {s.name for s in measure.planned_sites(loaded.model)}
+    bad = tmp_path / "x.partial.json"
+    bad.write_text('{"format": "%s", "table": {"no.such.site": [["fp16", 2, 0.0]]}}' % measure.SENSITIVITY_FORMAT)
+    assert measure._read_partial(bad, planned) == {}
+    bad.write_text("{not json")
+    assert measure._read_partial(bad, planned) == {}
