@@ -506,8 +506,11 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
     table = _read_partial(partial, planned)
     if table:
         log.info("sensitivity resumed: %d of %d sites read from %s", len(table), len(sites), partial)
+    chunks = site_chunks(sites, chunk_nbytes)
+    if partial is not None and len(chunks) > 1:
+        log.info("sensitivity in %d chunks, each kept once measured: an interrupted run resumes from them", len(chunks))
     map_large_allocations()  # each chunk's freed sums go back to the OS (`liftedge.heap`)
-    for chunk in site_chunks(sites, chunk_nbytes):
+    for chunk in chunks:
         if all(s.name in table for s in chunk):
             continue
         # Statistics and Fisher of this chunk's sites only (each site's sums do not depend on
