@@ -13,7 +13,9 @@ written first in its own process unless `--checkpoint` names one that exists.
     python benchmarks/plan_measure.py --shape llama-3.1-8b --device cuda     # the plan's defaults
 
 Rows are merged into benchmarks/results/plan_measure.json (--out overrides), keyed by shape,
-device, samples and sequence length.
+device, samples and sequence length. `--stop-after S` stops the run S seconds after this script
+starts and records a partial row; with `--cache DIR` the plan's cache is kept there, and a
+stopped plan run again with it resumes from its measured chunks (the row says `resumed`).
 """
 
 from __future__ import annotations
