@@ -152,8 +152,7 @@ class Sensitivity:
 
     def to_json(self) -> str:
         data = {"format": SENSITIVITY_FORMAT, "meta": self.meta, "fixed_nbytes": self.fixed_nbytes,
-                "numel": self.numel,
-                "table": {s: [[o.name, o.nbytes, o.error] for o in opts] for s, opts in self.table.items()}}
+                "numel": self.numel, "table": _table_json(self.table)}
         return json.dumps(data, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -161,9 +160,16 @@ class Sensitivity:
         data = json.loads(text)
         if data.get("format") not in (SENSITIVITY_FORMAT, LINEARS_ONLY_FORMAT):
             raise LiftedgeError(f"not a {SENSITIVITY_FORMAT} table")
-        table = {s: [Option(n, int(b), float(e)) for n, b, e in opts] for s, opts in data["table"].items()}
-        return cls(table=table, numel={k: int(v) for k, v in data["numel"].items()},
+        return cls(table=_table_from_json(data["table"]), numel={k: int(v) for k, v in data["numel"].items()},
                    fixed_nbytes=int(data["fixed_nbytes"]), meta=data["meta"])
+
+
+def _table_json(table: dict[str, list[Option]]) -> dict[str, list[list]]:
+    return {s: [[o.name, o.nbytes, o.error] for o in opts] for s, opts in table.items()}
+
+
+def _table_from_json(table: dict[str, list[list]]) -> dict[str, list[Option]]:
+    return {s: [Option(str(n), int(b), float(e)) for n, b, e in opts] for s, opts in table.items()}
 
 
 # ---------------------------------------------------------------- a prior, for models without weights
@@ -554,8 +560,7 @@ def measure_sensitivity(loaded, tokens: torch.Tensor, *, menu: Iterable[str] = D
 def _write_partial(partial, table: dict[str, list[Option]]) -> None:
     from liftedge.io import atomic_write_bytes
 
-    data = {"format": SENSITIVITY_FORMAT, "table": {s: [[o.name, o.nbytes, o.error] for o in opts]
-                                                    for s, opts in table.items()}}
+    data = {"format": SENSITIVITY_FORMAT, "table": _table_json(table)}
     atomic_write_bytes(partial, (json.dumps(data) + "\n").encode())
 
 
@@ -568,7 +573,7 @@ def _read_partial(partial, planned: set[str]) -> dict[str, list[Option]]:
         data = json.loads(partial.read_text())
         if data.get("format") != SENSITIVITY_FORMAT or not set(data["table"]) <= planned:
             raise ValueError("another table")
-        return {s: [Option(str(n), int(b), float(e)) for n, b, e in opts] for s, opts in data["table"].items()}
+        return _table_from_json(data["table"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
         log.warning("ignoring %s (%s); measuring from the start", partial, exc)
         return {}
