@@ -276,6 +276,8 @@ def plan_markdown() -> list[str]:
             options = ", ".join(f"{k} {v}" for k, v in p["options"].items())
             cache, bits = f"{r['cache_written_mb']:.1f} MB", f"{p['bits_per_weight']:.2f}"
             wall = _minutes(r["wall_s"] / 60)
+            if r.get("calls"):  # measured over several calls of a lent machine, each resuming the last
+                wall += f" ({len(r['calls'])} calls, resumed)"
         else:  # stopped on purpose (--stop-after): the memory of the phases it reached
             cache, bits, options = "-", "-", f"stopped at: {r['progress_at_stop']}"
             wall = f"{_minutes(r['wall_s'] / 60)} (stopped)"
