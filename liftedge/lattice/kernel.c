@@ -10,22 +10,33 @@
  *   those of search.half_signs / torch.argmax.
  * lq_candidates: for every candidate k, x = u + zx[:, k] (ns coordinates), s = sign(x) (0 at 0,
  *   like torch.sign), t = A s; tail: err = ||t + zr[:, k] - w||^2, lifted: err = (t - 2w).t;
- *   first argmin over k. Vectorized over 16 candidates at a time (GCC/clang vector extensions).
+ *   first argmin over k. Vectorized over LANES candidates at a time (GCC/clang vector extensions).
  * Blocks are spread over threads with OpenMP when compiled with it.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+/* Candidates per vector: one register's worth. lq_candidates keeps d sums of LANES candidates
+ * in registers; 16-float vectors without AVX-512 are split in two by the compiler, and for
+ * LQ-24/10 (d = 10) the 20 halves outgrow AVX2's 16 registers: the hot loop spilled (2141
+ * instructions per 16 candidates, 554 of them stack traffic, against 212 per 8 with 8 lanes),
+ * and a LiftQuant block of SmolLM2 took ~2x as long on a Zen 3 host. Same codes either way
+ * (the candidate order and the first-index tie-break do not depend on the width). */
+#if defined(__AVX512F__)
 #define LANES 16
+#else
+#define LANES 8
+#endif
 #define MAX_L 8
 #define MAX_D 64
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef float vfu __attribute__((vector_size(4 * LANES), aligned(4)));
 
-int lq_abi_version(void) { return 1; }
+int lq_abi_version(void) { return 2; }
+int lq_lanes(void) { return LANES; } /* kernel.py pads K to a multiple of it */
 
 /* t[0..2^nb) = sum_j (+-) v[j] over nb values, bit j of the index set -> +v[j]. */
 static void signed_sums(const float *v, int nb, float base, float *t) {
@@ -96,7 +107,8 @@ static inline __attribute__((always_inline)) void candidates_one(const float *u,
     vf t[MAX_D];
     vf best_err = (vf){0} + INFINITY;
     vi best_k = (vi){0};
-    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vi lane;
+    for (int l = 0; l < LANES; l++) lane[l] = l;
     for (int64_t k0 = 0; k0 < K; k0 += LANES) {
         /* t = A s, one sign coordinate at a time: the d sums stay in registers, s is never stored */
 #pragma GCC unroll 64

@@ -35,8 +35,7 @@ from liftedge.lattice.switch import FastPath
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 1
-LANES = 16  # candidates per vector in lq_candidates: K is padded to a multiple of this
+ABI_VERSION = 2
 MAX_D = 64  # block length d (kernel.c MAX_D: the sums t = A s kept per candidate)
 FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -98,6 +97,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
     lib.lq_candidates.argtypes = [_f32p, _f32p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                                   _f32p, _f32p, _f32p, ctypes.c_int, _i32p, _i8p, ctypes.c_int]
     lib.lq_candidates.restype = None
+    lib.lq_lanes.restype = ctypes.c_int
     return lib
 
 
@@ -165,9 +165,10 @@ def exhaustive_search(w: torch.Tensor, table) -> torch.Tensor:
 
 
 def _padded_t(x: torch.Tensor) -> np.ndarray:
-    """[K, c] -> [c, K'] float32 with K' a multiple of LANES; padding repeats the last row, a
-    later duplicate candidate that the first-index argmin never prefers."""
-    pad = (-x.shape[0]) % LANES
+    """[K, c] -> [c, K'] float32 with K' a multiple of the kernel's vector width (`lq_lanes`:
+    16 with AVX-512, else 8); padding repeats the last row, a later duplicate candidate that
+    the first-index argmin never prefers."""
+    pad = (-x.shape[0]) % library().lq_lanes()
     if pad:
         x = torch.cat([x, x[-1:].expand(pad, -1)])
     return _f32(x.T)
