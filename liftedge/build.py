@@ -61,6 +61,13 @@ def planned_pack(loaded, tokens: torch.Tensor, calibration: dict[str, Any], plan
     return path
 
 
+def integer_head(manifest: dict, config: dict) -> bool:
+    """Whether the pack's head is stored as integers: an untied head site, or the embedding a
+    tied head shares (Hugging Face ties them unless the config says otherwise)."""
+    stored = {s["kind"] for s in manifest["sites"].values() if s.get("fmt") not in (None, "fp16")}
+    return "head" in stored or ("embedding" in stored and config.get("tie_word_embeddings", True))
+
+
 def check_pack_fits(pack: Path, request) -> dict[str, Any] | None:
     """For a device request: the memory split with the pack's bytes, or `BudgetError` if they do not fit."""
     if request.device is None:
@@ -73,6 +80,6 @@ def check_pack_fits(pack: Path, request) -> dict[str, Any] | None:
     dims = ModelDims.from_config(config)
     mem = budget_breakdown(request.device, dims, request.context, request.kv_bits, runtime=request.runtime,
                            increased_memory_limit=request.increased_memory_limit,
-                           compute_units=request.compute_units)
+                           compute_units=request.compute_units, head_cast=not integer_head(manifest, config))
     require_fit(mem, int(manifest["totals"]["nbytes"]), request.device, dims)
     return mem.to_dict()

@@ -7,7 +7,8 @@ and `require_fit`. It does not choose rates (that is `liftedge.plan`) nor measur
     weight budget = app-usable RAM            (profile share x RAM; iOS: with/without entitlement)
                   - runtime overhead          (host app baseline: ESTIMATE; the runtime's own share:
                                                MEASURED for ExecuTorch and ONNX Runtime)
-                  - head cast                 (ONNX Runtime: fp32 copy of the fp16 head, per call)
+                  - head cast                 (ONNX Runtime: fp32 copy of an fp16 head, per call; none for
+                                               an integer head, which MatMulNBits reads as stored)
                   - KV cache                  (2 x layers x kv_heads x head_dim x context x kv_bits/8)
                   - activation arena          (ESTIMATE: peak live tensors of one prefill chunk)
                   - tokenizer tables          (ESTIMATE: vocab x bytes per entry)
@@ -59,8 +60,10 @@ RUNTIME_MEASURED_NBYTES: dict[str, int] = {
 }
 RUNTIME_OVERHEAD_NBYTES: dict[str, int] = {r: APP_BASELINE_NBYTES[r] + RUNTIME_MEASURED_NBYTES[r]
                                            for r in APP_BASELINE_NBYTES}
-# ONNX Runtime artifacts read the fp16 embedding table as the head through a Cast to fp32 on
-# every call: a transient vocab x hidden x 4 bytes (measured: 108 MiB for SmolLM2's 49152 x 576).
+# ONNX Runtime artifacts read an fp16 head table through a Cast to fp32 on every call: a
+# transient vocab x hidden x 4 bytes (measured: 108 MiB for SmolLM2's 49152 x 576). An integer
+# head (MatMulNBits over its codes) has none: charging it anyway over-predicted the runtime peak
+# of the 8B shape's ONNX build by 1.96 GiB (4.66 predicted, 3.10 GiB measured).
 ORT_HEAD_CAST_BYTES = 4
 # Byte-level BPE tokenizers hold the token strings, the merge table and two hash maps:
 # ~48 bytes per vocabulary entry (ESTIMATE, from a 50k-vocab tokenizer.json of ~2.4 MB).
@@ -258,7 +261,7 @@ class MemoryBudget:
 
 
 def _fixed_terms(dims: ModelDims, runtime: str, context: int, kv_bits: int, prefill_chunk: int,
-                 activation_bits: int, unquantized_nbytes: int) -> dict[str, int]:
+                 activation_bits: int, unquantized_nbytes: int, head_cast: bool = True) -> dict[str, int]:
     if runtime not in RUNTIME_OVERHEAD_NBYTES:
         raise LiftedgeError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIME_OVERHEAD_NBYTES)}")
     if not isinstance(context, int) or context < 1:
@@ -274,7 +277,7 @@ def _fixed_terms(dims: ModelDims, runtime: str, context: int, kv_bits: int, pref
     chunk = min(prefill_chunk, context)
     return dict(
         runtime_overhead_nbytes=RUNTIME_OVERHEAD_NBYTES[runtime],
-        head_cast_nbytes=dims.vocab * dims.hidden * ORT_HEAD_CAST_BYTES if runtime == "onnxruntime" else 0,
+        head_cast_nbytes=dims.vocab * dims.hidden * ORT_HEAD_CAST_BYTES if runtime == "onnxruntime" and head_cast else 0,
         kv_cache_nbytes=dims.kv_cache_nbytes(context, kv_bits),
         prefill_chunk=chunk,
         activation_nbytes=activation_arena_nbytes(dims, context, chunk, activation_bits),
@@ -300,10 +303,12 @@ def compute_units_for(runtime: str, compute_units: str | None) -> str | None:
 def budget_breakdown(profile: DeviceProfile, model_dims: ModelDims, context: int | None = None, kv_bits: int = 16,
                      *, runtime: str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                      activation_bits: int = 32, unquantized_nbytes: int = 0,
-                     increased_memory_limit: bool = False, compute_units: str | None = None) -> MemoryBudget:
+                     increased_memory_limit: bool = False, compute_units: str | None = None,
+                     head_cast: bool = True) -> MemoryBudget:
     """Split the app-usable RAM of `profile` into overheads and the bytes left for weights.
 
-    `context` defaults to the profile's, `runtime` to its default runtime.
+    `context` defaults to the profile's, `runtime` to its default runtime. `head_cast=False`
+    says the head is stored as integers (no ONNX Runtime fp32 cast of it).
     `increased_memory_limit` assumes the iOS entitlement
     `com.apple.developer.kernel.increased-memory-limit` (ignored on other platforms).
     `compute_units` (Core ML only) is recorded as the budget's assumption.
@@ -311,7 +316,8 @@ def budget_breakdown(profile: DeviceProfile, model_dims: ModelDims, context: int
     context = profile.default_context if context is None else context
     runtime = runtime or profile.default_runtime
     units = compute_units_for(runtime, compute_units)
-    fixed = _fixed_terms(model_dims, runtime, context, kv_bits, prefill_chunk, activation_bits, unquantized_nbytes)
+    fixed = _fixed_terms(model_dims, runtime, context, kv_bits, prefill_chunk, activation_bits, unquantized_nbytes,
+                         head_cast)
     usable = profile.app_usable_nbytes(increased_memory_limit)
     weight_budget = usable - sum(v for k, v in fixed.items() if k.endswith("_nbytes"))
     return MemoryBudget(
@@ -325,7 +331,8 @@ def budget_breakdown(profile: DeviceProfile, model_dims: ModelDims, context: int
 
 def min_ram_for(weights_nbytes: int, profile: DeviceProfile, model_dims: ModelDims, context: int | None = None,
                 kv_bits: int = 16, *, runtime: str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                activation_bits: int = 32, unquantized_nbytes: int = 0, increased_memory_limit: bool = False) -> int:
+                activation_bits: int = 32, unquantized_nbytes: int = 0, increased_memory_limit: bool = False,
+                head_cast: bool = True) -> int:
     """The least total RAM (bytes) at which `budget_breakdown(...)` leaves `weights_nbytes` for weights.
 
     Same arguments as `budget_breakdown`. Uses only the profile's share of RAM, so it also
@@ -333,13 +340,19 @@ def min_ram_for(weights_nbytes: int, profile: DeviceProfile, model_dims: ModelDi
     """
     context = profile.default_context if context is None else context
     fixed = _fixed_terms(model_dims, runtime or profile.default_runtime, context, kv_bits, prefill_chunk,
-                         activation_bits, unquantized_nbytes)
+                         activation_bits, unquantized_nbytes, head_cast)
     needed = max(0, int(weights_nbytes)) + sum(v for k, v in fixed.items() if k.endswith("_nbytes"))
     share = profile.usable_share(increased_memory_limit)
     ram = math.ceil(needed / share)
     while int(ram * share) < needed:  # float rounding in share x RAM
         ram += 1
     return ram
+
+
+def without_head_cast(budget: MemoryBudget) -> MemoryBudget:
+    """`budget` for an integer head: the ONNX Runtime cast's bytes go to the weights."""
+    return dataclasses.replace(budget, head_cast_nbytes=0,
+                               weight_budget_nbytes=budget.weight_budget_nbytes + budget.head_cast_nbytes)
 
 
 def require_fit(budget: MemoryBudget, weights_nbytes: int, profile: DeviceProfile, model_dims: ModelDims) -> None:
@@ -349,7 +362,7 @@ def require_fit(budget: MemoryBudget, weights_nbytes: int, profile: DeviceProfil
     need = min_ram_for(weights_nbytes, profile, model_dims, budget.context, budget.kv_bits, runtime=budget.runtime,
                        prefill_chunk=budget.prefill_chunk, activation_bits=budget.activation_bits,
                        unquantized_nbytes=budget.unquantized_nbytes,
-                       increased_memory_limit=budget.increased_memory_limit)
+                       increased_memory_limit=budget.increased_memory_limit, head_cast=budget.head_cast_nbytes > 0)
     raise BudgetError(
         f"{format_size(weights_nbytes)} of weights do not fit {profile.display_name} with "
         f"{format_size(budget.ram_nbytes)}: {format_size(budget.weight_budget_nbytes)} is left for weights after "

@@ -30,7 +30,7 @@ from typing import Any
 from liftedge.device import DeviceProfile
 from liftedge.errors import BudgetError, LiftedgeError
 from liftedge.measure import FP16_OPTION, TABLE_OPTIONS, Sensitivity, option_config
-from liftedge.memory import MemoryBudget, ModelDims, budget_breakdown, min_ram_for, require_fit
+from liftedge.memory import MemoryBudget, ModelDims, budget_breakdown, min_ram_for, require_fit, without_head_cast
 from liftedge.plan import Plan, budget_for_bits, budget_for_lambda, plan_bounds, solve
 from liftedge.sizes import format_size
 
@@ -112,16 +112,42 @@ def device_budget(sens: Sensitivity, dims: ModelDims, req: BudgetRequest) -> Mem
                            unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit,
                            compute_units=req.compute_units)
     smallest, _ = plan_bounds(sens.table)
-    if mem.weight_budget_nbytes < smallest:
+    fit = without_head_cast(mem) if head_table(sens) else mem  # the smallest plan's head is an integer one
+    if fit.weight_budget_nbytes < smallest:
         need = min_ram_for(smallest, profile, dims, mem.context, mem.kv_bits, runtime=mem.runtime,
-                           unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit)
+                           unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit,
+                           head_cast=fit.head_cast_nbytes > 0)
         raise BudgetError(
             f"the model does not fit {profile.display_name} with {format_size(mem.ram_nbytes)}: its smallest plan "
             f"needs {format_size(smallest + sens.fixed_nbytes)} of weights but "
-            f"{_left(mem.weight_budget_nbytes + sens.fixed_nbytes)} after runtime, KV cache "
+            f"{_left(fit.weight_budget_nbytes + sens.fixed_nbytes)} after runtime, KV cache "
             f"({mem.context} tokens) and activations; it needs at least {format_size(need)} of RAM "
             f"(or a shorter --context / lower KV precision)", min_ram_nbytes=need)
     return mem
+
+
+def head_table(sens: Sensitivity) -> str | None:
+    """The planned table the head reads (an untied head, else the embedding a tied head shares:
+    the last table site in model order) when the plan may store it as integers; else None."""
+    tables = [s for s, opts in sens.table.items() if {o.name for o in opts} <= {FP16_OPTION, *TABLE_OPTIONS}]
+    if not tables or all(o.name == FP16_OPTION for o in sens.table[tables[-1]]):
+        return None
+    return tables[-1]
+
+
+def _plan_head_cast(sens: Sensitivity, mem: MemoryBudget, head: str, method: str, numel: int) -> tuple[Plan, MemoryBudget]:
+    """ONNX Runtime casts an fp16 head to float32 on every call (`mem` charges those bytes); an
+    integer head runs as stored. The better plan of the two: the head fp16 within `mem`, or an
+    integer head with the cast's bytes given to the weights."""
+    fixed = sens.fixed_nbytes
+    uncast = without_head_cast(mem)
+    as_int = {**sens.table, head: [o for o in sens.table[head] if o.name != FP16_OPTION]}
+    plans = [(solve(as_int, uncast.weight_budget_nbytes + fixed, fixed_nbytes=fixed, method=method, numel=numel), uncast)]
+    as_fp16 = {**sens.table, head: [o for o in sens.table[head] if o.name == FP16_OPTION]}
+    if plan_bounds(as_fp16)[0] <= mem.weight_budget_nbytes:
+        plans.append((solve(as_fp16, mem.weight_budget_nbytes + fixed, fixed_nbytes=fixed, method=method, numel=numel),
+                      mem))
+    return min(plans, key=lambda pm: pm[0].predicted_error)
 
 
 def _left(nbytes: int) -> str:
@@ -196,7 +222,15 @@ def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method:
         budget = int(req.weights_budget)
     else:
         budget = mem.weight_budget_nbytes + sens.fixed_nbytes
-    plan = solve(sens.table, budget, fixed_nbytes=sens.fixed_nbytes, method=method, numel=numel)
+    from_device = req.lam is None and req.bits is None and req.weights_budget is None
+    head = head_table(sens) if from_device and mem.head_cast_nbytes else None
+    if head is not None:
+        plan, mem = _plan_head_cast(sens, mem, head, method, numel)
+    else:
+        plan = solve(sens.table, budget, fixed_nbytes=sens.fixed_nbytes, method=method, numel=numel)
+        head = head_table(sens) if mem is not None and mem.head_cast_nbytes else None
+        if head is not None and next(c.option for c in plan.choices if c.site == head) != FP16_OPTION:
+            mem = without_head_cast(mem)  # an integer head: ONNX Runtime casts nothing
     if mem is not None and plan.total_nbytes > mem.weight_budget_nbytes + sens.fixed_nbytes:
         require_fit(replace(mem, unquantized_nbytes=0, weight_budget_nbytes=mem.weight_budget_nbytes + sens.fixed_nbytes),
                     plan.total_nbytes, req.device, dims)

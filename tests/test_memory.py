@@ -149,3 +149,15 @@ def test_bad_inputs_are_explained():
         budget_breakdown(profile, SMOLLM2, runtime="tflite")
     with pytest.raises(LiftedgeError, match="context"):
         budget_breakdown(profile, SMOLLM2, context=0)
+
+
+def test_integer_head_has_no_cast():
+    # head_cast=False: the head is stored as integers (MatMulNBits reads it as stored), so the
+    # cast's bytes go to the weights, and the minimum RAM for given weights drops by its share.
+    profile = load_device("android", "8GB")
+    cast = budget_breakdown(profile, SMOLLM2, context=2048, runtime="onnxruntime")
+    none = budget_breakdown(profile, SMOLLM2, context=2048, runtime="onnxruntime", head_cast=False)
+    assert none.head_cast_nbytes == 0 and none.weight_budget_nbytes == cast.weight_budget_nbytes + cast.head_cast_nbytes
+    assert "fp32 cast of the fp16 head (onnxruntime)" not in [label for label, _, _ in none.terms()]
+    need = min_ram_for(10**8, profile, SMOLLM2, 2048, runtime="onnxruntime")
+    assert min_ram_for(10**8, profile, SMOLLM2, 2048, runtime="onnxruntime", head_cast=False) < need

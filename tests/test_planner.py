@@ -108,3 +108,37 @@ def test_explicit_budget_with_a_device_checks_its_memory():
         make_plan(sens, dims, BudgetRequest(device=load_device("android", "100MB"), lam=0.0))
     with pytest.raises(LiftedgeError, match="generic profile"):
         load_device("android")
+
+
+def _head_table(fp16_nbytes: int, int8_nbytes: int) -> Sensitivity:
+    """A tied embedding/head table ("embed", options fp16 / int8 / int4) and one linear site."""
+    return Sensitivity(table={"embed": [Option(FP16_OPTION, fp16_nbytes, 0.0), Option("int8-g64", int8_nbytes, 1.0),
+                                        Option("int4-g32", 10, 5.0)],
+                              "a": [Option("lq-12-8", 10, 3.0), Option(FP16_OPTION, 100, 0.0)]},
+                       numel={"embed": 1000, "a": 100}, fixed_nbytes=0)
+
+
+def test_onnxruntime_integer_head_gets_the_cast_bytes():
+    # ONNX Runtime casts an fp16 head to float32 per call (vocab x hidden x 4 bytes charged by
+    # the memory model); an integer head runs in MatMulNBits without it, so a plan with one
+    # gets those bytes for weights (its runtime peak had been over-predicted by the cast).
+    dims = ModelDims(layers=1, hidden=1024, heads=8, kv_heads=8, head_dim=128, intermediate=2048, vocab=50000)
+    req = BudgetRequest(device=load_device("android", "4GB"), runtime="onnxruntime")
+    charged = make_plan(_head_table(1, 1), dims, req).memory  # fp16 head affordable and exact: cast charged
+    cast, budget = charged.head_cast_nbytes, charged.weight_budget_nbytes
+    assert cast == 50000 * 1024 * 4
+    # int8 fits only without the cast; fp16 not even with it: the int8 plan (error 1) beats int4 (error 5)
+    result = make_plan(_head_table(budget + 1, budget + cast // 2), dims, req)
+    assert result.plan.options_by_site() == {"embed": "int8-g64", "a": FP16_OPTION}
+    assert result.memory.head_cast_nbytes == 0 and result.memory.weight_budget_nbytes == budget + cast
+    assert result.plan.budget_nbytes == budget + cast
+    # an affordable fp16 head (error 0) is kept, with the cast charged
+    result = make_plan(_head_table(budget - 100, budget + cast // 2), dims, req)
+    assert result.plan.options_by_site()["embed"] == FP16_OPTION and result.memory.head_cast_nbytes == cast
+    # a budget only an integer head fits is not refused for the cast it does not need
+    small = make_plan(_head_table(budget + 1, budget + cast - 100), dims, req)
+    assert small.plan.options_by_site()["embed"] == "int8-g64"
+    # ExecuTorch casts nothing either way
+    et = make_plan(_head_table(budget + 1, budget + cast // 2), dims, BudgetRequest(device=req.device,
+                                                                                     runtime="executorch"))
+    assert et.memory.head_cast_nbytes == 0
