@@ -24,7 +24,7 @@ def needs_kernel():
 # Shipped rates covering every kernel path: exhaustive (16/8, 12/4, 10/3), tail (24/10, 20/8,
 # 17/8) and the null-space lift (32/20, the one lifted code cheap enough for a unit test).
 RATES = ["16/8", "12/4", "10/3", "24/10", "20/8", "17/8", "32/20"]
-N_BLOCKS = 1001  # ragged: not a multiple of the 16 lanes, the threads or the torch chunks
+N_BLOCKS = 1001  # ragged: not a multiple of the vector lanes (8 or 16), the threads or the torch chunks
 
 
 def _errors(b: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,20 @@ def test_kernel_small_custom_codes(name, method):
     err_got, err_ref = _errors(got, w, M), _errors(ref, w, M)
     tie = (err_got - err_ref).abs() <= 1e-6 * (w.double().square().sum(1) + err_ref)
     assert bool(((got == ref).all(1) | tie).all())
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_candidate_vectors_fit_the_cpu_registers():
+    # 16 candidates per vector only where a vector of 16 floats is one register (AVX-512):
+    # elsewhere the compiler splits it and LQ-24/10's ten sums spill to the stack (~2x slower).
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "") if cpuinfo.exists() else ""
+    lanes = kernel.library().lq_lanes()
+    assert lanes in (8, 16)
+    if "avx512f" not in flags.split():
+        assert lanes == 8
 
 
 @pytest.mark.usefixtures("needs_kernel")
