@@ -72,7 +72,7 @@ def check_pack_fits(pack: Path, request) -> dict[str, Any] | None:
     """For a device request: the memory split with the pack's bytes, or `BudgetError` if they do not fit."""
     if request.device is None:
         return None
-    from liftedge.memory import ModelDims, budget_breakdown, require_fit
+    from liftedge.memory import ModelDims, budget_breakdown, require_fit, sign_unpack_nbytes, with_sign_unpack
     from liftedge.packed import read_manifest
 
     manifest = read_manifest(pack)
@@ -81,5 +81,9 @@ def check_pack_fits(pack: Path, request) -> dict[str, Any] | None:
     mem = budget_breakdown(request.device, dims, request.context, request.kv_bits, runtime=request.runtime,
                            increased_memory_limit=request.increased_memory_limit,
                            compute_units=request.compute_units, head_cast=not integer_head(manifest, config))
+    if mem.runtime == "onnxruntime":
+        lifted = [(m["shape"][0] * m["shape"][1], m["meta"]["D"] / m["meta"]["d"]) for m in manifest["sites"].values()
+                  if m.get("fmt") == "liftquant"]
+        mem = with_sign_unpack(mem, sign_unpack_nbytes(lifted))
     require_fit(mem, int(manifest["totals"]["nbytes"]), request.device, dims)
     return mem.to_dict()

@@ -9,6 +9,8 @@ and `require_fit`. It does not choose rates (that is `liftedge.plan`) nor measur
                                                MEASURED for ExecuTorch and ONNX Runtime)
                   - head cast                 (ONNX Runtime: fp32 copy of an fp16 head, per call; none for
                                                an integer head, which MatMulNBits reads as stored)
+                  - sign unpack               (ONNX Runtime: the largest lift-project layer's signs
+                                               unpacked by stock operators, per call; set by the planner)
                   - KV cache                  (2 x layers x kv_heads x head_dim x context x kv_bits/8)
                   - activation arena          (ESTIMATE: peak live tensors of one prefill chunk)
                   - tokenizer tables          (ESTIMATE: vocab x bytes per entry)
@@ -30,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from liftedge.device import DeviceProfile
 from liftedge.errors import BudgetError, LiftedgeError
@@ -219,13 +221,14 @@ class MemoryBudget:
     unquantized_nbytes: int
     weight_budget_nbytes: int
     head_cast_nbytes: int = 0
+    sign_unpack_nbytes: int = 0  # ONNX Runtime: the largest lift-project layer's unpacked signs (the plan's)
     compute_units: str | None = None  # Core ML: the MLComputeUnits the budget assumes (None elsewhere)
 
     @property
     def fixed_nbytes(self) -> int:
         """Everything subtracted from the app-usable RAM before the weights."""
-        return (self.runtime_overhead_nbytes + self.head_cast_nbytes + self.kv_cache_nbytes + self.activation_nbytes
-                + self.tokenizer_nbytes + self.unquantized_nbytes)
+        return (self.runtime_overhead_nbytes + self.head_cast_nbytes + self.sign_unpack_nbytes + self.kv_cache_nbytes
+                + self.activation_nbytes + self.tokenizer_nbytes + self.unquantized_nbytes)
 
     def _overhead_label(self) -> str:
         measured = RUNTIME_MEASURED_NBYTES.get(self.runtime, 0)
@@ -241,6 +244,8 @@ class MemoryBudget:
             (self._overhead_label(), -self.runtime_overhead_nbytes, self.runtime_overhead_is_estimate),
             *([("fp32 cast of the fp16 head (onnxruntime)", -self.head_cast_nbytes, False)]
               if self.head_cast_nbytes else []),
+            *([("sign unpack of the largest lift-project layer (onnxruntime)", -self.sign_unpack_nbytes, False)]
+              if self.sign_unpack_nbytes else []),
             (f"KV cache ({self.context} tokens, {self.kv_bits}-bit)", -self.kv_cache_nbytes, False),
             (f"activations (prefill chunk {self.prefill_chunk})", -self.activation_nbytes, self.activation_is_estimate),
             ("tokenizer tables", -self.tokenizer_nbytes, self.tokenizer_is_estimate),
@@ -349,6 +354,25 @@ def min_ram_for(weights_nbytes: int, profile: DeviceProfile, model_dims: ModelDi
     return ram
 
 
+# ONNX Runtime's stock-operator lift-project (targets/onnxruntime/layers.py) unpacks a layer's
+# signs on every call: an int32 index per packed byte, then a float32 per sign (the Transpose
+# after it fuses into the MatMul): 4.5 bytes per stored sign bit, alive for the largest layer
+# in the arena. Unmodelled, the 8B shape's runtime peak was 16% above the prediction (3.14 GiB
+# measured above the process baseline; its largest layer, an LQ-18/8 MLP projection: 0.55 GiB).
+ORT_UNPACK_BYTES_PER_SIGN = 4.5
+
+
+def sign_unpack_nbytes(layers: Iterable[tuple[int, float]]) -> int:
+    """ONNX Runtime's per-call unpack of the largest lift-project layer, for (weights, D/d) pairs."""
+    return int(max((numel * ratio * ORT_UNPACK_BYTES_PER_SIGN for numel, ratio in layers), default=0))
+
+
+def with_sign_unpack(budget: MemoryBudget, nbytes: int) -> MemoryBudget:
+    """`budget` with the sign-unpack term set to `nbytes` (taken from the weights)."""
+    return dataclasses.replace(budget, sign_unpack_nbytes=nbytes,
+                               weight_budget_nbytes=budget.weight_budget_nbytes + budget.sign_unpack_nbytes - nbytes)
+
+
 def without_head_cast(budget: MemoryBudget) -> MemoryBudget:
     """`budget` for an integer head: the ONNX Runtime cast's bytes go to the weights."""
     return dataclasses.replace(budget, head_cast_nbytes=0,
@@ -359,7 +383,8 @@ def require_fit(budget: MemoryBudget, weights_nbytes: int, profile: DeviceProfil
     """Raise `BudgetError` (with the RAM that would suffice) if `weights_nbytes` exceed the budget."""
     if weights_nbytes <= budget.weight_budget_nbytes:
         return
-    need = min_ram_for(weights_nbytes, profile, model_dims, budget.context, budget.kv_bits, runtime=budget.runtime,
+    need = min_ram_for(weights_nbytes + budget.sign_unpack_nbytes, profile, model_dims, budget.context, budget.kv_bits,
+                       runtime=budget.runtime,
                        prefill_chunk=budget.prefill_chunk, activation_bits=budget.activation_bits,
                        unquantized_nbytes=budget.unquantized_nbytes,
                        increased_memory_limit=budget.increased_memory_limit, head_cast=budget.head_cast_nbytes > 0)

@@ -29,8 +29,9 @@ from typing import Any
 
 from liftedge.device import DeviceProfile
 from liftedge.errors import BudgetError, LiftedgeError
-from liftedge.measure import FP16_OPTION, TABLE_OPTIONS, Sensitivity, option_config
-from liftedge.memory import MemoryBudget, ModelDims, budget_breakdown, min_ram_for, require_fit, without_head_cast
+from liftedge.measure import FP16_OPTION, TABLE_OPTIONS, Sensitivity, option_config, option_rate
+from liftedge.memory import (MemoryBudget, ModelDims, budget_breakdown, min_ram_for, require_fit, sign_unpack_nbytes,
+                             with_sign_unpack, without_head_cast)
 from liftedge.plan import Plan, budget_for_bits, budget_for_lambda, plan_bounds, solve
 from liftedge.sizes import format_size
 
@@ -129,10 +130,8 @@ def device_budget(sens: Sensitivity, dims: ModelDims, req: BudgetRequest) -> Mem
 def head_table(sens: Sensitivity) -> str | None:
     """The planned table the head reads (an untied head, else the embedding a tied head shares:
     the last table site in model order) when the plan may store it as integers; else None."""
-    tables = [s for s, opts in sens.table.items() if {o.name for o in opts} <= {FP16_OPTION, *TABLE_OPTIONS}]
-    if not tables or all(o.name == FP16_OPTION for o in sens.table[tables[-1]]):
-        return None
-    return tables[-1]
+    tables = [s for s, opts in sens.table.items() if any(o.name in TABLE_OPTIONS for o in opts)]
+    return tables[-1] if tables else None
 
 
 def _plan_head_cast(sens: Sensitivity, mem: MemoryBudget, head: str, method: str, numel: int) -> tuple[Plan, MemoryBudget]:
@@ -148,6 +147,51 @@ def _plan_head_cast(sens: Sensitivity, mem: MemoryBudget, head: str, method: str
         plans.append((solve(as_fp16, mem.weight_budget_nbytes + fixed, fixed_nbytes=fixed, method=method, numel=numel),
                       mem))
     return min(plans, key=lambda pm: pm[0].predicted_error)
+
+
+def _unpack_of(sens: Sensitivity, site: str, option: str) -> int:
+    """ONNX Runtime's per-call sign unpack of `site` stored as `option` (0 unless LiftQuant)."""
+    rate = option_rate(option) if option.startswith("lq-") else None
+    return 0 if rate is None else sign_unpack_nbytes([(sens.numel[site], rate.D / rate.d)])
+
+
+def _plan_in(sens: Sensitivity, mem: MemoryBudget, method: str, numel: int) -> tuple[Plan, MemoryBudget]:
+    """The best plan within `mem` (ONNX Runtime's head cast only where the head stays fp16)."""
+    head = head_table(sens) if mem.head_cast_nbytes else None
+    if head is not None:
+        return _plan_head_cast(sens, mem, head, method, numel)
+    return solve(sens.table, mem.weight_budget_nbytes + sens.fixed_nbytes, fixed_nbytes=sens.fixed_nbytes,
+                 method=method, numel=numel), mem
+
+
+def _device_plan(sens: Sensitivity, mem: MemoryBudget, method: str, numel: int) -> tuple[Plan, MemoryBudget]:
+    """The best plan within the device's budget `mem`, with the runtime's plan-dependent terms.
+
+    ONNX Runtime unpacks the largest lift-project layer's signs on every call, so its memory
+    depends on the rates chosen: for each cap on that unpack (the largest layer's unpack at each
+    rate of the menu), the options above the cap are withheld and the cap is charged; the plan
+    of least predicted error wins, and its own unpack is what the budget shows.
+    """
+    if mem.runtime != "onnxruntime":
+        return _plan_in(sens, mem, method, numel)
+    largest = max((site for site, opts in sens.table.items() if any(o.name.startswith("lq-") for o in opts)),
+                  key=lambda site: sens.numel[site], default=None)
+    if largest is None:
+        return _plan_in(sens, mem, method, numel)
+    best = None
+    for cap in sorted({_unpack_of(sens, largest, o.name) for o in sens.table[largest]}):
+        table = {site: [o for o in opts if _unpack_of(sens, site, o.name) <= cap] for site, opts in sens.table.items()}
+        capped = with_sign_unpack(mem, cap)
+        if not all(table.values()) or plan_bounds(table)[0] > without_head_cast(capped).weight_budget_nbytes:
+            continue
+        plan, final = _plan_in(replace(sens, table=table), capped, method, numel)
+        if best is None or plan.predicted_error < best[0].predicted_error:
+            need = max((_unpack_of(sens, c.site, c.option) for c in plan.choices), default=0)
+            best = plan, with_sign_unpack(final, need)
+    if best is None:  # not even the smallest plan with its unpack: the fit check that follows refuses
+        plan, final = _plan_in(sens, mem, method, numel)
+        return plan, with_sign_unpack(final, max((_unpack_of(sens, c.site, c.option) for c in plan.choices), default=0))
+    return best
 
 
 def _left(nbytes: int) -> str:
@@ -222,10 +266,8 @@ def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method:
         budget = int(req.weights_budget)
     else:
         budget = mem.weight_budget_nbytes + sens.fixed_nbytes
-    from_device = req.lam is None and req.bits is None and req.weights_budget is None
-    head = head_table(sens) if from_device and mem.head_cast_nbytes else None
-    if head is not None:
-        plan, mem = _plan_head_cast(sens, mem, head, method, numel)
+    if req.lam is None and req.bits is None and req.weights_budget is None:
+        plan, mem = _device_plan(sens, mem, method, numel)
     else:
         plan = solve(sens.table, budget, fixed_nbytes=sens.fixed_nbytes, method=method, numel=numel)
         head = head_table(sens) if mem is not None and mem.head_cast_nbytes else None

@@ -142,3 +142,24 @@ def test_onnxruntime_integer_head_gets_the_cast_bytes():
     et = make_plan(_head_table(budget + 1, budget + cast // 2), dims, BudgetRequest(device=req.device,
                                                                                      runtime="executorch"))
     assert et.memory.head_cast_nbytes == 0
+
+
+def test_onnxruntime_charges_the_largest_sign_unpack():
+    # ONNX Runtime's stock operators unpack a lift-project layer's signs on every call (4.5
+    # bytes per stored sign bit, the largest layer's alive in its arena): the plan charges its
+    # own largest layer's unpack and fits the weights in what is left; ExecuTorch charges none.
+    dims = ModelDims(layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8, intermediate=16, vocab=16)
+    device = load_device("android", "4GB")
+    et = make_plan(_table(), dims, BudgetRequest(device=device, runtime="executorch")).memory
+    room = et.weight_budget_nbytes + _table().fixed_nbytes  # what the two sites may use on ExecuTorch
+    numel = 10**8  # site "a": 10^8 weights at 1.5 sign bits (lq-12-8) unpack to 675 MB
+    sens = Sensitivity(table={"a": [Option("lq-12-8", room - 400, 1.0), Option(FP16_OPTION, 10**12, 0.0)],
+                              "b": [Option("lq-12-8", 100, 9.0), Option("lq-12-4", 200, 2.0)]},
+                       numel={"a": numel, "b": 1000}, fixed_nbytes=50)
+    result = make_plan(sens, dims, BudgetRequest(device=device, runtime="executorch"))
+    assert result.plan.options_by_site() == {"a": "lq-12-8", "b": "lq-12-4"} and result.memory.sign_unpack_nbytes == 0
+    with pytest.raises(BudgetError, match=r"needs at least .* of RAM"):  # 675 MB more than ExecuTorch's room
+        make_plan(sens, dims, BudgetRequest(device=device, runtime="onnxruntime"))
+    roomy = make_plan(sens, dims, BudgetRequest(device=load_device("android", "8GB"), runtime="onnxruntime")).memory
+    assert roomy.sign_unpack_nbytes == int(numel * 12 / 8 * 4.5)
+    assert "sign unpack of the largest lift-project layer (onnxruntime)" in [label for label, _, _ in roomy.terms()]
