@@ -112,15 +112,17 @@ def device_budget(sens: Sensitivity, dims: ModelDims, req: BudgetRequest) -> Mem
     mem = budget_breakdown(profile, dims, req.context, req.kv_bits, runtime=req.runtime,
                            unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit,
                            compute_units=req.compute_units)
-    smallest, _ = plan_bounds(sens.table)
+    smallest, unpack = min(((plan_bounds(table)[0], cap) for cap, table in _unpack_caps(sens, mem.runtime)),
+                           key=sum, default=(plan_bounds(sens.table)[0], 0))
     fit = without_head_cast(mem) if head_table(sens) else mem  # the smallest plan's head is an integer one
-    if fit.weight_budget_nbytes < smallest:
-        need = min_ram_for(smallest, profile, dims, mem.context, mem.kv_bits, runtime=mem.runtime,
+    if fit.weight_budget_nbytes < smallest + unpack:
+        need = min_ram_for(smallest + unpack, profile, dims, mem.context, mem.kv_bits, runtime=mem.runtime,
                            unquantized_nbytes=sens.fixed_nbytes, increased_memory_limit=req.increased_memory_limit,
                            head_cast=fit.head_cast_nbytes > 0)
+        unpacked = f" (+ {format_size(unpack)} to unpack its largest layer's signs)" if unpack else ""
         raise BudgetError(
             f"the model does not fit {profile.display_name} with {format_size(mem.ram_nbytes)}: its smallest plan "
-            f"needs {format_size(smallest + sens.fixed_nbytes)} of weights but "
+            f"needs {format_size(smallest + sens.fixed_nbytes)} of weights{unpacked} but "
             f"{_left(fit.weight_budget_nbytes + sens.fixed_nbytes)} after runtime, KV cache "
             f"({mem.context} tokens) and activations; it needs at least {format_size(need)} of RAM "
             f"(or a shorter --context / lower KV precision)", min_ram_nbytes=need)
@@ -164,6 +166,26 @@ def _plan_in(sens: Sensitivity, mem: MemoryBudget, method: str, numel: int) -> t
                  method=method, numel=numel), mem
 
 
+def _unpack_caps(sens: Sensitivity, runtime: str):
+    """(cap, table) for each cap on ONNX Runtime's sign unpack: the largest lift-project layer's
+    unpack at each of its rates, and the table without the options whose unpack exceeds it
+    (nothing for other runtimes, or a table without LiftQuant options)."""
+    if runtime != "onnxruntime":
+        return
+    largest = max((site for site, opts in sens.table.items() if any(o.name.startswith("lq-") for o in opts)),
+                  key=lambda site: sens.numel[site], default=None)
+    if largest is None:
+        return
+    for cap in sorted({_unpack_of(sens, largest, o.name) for o in sens.table[largest]}):
+        table = {site: [o for o in opts if _unpack_of(sens, site, o.name) <= cap] for site, opts in sens.table.items()}
+        if all(table.values()):
+            yield cap, table
+
+
+def _plan_unpack(sens: Sensitivity, plan: Plan) -> int:
+    return max((_unpack_of(sens, c.site, c.option) for c in plan.choices), default=0)
+
+
 def _device_plan(sens: Sensitivity, mem: MemoryBudget, method: str, numel: int) -> tuple[Plan, MemoryBudget]:
     """The best plan within the device's budget `mem`, with the runtime's plan-dependent terms.
 
@@ -172,25 +194,17 @@ def _device_plan(sens: Sensitivity, mem: MemoryBudget, method: str, numel: int) 
     rate of the menu), the options above the cap are withheld and the cap is charged; the plan
     of least predicted error wins, and its own unpack is what the budget shows.
     """
-    if mem.runtime != "onnxruntime":
-        return _plan_in(sens, mem, method, numel)
-    largest = max((site for site, opts in sens.table.items() if any(o.name.startswith("lq-") for o in opts)),
-                  key=lambda site: sens.numel[site], default=None)
-    if largest is None:
-        return _plan_in(sens, mem, method, numel)
     best = None
-    for cap in sorted({_unpack_of(sens, largest, o.name) for o in sens.table[largest]}):
-        table = {site: [o for o in opts if _unpack_of(sens, site, o.name) <= cap] for site, opts in sens.table.items()}
+    for cap, table in _unpack_caps(sens, mem.runtime):
         capped = with_sign_unpack(mem, cap)
-        if not all(table.values()) or plan_bounds(table)[0] > without_head_cast(capped).weight_budget_nbytes:
+        if plan_bounds(table)[0] > without_head_cast(capped).weight_budget_nbytes:
             continue
         plan, final = _plan_in(replace(sens, table=table), capped, method, numel)
         if best is None or plan.predicted_error < best[0].predicted_error:
-            need = max((_unpack_of(sens, c.site, c.option) for c in plan.choices), default=0)
-            best = plan, with_sign_unpack(final, need)
-    if best is None:  # not even the smallest plan with its unpack: the fit check that follows refuses
+            best = plan, with_sign_unpack(final, _plan_unpack(sens, plan))
+    if best is None:  # another runtime, no LiftQuant option, or no cap that fits (refused by the caller)
         plan, final = _plan_in(sens, mem, method, numel)
-        return plan, with_sign_unpack(final, max((_unpack_of(sens, c.site, c.option) for c in plan.choices), default=0))
+        best = plan, with_sign_unpack(final, _plan_unpack(sens, plan) if mem.runtime == "onnxruntime" else 0)
     return best
 
 
@@ -273,6 +287,8 @@ def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method:
         head = head_table(sens) if mem is not None and mem.head_cast_nbytes else None
         if head is not None and next(c.option for c in plan.choices if c.site == head) != FP16_OPTION:
             mem = without_head_cast(mem)  # an integer head: ONNX Runtime casts nothing
+        if mem is not None and mem.runtime == "onnxruntime":
+            mem = with_sign_unpack(mem, _plan_unpack(sens, plan))
     if mem is not None and plan.total_nbytes > mem.weight_budget_nbytes + sens.fixed_nbytes:
         require_fit(replace(mem, unquantized_nbytes=0, weight_budget_nbytes=mem.weight_budget_nbytes + sens.fixed_nbytes),
                     plan.total_nbytes, req.device, dims)
