@@ -176,8 +176,9 @@ def _unpack_caps(sens: Sensitivity, runtime: str):
                   key=lambda site: sens.numel[site], default=None)
     if largest is None:
         return
-    for cap in sorted({_unpack_of(sens, largest, o.name) for o in sens.table[largest]}):
-        table = {site: [o for o in opts if _unpack_of(sens, site, o.name) <= cap] for site, opts in sens.table.items()}
+    unpack = {(site, o.name): _unpack_of(sens, site, o.name) for site, opts in sens.table.items() for o in opts}
+    for cap in sorted({unpack[largest, o.name] for o in sens.table[largest]}):
+        table = {site: [o for o in opts if unpack[site, o.name] <= cap] for site, opts in sens.table.items()}
         if all(table.values()):
             yield cap, table
 
@@ -285,7 +286,7 @@ def make_plan(sens: Sensitivity, dims: ModelDims, req: BudgetRequest, *, method:
     else:
         plan = solve(sens.table, budget, fixed_nbytes=sens.fixed_nbytes, method=method, numel=numel)
         head = head_table(sens) if mem is not None and mem.head_cast_nbytes else None
-        if head is not None and next(c.option for c in plan.choices if c.site == head) != FP16_OPTION:
+        if head is not None and plan.options_by_site()[head] != FP16_OPTION:
             mem = without_head_cast(mem)  # an integer head: ONNX Runtime casts nothing
         if mem is not None and mem.runtime == "onnxruntime":
             mem = with_sign_unpack(mem, _plan_unpack(sens, plan))
