@@ -177,6 +177,38 @@ def test_fused_ops_run_in_executorch_runtime(tmp_path):
             assert rel_err(got.numpy(), want[:, :n].numpy()) < 2 * LUT_RTOL, n
 
 
+class _LinearAdd(torch.nn.Module):
+    def __init__(self, qt):
+        super().__init__()
+        self.layer = ops.LqLinear(qt.tensors, None)
+
+    def forward(self, x, residual):
+        return torch.ops.liftedge.lq_linear_add.default(x, *self.layer.fields(), residual)
+
+
+def test_linear_add_runs_in_executorch_runtime(tmp_path):
+    """lq_linear_add = residual + the layer, prefill and decode shapes; a residual of another
+    shape is refused by the kernel."""
+    qt = random_layer(70, 130, 24, 10, seed=20)
+    g = torch.Generator().manual_seed(3)
+    x, residual = torch.randn(1, 3, 130, generator=g), torch.randn(1, 3, 70, generator=g) * 5
+    tokens = torch.export.Dim("tokens", min=1, max=8)
+    prog = torch.export.export(_LinearAdd(qt), (x, residual), dynamic_shapes=({1: tokens}, {1: tokens}), strict=True)
+    data, counts = export.to_pte(prog)
+    assert counts["liftedge.lq_linear_add.default"] == 1
+    path = tmp_path / "add.pte"
+    path.write_bytes(data)
+    with torch.no_grad():
+        layer = LiftLinear(qt, None)(x)
+    method = runtime.load_method(path, needs_kernel=True)
+    for n in (3, 1):
+        (got,) = method.execute([x[:, :n], residual[:, :n]])
+        # the layer's error (LUT_RTOL of its own scale) carried over unchanged; the add is exact
+        # up to one float rounding
+        assert rel_err(got.numpy() - residual[:, :n].numpy(), layer[:, :n].numpy()) < LUT_RTOL, n
+        assert rel_err(got.numpy(), (layer + residual)[:, :n].numpy()) < LUT_RTOL, n
+
+
 def test_pte_needing_kernel_fails_clearly_without_it(op_program):
     path = op_program[0]
     code = ("import sys\nfrom pathlib import Path\nfrom liftedge.targets.executorch import runtime\n"
@@ -210,7 +242,7 @@ def test_build_llama_custom_op_verified(builds, mixed_pack):
     manifest = json.loads((mixed_pack / "manifest.json").read_text())
     assert set(manifest["sites"]) <= set(report["sites"])  # every site says how it was lowered
     lowerings = {v["lowering"] for v in report["sites"].values()}
-    assert export.CUSTOM_OP in lowerings and any(x.startswith("stock-op dequant int4") for x in lowerings)
+    assert "liftedge::lq_linear_add" in lowerings and any(x.startswith("stock-op dequant int4") for x in lowerings)
     assert all(v["why"] for v in report["sites"].values())
     assert report["sites"]["lm_head"]["lowering"] == "liftedge::fp16_linear"  # fp16 head, fp32 sums
     assert report["int8_head"] is False
@@ -219,12 +251,15 @@ def test_build_llama_custom_op_verified(builds, mixed_pack):
     (runner,) = report["verification"]["runners"]
     assert runner["runner"].endswith("TextLLMRunner") and runner["accepted"] is True
     assert runner["tokens"] == runner_check.expected_tokens(report["verification"]["reference_tokens"], [0])
-    # lq_linear where no norm precedes (o_proj, down_proj); lq_rms_linear (q/k/v) and lq_glu
-    # (gate/up) where fusion.py folded the block's norms
-    assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear", "liftedge::lq_rms_linear",
+    # lq_linear_add where the residual add follows (o_proj, down_proj); lq_rms_linear (q/k/v) and
+    # lq_glu (gate/up) where fusion.py folded the block's norms
+    assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear_add", "liftedge::lq_rms_linear",
                                                           "liftedge::lq_glu", "liftedge::fp16_linear"}
     assert {v["lowering"] for k, v in report["sites"].items() if k.endswith(("gate_proj", "up_proj"))} >= {
         "liftedge::lq_glu"}
+    assert report["sites"]["model.layers.0.self_attn.o_proj"]["lowering"] == "liftedge::lq_linear_add"
+    assert report["operators"]["liftedge.lq_linear_add.default"] == sum(
+        v["lowering"] == "liftedge::lq_linear_add" for v in report["sites"].values())
     assert report["runtime"]["kernel_library"]["operators"] == runner["kernel_library"]["operators"]
 
 
@@ -388,8 +423,10 @@ def test_smollm2_pack_runs_in_text_llm_runner(tmp_path, smollm2_lq_pack):
     assert report["verification"]["passed"]
     (runner,) = report["verification"]["runners"]
     assert runner["accepted"] and runner["runner"].endswith("TextLLMRunner"), runner
-    # the lift-project layers and the tied fp16 head (a quantize pack keeps the head fp16)
-    assert set(report["custom_operators"]) == {export.CUSTOM_OP, f"{ops.NAMESPACE}::fp16_linear"}
+    # the lift-project layers (norms, gated MLP and residual adds fused) and the tied fp16 head
+    # (a quantize pack keeps the head fp16)
+    assert set(report["custom_operators"]) == {f"{ops.NAMESPACE}::{op}" for op in (
+        "lq_rms_linear", "lq_glu", "lq_linear_add", "fp16_linear")}
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

@@ -84,3 +84,30 @@ def test_fuse_blocks_option_and_flag():
     assert args.fuse_blocks is True
     args = build_parser().parse_args(["build", "m", "--target", "android", "--ram", "4GB", "--no-fuse-blocks", "-o", "x"])
     assert args.fuse_blocks is False
+
+
+def test_residual_adds_fused_in_the_exported_graph(tmp_path):
+    """residual + o_proj / down_proj becomes one lq_linear_add; the program computes the same."""
+    pack = make_tiny_pack("llama", tmp_path / "pack", mixed=True)  # odd blocks' down_proj: int4
+    opts = export.ExportOptions(max_context=16, max_prefill=8)
+    _, model, _ = export.prepare_model(pack, opts)
+    with torch.no_grad():
+        plain = torch.export.export(export.attention.LlmOpsCacheWrapper(model, 16), args=(),
+                                    kwargs={"input_ids": torch.zeros((1, 3), dtype=torch.long),
+                                            "cache_position": torch.arange(3)}, strict=True)
+    fused = export.export_program(model, opts)
+    add = torch.ops.liftedge.lq_linear_add.default
+    calls = lambda p: sum(n.target == add for n in p.graph_module.graph.nodes)  # noqa: E731
+    assert calls(plain) == 0
+    n_blocks = len(model.model.layers)
+    # every o_proj and the LQ down_projs (the even blocks'); the int4 down_proj keeps its add
+    assert calls(fused) == n_blocks + (n_blocks + 1) // 2
+    paths = fusion.residual_add_layers(fused)
+    assert any(p.endswith("layers.0.self_attn.o_proj") for p in paths)
+    assert any(p.endswith("layers.0.mlp.down_proj") for p in paths)
+    ids, pos = torch.randint(0, 320, (1, 3), generator=torch.Generator().manual_seed(0)), torch.arange(3)
+    with torch.no_grad():
+        want = plain.module()(input_ids=ids, cache_position=pos)
+        got = fused.module()(input_ids=ids, cache_position=pos)
+    # the same float32 ops in the same order (the add moved into the op's torch implementation)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))

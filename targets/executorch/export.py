@@ -242,6 +242,16 @@ def _name_fused_sites(model: nn.Module, sites: dict[str, dict[str, str]]) -> Non
                            "why": "lift-project layer with the RMSNorm before it folded in (norm weight in in_scale)"}
 
 
+def _name_residual_sites(paths: list[str], sites: dict[str, dict[str, str]]) -> None:
+    """Say in the per-site report which layers took the residual add after them (a module path
+    under the export wrapper ends with the site's name)."""
+    for path in paths:
+        site = next((s for s in sites if path == s or path.endswith("." + s)), None)
+        if site is not None:
+            sites[site] = {"lowering": f"{ops.NAMESPACE}::lq_linear_add",
+                           "why": "lift-project layer with the decoder block's residual add after it in the same call"}
+
+
 def _last_logits_wrapper(model: nn.Module, max_context: int) -> nn.Module:
     """transformers' static-cache wrapper whose forward computes the head on the last position
     only (`logits_to_keep=1`): logits [1, 1, vocab] for any n. Greedy decoding and ExecuTorch's
@@ -282,9 +292,12 @@ def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.Export
     ids = torch.zeros((1, 2), dtype=torch.long)
     pos = torch.arange(2, dtype=torch.long)
     with torch.no_grad(), _real_values_uncopied():
-        return torch.export.export(wrapper, args=(), kwargs={"input_ids": ids, "cache_position": pos},
-                                   dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
-                                   strict=True)
+        program = torch.export.export(wrapper, args=(), kwargs={"input_ids": ids, "cache_position": pos},
+                                      dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
+                                      strict=True)
+    if opts.custom_ops and opts.fuse_blocks:
+        fusion.fuse_residual_adds(program)
+    return program
 
 
 @contextlib.contextmanager
@@ -480,6 +493,7 @@ def lower_pack(pack: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
     loaded, model, sites = prepare_model(pack, opts)
     attn = attention_lowering(model, opts)
     program = export_program(model, opts)
+    _name_residual_sites(fusion.residual_add_layers(program), sites)
     metadata = runner_metadata(loaded, opts, attn["lowering"] == "llm ops")
     del loaded, model
     counts = write_pte(program, out / PTE_NAME, constant_methods=metadata)

@@ -10,13 +10,18 @@ layers of a small model. With the layers already `ops.LqLinear` (`export.swap_si
 | attention norm -> q_proj, k_proj, v_proj            | each `liftedge::lq_rms_linear`, the norm |
 |                                                     | weight in its in_scale; the norm dropped |
 | MLP norm -> gate_proj, up_proj -> act(gate) * up    | one `liftedge::lq_glu` (norm folded in)  |
+| residual + o_proj(...), residual + down_proj(...)   | `liftedge::lq_linear_add` (graph pass,   |
+|                                                     | `fuse_residual_adds`)                    |
 
 A norm is folded only when every layer it feeds is a custom-op `LqLinear` and the module
 computes exactly `x / sqrt(mean(x^2) + eps) * w` (w its weight, or 1 + weight as in Gemma 3),
 which is checked numerically on the module itself, so an unfamiliar norm stays as it is; the
 gate/up pair only when both are bias-free custom-op `LqLinear`s of the same shape and the
 activation is SiLU or tanh-GELU, checked the same way. Which norm feeds the MLP is per family
-(`MLP_NORM`). The result is the same model up to float rounding (verification checks it).
+(`MLP_NORM`). The residual adds are in the decoder block's own forward, not in a module, so
+they are found in the exported graph instead: an `aten.add.Tensor` of two same-shape float32
+tensors, one of them an `lq_linear` whose only user is that add. The result is the same model
+up to float rounding (verification checks it).
 
 This module owns the rewrite; the ops are `ops.py` (torch) and `kernels/lq_linear_et.cpp`.
 """
@@ -45,10 +50,10 @@ class FusedMlp(nn.Module):
 
     def __init__(self, glu: ops.LqGlu, down: nn.Module):
         super().__init__()
-        self.glu, self.down = glu, down
+        self.glu, self.down_proj = glu, down  # down_proj: the site's own name in module paths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.glu(x))
+        return self.down_proj(self.glu(x))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -119,3 +124,44 @@ def fuse_blocks(model: nn.Module, family: str | None) -> dict[str, int]:
         block.mlp = FusedMlp(ops.LqGlu(*gate_up, act), mlp.down_proj)
         counts["glu_fused"] += 1
     return counts
+
+
+def _shape_key(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return (str(val.dtype), tuple(str(s) for s in val.shape)) if isinstance(val, torch.Tensor) else None
+
+
+def fuse_residual_adds(program: torch.export.ExportedProgram) -> int:
+    """Rewrite `residual + lq_linear(x, ...)` in the exported graph to one `lq_linear_add` call
+    (see the module doc); returns how many adds were taken in. The add is elementwise on equal
+    float32 shapes only (no broadcast, no `alpha`), so the op computes exactly what it replaces."""
+    graph, linear = program.graph_module.graph, ops.op()
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.add.Tensor or node.kwargs or len(node.args) != 2:
+            continue
+        a, b = node.args
+        lq = next((n for n in (b, a) if isinstance(n, torch.fx.Node) and n.target == linear and len(n.users) == 1), None)
+        residual = a if lq is b else b
+        key = _shape_key(node)
+        if lq is None or key is None or key[0] != "torch.float32" or not (_shape_key(a) == _shape_key(b) == key):
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.liftedge.lq_linear_add.default, (*lq.args, residual))
+        new.meta = {**lq.meta, "val": node.meta["val"]}  # the layer's module path, the sum's value
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(lq)
+        fused += 1
+    if fused:
+        graph.lint()
+        program.graph_module.recompile()
+    return fused
+
+
+def residual_add_layers(program: torch.export.ExportedProgram) -> list[str]:
+    """Module paths (as the exported graph records them, under the export wrapper) of the
+    layers `fuse_residual_adds` gave a residual add."""
+    add = torch.ops.liftedge.lq_linear_add.default
+    return [list(n.meta["nn_module_stack"].values())[-1][0] for n in program.graph_module.graph.nodes
+            if n.target == add and n.meta.get("nn_module_stack")]

@@ -12,6 +12,9 @@
     lq_glu(Tensor x, <gate's seven fields>, <up's seven>, float eps, int act) -> Tensor  (+ .out)
         act(gate(x')) * up(x') of a gated MLP (act 0 SiLU, 1 GELU tanh), x' = RMSNorm(x) when
         eps >= 0 else x: one call, both layers' prepares at once, one pass over their rows
+    lq_linear_add(Tensor x, <the seven fields>, Tensor residual) -> Tensor  (+ .out)
+        residual + lq_linear(x): a decoder block's residual add taken into the layer before it
+        (`fusion.fuse_residual_adds`, a pass over the exported graph)
 
 x is float32 [..., in_features]; the other arguments are the stored fields of a "liftquant"
 tensor as packed (float factors fp16), so the `.pte` holds the pack's bytes. `signs` is either
@@ -189,8 +192,16 @@ def _register_fused(name: str, compute) -> None:
     torch.library.register_fake(f"{NAMESPACE}::{name}")(lambda x, *args: x.new_empty((*x.shape[:-1], args[1].shape[0])))
 
 
+def _lq_linear_add(x, *args):
+    *fields, residual = args
+    return residual + lq_linear_math(x, *fields)
+
+
+_lib.define(f"lq_linear_add(Tensor x, {_FIELD_ARGS}, Tensor residual) -> Tensor")
+_lib.define(f"lq_linear_add.out(Tensor x, {_FIELD_ARGS}, Tensor residual, *, Tensor(a!) out) -> Tensor(a!)")
 _register_fused("lq_rms_linear", _lq_rms_linear)
 _register_fused("lq_glu", _lq_glu)
+_register_fused("lq_linear_add", _lq_linear_add)
 
 
 def op() -> torch._ops.OpOverload:

@@ -6,14 +6,17 @@
 //                 into in_scale by the export), then the layer
 //   lq_glu.out(x, <gate's seven>, <up's seven>, float eps, int act, *, out): act(gate) * up of a
 //                 gated MLP, with the RMSNorm before it when eps >= 0
+//   lq_linear_add.out(x, <the seven fields>, Tensor residual, *, out): residual + the layer (a
+//                 decoder block's residual add after o_proj / down_proj)
 // x float32 [..., n]; float factors fp16 (as packed) or fp32. signs uint8 [tiles, groups, 16]
 // (the table-lookup layout, lq_lut.h, which liftedge writes) runs the table-lookup kernel;
 // uint8 [out, row_nbytes] (row-major, .pte files written before it) the fp32 MASK kernel.
 // Shapes give n, n1, n2, d, D, so the op carries no integer arguments. Output rows (MASK) or
 // row tiles (lookup) are split over ExecuTorch's threadpool, and so is a decode token's prepare
 // (transform, lift, tables) on wide layers, token by token. The fused forms exist to take
-// operators off the graph: a decoder block's two RMSNorms, its SiLU and its multiply each cost
-// an XNNPACK or portable call per token, more than the arithmetic they do at decode.
+// operators off the graph: a decoder block's two RMSNorms, its SiLU, its multiply and its two
+// residual adds each cost an XNNPACK or portable call per token, more than the arithmetic they
+// do at decode.
 //
 // Also C entries for tests and benchmarks (kernel.py): liftedge_set_threads (resizes the
 // threadpool) and lq_lut_linear_threaded / lq_mask_linear_threaded (the kernels over it).
@@ -224,8 +227,9 @@ int run_layer(const lq_layer* L, bool lut, const float* x, int64_t m, float* y) 
   return rc;
 }
 
+// The layer of x (RMSNorm first when eps >= 0) into out, plus `residual` when given.
 Tensor& linear_out(KernelRuntimeContext& ctx, const char* name, const Tensor& x, const Tensor* const* fields,
-                   double eps, Tensor& out) {
+                   double eps, Tensor& out, const Tensor* residual = nullptr) {
   lq_layer L;
   bool lut;
   if (!make_layer(ctx, name, fields, L, lut) ||
@@ -235,8 +239,17 @@ Tensor& linear_out(KernelRuntimeContext& ctx, const char* name, const Tensor& x,
   thread_local std::vector<float> normed;
   const float* xp = x.const_data_ptr<float>();
   if (eps >= 0) xp = rms_normalize(xp, m, L.in_features, eps, normed);
-  const int rc = run_layer(&L, lut, xp, m, out.mutable_data_ptr<float>());
+  if (residual) {
+    ET_KERNEL_CHECK_MSG(ctx, residual->scalar_type() == ScalarType::Float && residual->numel() == out.numel(),
+                        InvalidArgument, out, "%s: residual must be float32 with the output's shape", name);
+  }
+  float* y = out.mutable_data_ptr<float>();
+  const int rc = run_layer(&L, lut, xp, m, y);
   ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, out, "%s: kernel rejected its arguments", name);
+  if (residual) {
+    const float* r = residual->const_data_ptr<float>();
+    for (ssize_t i = 0, n = out.numel(); i < n; ++i) y[i] += r[i];
+  }
   return out;
 }
 
@@ -297,6 +310,14 @@ Tensor& lq_rms_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   const Tensor* fields[] = {&signs, &scale, &in_scale, &mix1, &mix2, &block_scale, &codebook};
   ET_KERNEL_CHECK_MSG(ctx, eps >= 0, InvalidArgument, out, "liftedge::lq_rms_linear: eps must be >= 0");
   return linear_out(ctx, "liftedge::lq_rms_linear", x, fields, eps, out);
+}
+
+// lq_linear_add: residual + the lift-project layer of x.
+Tensor& lq_linear_add_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& signs, const Tensor& scale,
+                          const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
+                          const Tensor& block_scale, const Tensor& codebook, const Tensor& residual, Tensor& out) {
+  const Tensor* fields[] = {&signs, &scale, &in_scale, &mix1, &mix2, &block_scale, &codebook};
+  return linear_out(ctx, "liftedge::lq_linear_add", x, fields, -1.0, out, &residual);
 }
 
 // lq_glu: act(gate(x')) * up(x'), x' = RMSNorm(x) when eps >= 0 (weight folded into both
@@ -373,3 +394,4 @@ extern "C" int lq_mask_linear_threaded(const lq_layer* L, const float* x, int64_
 EXECUTORCH_LIBRARY(liftedge, "lq_linear.out", liftedge::lq_linear_out);
 EXECUTORCH_LIBRARY(liftedge, "lq_rms_linear.out", liftedge::lq_rms_linear_out);
 EXECUTORCH_LIBRARY(liftedge, "lq_glu.out", liftedge::lq_glu_out);
+EXECUTORCH_LIBRARY(liftedge, "lq_linear_add.out", liftedge::lq_linear_add_out);
