@@ -159,7 +159,7 @@ def test_executorch_live_report(et_live):
     # q/k/v after the folded norm, o and down plain, gate+up in one (export's fusion.py)
     calls = {(r["layer"], r["name"]): r["calls_per_token"] for r in lq}
     assert calls == {(f"layers.{i}", f"liftedge::{op}.out"): n for i in (0, 1)
-                     for op, n in (("lq_rms_linear", 3), ("lq_linear", 2), ("lq_glu", 1))}
+                     for op, n in (("lq_rms_linear", 3), ("lq_linear_add", 2), ("lq_glu", 1))}
     assert (out / "profile.etdp").is_file() and (out / "profile.html").is_file()
 
 
@@ -211,7 +211,7 @@ def test_html_is_one_self_contained_file(et_live):
     assert "<script" not in text and "<link" not in text and "src=" not in text
     urls = {u.split('"')[0] for u in text.split("http")[1:]}
     assert urls <= {"://www.w3.org/2000/svg"}  # the SVG namespace is the only URL, and it is never fetched
-    assert "liftedge::lq_linear.out" in text and "this machine" in text
+    assert "liftedge::lq_linear_add.out" in text and "this machine" in text
 
 
 def test_bytes_per_token_arithmetic(ort_dir):

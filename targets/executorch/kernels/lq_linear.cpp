@@ -241,27 +241,6 @@ extern "C" void lq_mask_rows(const lq_layer* L, const float* scratch, int64_t m,
   signs_mask(L, scratch + u_offset(L), m, y, r0, r1);
 }
 
-extern "C" int64_t lq_lift_scratch_floats(const lq_layer* L) { return u_offset(L) + lifted_width(L); }
-
-extern "C" float* lq_lift_begin(const lq_layer* L, const float* x, float* scratch) {
-  transpose_mix2(L, scratch);
-  begin_token(L, x, scratch, scratch + u_offset(L));
-  return scratch + u_offset(L);
-}
-
-extern "C" void lq_lift_transform_rows(const lq_layer* L, float* scratch, int64_t i0, int64_t i1) {
-  transform_rows(L, mix2t_of(L, scratch), scratch, scratch + L->in_features, scratch + v_offset(L), i0, i1);
-}
-
-extern "C" void lq_lift_blocks(const lq_layer* L, float* scratch, int64_t b0, int64_t b1) {
-  lift_blocks(L, scratch + v_offset(L), scratch + u_offset(L), b0, b1);
-}
-
-extern "C" const float* lq_lift_token(const lq_layer* L, const float* x, float* scratch) {
-  prepare(L, x, 1, scratch);
-  return scratch + u_offset(L);
-}
-
 extern "C" int lq_linear_f32(const lq_layer* L, const float* x, int64_t m, float* y, float* scratch, int method) {
   if (!valid(L) || m < 0 || (m > 0 && (!x || !y || !scratch))) return 1;
   method = resolve(method, m);
@@ -280,4 +259,40 @@ extern "C" int lq_linear_f32(const lq_layer* L, const float* x, int64_t m, float
     signs_lut8(L, table, y + t * L->out_features);
   }
   return 0;
+}
+
+namespace {
+
+// The transform rows [r0, r1) that blocks [b0, b1) read (the last row clipped to n1).
+void segment_rows(const lq_layer* L, int64_t b0, int64_t b1, int64_t& r0, int64_t& r1) {
+  r0 = b0 * L->d / L->n2;
+  r1 = std::min(L->n1, (b1 * L->d + L->n2 - 1) / L->n2);
+}
+
+}  // namespace
+
+extern "C" int64_t lq_lift_segment_floats(const lq_layer* L, int64_t b0, int64_t b1) {
+  int64_t r0, r1;
+  segment_rows(L, b0, b1, r0, r1);
+  return 2 * (r1 - r0) * L->n2 + L->d;  // t and v rows, v padded by one block
+}
+
+extern "C" void lq_lift_segment(const lq_layer* L, const float* mix2t, const float* a, int64_t b0, int64_t b1,
+                                float* work, float* u) {
+  const int64_t n = L->in_features, n1 = L->n1, n2 = L->n2, d = L->d;
+  int64_t r0, r1;
+  segment_rows(L, b0, b1, r0, r1);
+  const int64_t rows = r1 - r0, e0 = r0 * n2, e1 = r1 * n2;
+  float* t = work;
+  float* v = work + rows * n2;  // v elements [e0, e1) of the token, then zero padding
+  matmul_rows(L->mix1 + r0 * n1, a, t, rows, n1, n2);  // t = mix1 · A, rows r0..r1
+  matmul_rows(t, mix2t, v, rows, n2, n2);              // v = t · mix2^T
+  for (int64_t e = e0; e < e1;) {
+    const int64_t b = e / d, end = std::min(e1, (b + 1) * d);
+    const float bs = L->block_scale[b];
+    for (; e < end; ++e) v[e - e0] *= bs;
+  }
+  if (r1 == n1)  // the last block may read past n: zeros (e1 == n here)
+    for (int64_t e = n; e < n + d; ++e) v[e - e0] = 0.0f;
+  matmul_rows(v + (b0 * d - e0), L->codebook, u, b1 - b0, d, L->D);
 }

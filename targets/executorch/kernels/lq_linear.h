@@ -46,17 +46,14 @@ int lq_linear_f32(const lq_layer* L, const float* x, int64_t m, float* y, float*
 // prepare (transform + lift every token into scratch), then any row ranges [r0, r1).
 int lq_mask_prepare(const lq_layer* L, const float* x, int64_t m, float* scratch);
 void lq_mask_rows(const lq_layer* L, const float* scratch, int64_t m, float* y, int64_t r0, int64_t r1);
-// One token's lifted vector u [8 * row_nbytes] (zero past n_blocks * D), computed in scratch
-// (lq_lift_scratch_floats(L) floats); returns the pointer to u inside scratch. Shared with the
-// table-lookup kernel (lq_lut.h), which lifts once per token and builds its tables from u.
-int64_t lq_lift_scratch_floats(const lq_layer* L);
-const float* lq_lift_token(const lq_layer* L, const float* x, float* scratch);
-// The same lift in three steps, so a caller can split the last two over threads: begin (one
-// thread; returns u inside scratch), then rows [i0, i1) of the n1 x n2 transform grid, then,
-// once every row is done, lifted blocks [b0, b1) of the n_blocks = ceil(n / d). Same bits as
-// lq_lift_token when every i0 and b0 is a multiple of 4 (the products run four rows at a time,
-// and the compiler may contract their multiply-adds differently in the one-row remainder).
-float* lq_lift_begin(const lq_layer* L, const float* x, float* scratch);
+// Lifted blocks [b0, b1) of one token from a = in_scale ⊙ x [n] alone: only the transform rows
+// those blocks read are computed (rows in fours from the first one, so the bits depend on
+// [b0, b1), never on which thread runs it), in `work` (lq_lift_segment_floats(L, b0, b1)
+// floats); u [(b1 - b0) * D] receives the blocks (values past n are zero padding). mix2t:
+// mix2^T [n2, n2]. Disjoint block ranges may run on different threads.
+int64_t lq_lift_segment_floats(const lq_layer* L, int64_t b0, int64_t b1);
+void lq_lift_segment(const lq_layer* L, const float* mix2t, const float* a, int64_t b0, int64_t b1, float* work,
+                     float* u);
 void lq_lift_transform_rows(const lq_layer* L, float* scratch, int64_t i0, int64_t i1);
 void lq_lift_blocks(const lq_layer* L, float* scratch, int64_t b0, int64_t b1);
 

@@ -13,7 +13,7 @@
 // uint8 [out, row_nbytes] (row-major, .pte files written before it) the fp32 MASK kernel.
 // Shapes give n, n1, n2, d, D, so the op carries no integer arguments. Output rows (MASK) or
 // row tiles (lookup) are split over ExecuTorch's threadpool, and so is a decode token's prepare
-// (transform, lift, tables) on wide layers, token by token. The fused forms exist to take
+// (transform, lift, tables) by table segments, token by token. The fused forms exist to take
 // operators off the graph: a decoder block's two RMSNorms, its SiLU, its multiply and its two
 // residual adds each cost an XNNPACK or portable call per token, more than the arithmetic they
 // do at decode.
@@ -131,18 +131,12 @@ void et_parallel(void*, int64_t n, int64_t grain, lq_range_fn fn, void* ctx) {
   executorch::extension::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
 }
 
-// Each token's prepare (transform, lift, tables) is split over the threadpool from this
-// input width up. Below it the serial prepare costs a few microseconds, about what the three
-// extra thread hand-offs cost, and the hand-offs' price depends on the host: on one host of
-// this 2-core VM the split made SmolLM2's 576-wide layers faster (decode ~100 -> ~110 tok/s),
-// on another (2026-12-04 afternoon, same .pte) slower (split at 512: 86 tok/s decode, 148
-// prefill; at 1024: 93 and 183). 1024 keeps it where the prepare is long enough to pay on both
-// (Llama-3.2-1B's 2048-wide layers: 20.3 -> 22.1 tok/s; SmolLM2's 1536-wide down projection).
-constexpr int64_t SPLIT_MIN_IN_FEATURES = 1024;
-
+// Each token's prepare is split over the threadpool by table segments (lq_lut.h: each a task of
+// its transform rows, lift and tables; one hand-off per token). Before the segments, a 576-wide
+// layer's prepare ran on the calling thread (~4 us while the other thread waited) and wider
+// ones in three hand-offs per token.
 int lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch) {
-  return L->in_features >= SPLIT_MIN_IN_FEATURES ? lq_lut_prepare_split(L, x, m, mode, scratch, et_parallel, nullptr)
-                                                 : lq_lut_prepare(L, x, m, mode, scratch);
+  return lq_lut_prepare_split(L, x, m, mode, scratch, et_parallel, nullptr);
 }
 
 // Row tiles per parallel chunk: 4 tiles = 128 rows, several KB of signs each.
@@ -198,13 +192,21 @@ bool make_layer(KernelRuntimeContext& ctx, const char* name, const Tensor* const
 
 // RMSNorm without its weight (the export folds the weight into in_scale): each token of
 // x [m, n] times 1 / sqrt(mean(x^2) + eps), into dst (the squares summed in double: a residual
-// stream's outlier channels would otherwise cost float bits over thousands of terms).
+// stream's outlier channels would otherwise cost float bits over thousands of terms), in 8
+// interleaved partial sums: one chain of dependent double adds took ~0.8 us per 576-wide token,
+// about a fifth of a layer's whole prepare, and the three q/k/v calls each normalize.
 const float* rms_normalize(const float* x, int64_t m, int64_t n, double eps, std::vector<float>& dst) {
+  constexpr int LANES = 8;
   dst.resize(m * n);
   for (int64_t t = 0; t < m; ++t) {
     const float* xt = x + t * n;
+    double part[LANES] = {};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+      for (int k = 0; k < LANES; ++k) part[k] += static_cast<double>(xt[i + k]) * xt[i + k];
+    for (; i < n; ++i) part[0] += static_cast<double>(xt[i]) * xt[i];
     double ss = 0.0;
-    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xt[i]) * xt[i];
+    for (double p : part) ss += p;
     const float r = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
     for (int64_t i = 0; i < n; ++i) dst[t * n + i] = xt[i] * r;
   }
@@ -321,8 +323,8 @@ Tensor& lq_linear_add_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
 }
 
 // lq_glu: act(gate(x')) * up(x'), x' = RMSNorm(x) when eps >= 0 (weight folded into both
-// in_scales), else x. Both layers' prepares run at once (one per thread) where each is serial,
-// then one pass over the row tiles of both with the activation: a hand-off per phase, not two.
+// in_scales), else x. Both layers' table segments are prepared in one hand-off, then one pass
+// over the row tiles of both with the activation: a hand-off per phase, not two.
 Tensor& lq_glu_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& g_signs, const Tensor& g_scale,
                    const Tensor& g_in_scale, const Tensor& g_mix1, const Tensor& g_mix2, const Tensor& g_block_scale,
                    const Tensor& g_codebook, const Tensor& u_signs, const Tensor& u_scale, const Tensor& u_in_scale,
@@ -349,15 +351,10 @@ Tensor& lq_glu_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& g_s
   if (eps >= 0) xp = rms_normalize(xp, m, L[0].in_features, eps, normed);
   for (int i = 0; i < 2; ++i) scratch[i].resize(lq_lut_scratch_bytes(&L[i], m, LQ_LUT_TWO_PLANE));
   uint8_t* sp[2] = {scratch[0].data(), scratch[1].data()};
-  int rc[2] = {0, 0};
-  if (L[0].in_features >= SPLIT_MIN_IN_FEATURES) {
-    for (int i = 0; i < 2; ++i) rc[i] = lut_prepare(&L[i], xp, m, LQ_LUT_TWO_PLANE, sp[i]);
-  } else {
-    executorch::extension::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) rc[i] = lq_lut_prepare(&L[i], xp, m, LQ_LUT_TWO_PLANE, sp[i]);
-    });
-  }
-  ET_KERNEL_CHECK_MSG(ctx, rc[0] == 0 && rc[1] == 0, InvalidArgument, out, "%s: kernel rejected its arguments", name);
+  const lq_layer* layers[2] = {&L[0], &L[1]};
+  void* const scratches[2] = {sp[0], sp[1]};
+  const int rc = lq_lut_prepare_layers(2, layers, xp, m, LQ_LUT_TWO_PLANE, scratches, et_parallel, nullptr);
+  ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, out, "%s: kernel rejected its arguments", name);
   gate.resize(m * rows);
   float* y = out.mutable_data_ptr<float>();
   float* g = gate.data();

@@ -3,7 +3,6 @@
 #include "lq_lut.h"
 
 #include <algorithm>
-#include <atomic>
 #include <numeric>
 #include <cmath>
 #include <cstring>
@@ -74,19 +73,23 @@ void tile_scalar(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[
 }
 
 #if LQ_LUT_AVX2
+// A tile's integer sums in registers: int32 lanes, per plane p and half h (rows 16 h ..
+// 16 h + 15), rows 16 h + 2k in e[p][h] lane k and rows 16 h + 2k + 1 in o[p][h] lane k.
+struct TileSums {
+  __m256i e[2][2], o[2][2];
+};
+
 // raw: Σ of the 16-bit lanes (byte 2k + 256 byte 2k+1, mod 2^16); odd: Σ byte 2k+1 (exact).
 // Then Σ byte 2k = raw - 256 odd (mod 2^16), exact while each sum < 2^16. Both 128-bit halves
-// hold the same 16 rows (two groups), added here: rows base + 2k (even) and base + 2k + 1 (odd).
-inline void widen_add(int32_t* acc, __m256i raw, __m256i odd, int base) {
+// hold the same 16 rows (two groups), added here into the even / odd rows' int32 lanes.
+inline void widen_add(__m256i& e, __m256i& o, __m256i raw, __m256i odd) {
   const __m256i even = _mm256_sub_epi16(raw, _mm256_slli_epi16(odd, 8));
   const auto halves = [](__m256i v) {  // unsigned 16-bit sums < 2^15: zero = sign extension
     return _mm256_add_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)),
                             _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
   };
-  alignas(32) int32_t e[8], o[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(e), halves(even));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o), halves(odd));
-  for (int k = 0; k < 8; ++k) acc[base + 2 * k] += e[k], acc[base + 2 * k + 1] += o[k];
+  e = _mm256_add_epi32(e, halves(even));
+  o = _mm256_add_epi32(o, halves(odd));
 }
 
 // One 32-byte load = groups g (low half) and g + 1 (high half) of the tile's 32 rows; the
@@ -95,7 +98,7 @@ inline void widen_add(int32_t* acc, __m256i raw, __m256i odd, int base) {
 // lookups; see widen_add). Two planes: the lookups of two loads (groups g..g+3) are first added
 // as bytes (biased values <= 127 each), halving the widening work.
 template <int P>
-void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[ROWS]) {
+void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, TileSums& acc) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const auto load = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   constexpr int64_t STEP = P == 2 ? 4 : 2;  // groups per loop iteration
@@ -133,9 +136,35 @@ void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[RO
       }
     }
     for (int p = 0; p < P; ++p) {
-      widen_add(acc[p], ar[p], ao[p], 0);
-      widen_add(acc[p], br[p], bo[p], 16);
+      widen_add(acc.e[p][0], acc.o[p][0], ar[p], ao[p]);
+      widen_add(acc.e[p][1], acc.o[p][1], br[p], bo[p]);
     }
+  }
+}
+
+// One segment's sums into the tile's float row sums (same even/odd lanes):
+// sum = fma(s_k, q, sum), q = 128 (hi - bias) + (lo - bias) for two planes, in int32.
+template <int P>
+void add_segment(const TileSums& acc, int32_t bias_total, float sk, __m256 (*sum)[2]) {
+  const __m256i b = _mm256_set1_epi32(bias_total);
+  const __m256 s = _mm256_set1_ps(sk);
+  const auto q = [&](__m256i hi, __m256i lo) {
+    const __m256i q0 = _mm256_sub_epi32(hi, b);
+    return _mm256_cvtepi32_ps(P == 2 ? _mm256_add_epi32(_mm256_slli_epi32(q0, 7), _mm256_sub_epi32(lo, b)) : q0);
+  };
+  for (int h = 0; h < 2; ++h) {
+    sum[0][h] = _mm256_fmadd_ps(s, q(acc.e[0][h], acc.e[P - 1][h]), sum[0][h]);
+    sum[1][h] = _mm256_fmadd_ps(s, q(acc.o[0][h], acc.o[P - 1][h]), sum[1][h]);
+  }
+}
+
+// The tile's rows in order, times the layer's row scales (scale32: 32 of them), into y[32].
+inline void store_rows(__m256 (*sum)[2], const float* scale32, float* y) {
+  for (int h = 0; h < 2; ++h) {
+    const __m256 lo = _mm256_unpacklo_ps(sum[0][h], sum[1][h]), hi = _mm256_unpackhi_ps(sum[0][h], sum[1][h]);
+    _mm256_storeu_ps(y + 16 * h, _mm256_mul_ps(_mm256_loadu_ps(scale32 + 16 * h), _mm256_permute2f128_ps(lo, hi, 0x20)));
+    _mm256_storeu_ps(y + 16 * h + 8,
+                     _mm256_mul_ps(_mm256_loadu_ps(scale32 + 16 * h + 8), _mm256_permute2f128_ps(lo, hi, 0x31)));
   }
 }
 #elif LQ_LUT_NEON
@@ -199,39 +228,127 @@ void tile_simd(const uint8_t* w, const uint8_t* tb, int64_t G, int32_t (*acc)[RO
 }
 #endif
 
-struct Scratch {  // views into the caller's scratch bytes (lq_lut_scratch_bytes)
-  float* lift;
-  float* scales;  // [m]
-  uint8_t* tables;  // [m][planes][groups][16], biased bytes
+// A token's tables come in segments: runs of whole lifted blocks, each with its own table
+// scale, so the segments of one token are prepared independently (transform rows, lift, tables:
+// one task each, on any thread, one hand-off) and a row sums each segment's lookups in integers,
+// then the segments' scaled sums in float, in segment order. The segmentation depends on the
+// layer's shape only, so every thread count gives the same bits.
+// Blocks per segment at least (a ~12-block segment is ~1 us of prepare on a 2020s core, several
+// times the cost of handing it to another thread), and at most 8 segments.
+constexpr int64_t SEGMENT_MIN_BLOCKS = 12;
+constexpr int64_t MAX_SEGMENTS = 8;
+
+int64_t n_blocks(const lq_layer* L) { return (L->in_features + L->d - 1) / L->d; }
+// Segment edges fall on whole blocks whose first lifted position starts an even group (the
+// SIMD loops take groups in pairs): multiples of lcm(D, 8) / D blocks.
+int64_t unit_blocks(const lq_layer* L) { return std::lcm<int64_t>(L->D, 8) / L->D; }
+
+int64_t segments_of(const lq_layer* L) {
+  const int64_t unit = unit_blocks(L), units = (n_blocks(L) + unit - 1) / unit;
+  return std::max<int64_t>(1, std::min({MAX_SEGMENTS, units, n_blocks(L) / SEGMENT_MIN_BLOCKS}));
+}
+
+// Blocks [b0, b1) and groups [g0, g1) of segment k of S (the last takes the zero tail groups).
+struct Segment {
+  int64_t b0, b1, g0, g1;
 };
 
+Segment segment(const lq_layer* L, int64_t k, int64_t S) {
+  const int64_t unit = unit_blocks(L), nb = n_blocks(L), units = (nb + unit - 1) / unit;
+  const int64_t b0 = unit * (k * units / S), b1 = k + 1 == S ? nb : unit * ((k + 1) * units / S);
+  return {b0, b1, b0 * L->D / 4, k + 1 == S ? 2 * lq_row_nbytes(L) : b1 * L->D / 4};
+}
+
+// Floats of one segment's transform/lift work area (the largest segment's).
+int64_t work_floats(const lq_layer* L) {
+  const int64_t S = segments_of(L);
+  int64_t w = 0;
+  for (int64_t k = 0; k < S; ++k) {
+    const Segment g = segment(L, k, S);
+    w = std::max(w, lq_lift_segment_floats(L, g.b0, g.b1));
+  }
+  return (w + 15) / 16 * 16;  // 64-byte steps
+}
+
+struct Scratch {  // views into the caller's scratch bytes (lq_lut_scratch_bytes)
+  float* mix2t;   // [n2, n2] (the layer's own when it has one)
+  float* a;       // [n]: in_scale ⊙ x of the token being prepared
+  float* u;       // [4 G]: its lifted vector (zero past n_blocks * D)
+  float* work;    // [S][work_floats]
+  float* scales;  // [m][S]
+  uint8_t* tables;  // [m][S segments: [planes][groups of the segment][16]], biased bytes
+};
+
+int64_t pad16(int64_t floats) { return (floats + 15) / 16 * 16; }  // 64-byte steps
+
+struct Layout {  // offsets of the Scratch views, in floats; tables in bytes
+  int64_t mix2t, a, u, work, scales, tables;
+};
+
+Layout layout(const lq_layer* L, int64_t m) {
+  Layout o;
+  o.mix2t = 0;
+  o.a = o.mix2t + pad16(L->n2 * L->n2);
+  o.u = o.a + pad16(L->in_features);
+  o.work = o.u + pad16(8 * lq_row_nbytes(L));
+  o.scales = o.work + segments_of(L) * work_floats(L);
+  o.tables = static_cast<int64_t>(sizeof(float)) * (o.scales + pad16(m * segments_of(L)));
+  return o;
+}
+
 Scratch views(const lq_layer* L, void* scratch, int64_t m) {
-  float* lift = static_cast<float*>(scratch);
-  float* scales = lift + lq_lift_scratch_floats(L);
-  return {lift, scales, reinterpret_cast<uint8_t*>(scales + m)};
+  const Layout o = layout(L, m);
+  float* f = static_cast<float*>(scratch);
+  return {f + o.mix2t, f + o.a, f + o.u, f + o.work, f + o.scales, static_cast<uint8_t*>(scratch) + o.tables};
 }
 
 template <int P>
 void rows_for(const lq_layer* L, const Scratch& s, int64_t m, float* y, int64_t t0, int64_t t1) {
-  const int64_t G = lq_lut_groups(L), out = L->out_features;
+  const int64_t G = lq_lut_groups(L), out = L->out_features, S = segments_of(L);
+  Segment seg[MAX_SEGMENTS];
+  for (int64_t k = 0; k < S; ++k) seg[k] = segment(L, k, S);
   for (int64_t tile = t0; tile < t1; ++tile) {
     const uint8_t* w = L->signs + tile * G * 16;
     const int64_t r0 = tile * ROWS, nrows = std::min<int64_t>(ROWS, out - r0);
+    float scale32[ROWS] = {}, y32[ROWS];  // the tile's row scales, zero past `out`
+    std::memcpy(scale32, L->scale + r0, sizeof(float) * nrows);
     for (int64_t t = 0; t < m; ++t) {  // the tile's bytes stay in cache across a prefill's tokens
-      int32_t acc[P][ROWS] = {};
-      tile_simd<P>(w, s.tables + t * P * G * 16, G, acc);
-      const float st = s.scales[t];
-      float* yt = y + t * out + r0;
-      const int64_t b = static_cast<int64_t>(bias<P>()) * G;
-      for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t q0 = acc[0][i] - b;
-        const int64_t q = P == 2 ? RADIX_TWO_PLANE * q0 + (acc[P - 1][i] - b) : q0;
-        yt[i] = L->scale[r0 + i] * (st * static_cast<float>(q));
+      const uint8_t* tb = s.tables + t * P * G * 16;
+#if LQ_LUT_AVX2
+      __m256 sum[2][2] = {};
+#else
+      float sum[ROWS] = {};
+#endif
+      for (int64_t k = 0; k < S; ++k) {
+        const int64_t g0 = seg[k].g0, gk = seg[k].g1 - g0;
+        // int32: |q| <= 8064 * groups + bias terms < 2^31 for any segment below 2^18 groups
+        const int32_t b = bias<P>() * static_cast<int32_t>(gk);
+        const float sk = s.scales[t * S + k];
+#if LQ_LUT_AVX2
+        TileSums acc;
+        for (int p = 0; p < 2; ++p)
+          for (int h = 0; h < 2; ++h) acc.e[p][h] = acc.o[p][h] = _mm256_setzero_si256();
+        tile_simd<P>(w + 16 * g0, tb + P * g0 * 16, gk, acc);
+        add_segment<P>(acc, b, sk, sum);
+#else
+        int32_t acc[P][ROWS] = {};
+        tile_simd<P>(w + 16 * g0, tb + P * g0 * 16, gk, acc);
+        for (int i = 0; i < ROWS; ++i) {
+          const int32_t q0 = acc[0][i] - b;
+          const int32_t q = P == 2 ? RADIX_TWO_PLANE * q0 + (acc[P - 1][i] - b) : q0;
+          sum[i] = std::fma(sk, static_cast<float>(q), sum[i]);  // fused, as the AVX2 path's
+        }
+#endif
       }
+#if LQ_LUT_AVX2
+      store_rows(sum, scale32, y32);
+#else
+      for (int i = 0; i < ROWS; ++i) y32[i] = scale32[i] * sum[i];
+#endif
+      std::memcpy(y + t * out + r0, y32, sizeof(float) * nrows);
     }
   }
 }
-
 }  // namespace
 
 extern "C" const char* lq_lut_isa(void) {
@@ -248,8 +365,10 @@ extern "C" int64_t lq_lut_groups(const lq_layer* L) { return 2 * lq_row_nbytes(L
 
 extern "C" int64_t lq_lut_tiles(const lq_layer* L) { return (L->out_features + ROWS - 1) / ROWS; }
 
+extern "C" int64_t lq_lut_segments(const lq_layer* L) { return segments_of(L); }
+
 extern "C" int64_t lq_lut_scratch_bytes(const lq_layer* L, int64_t m, int mode) {
-  return static_cast<int64_t>(sizeof(float)) * (lq_lift_scratch_floats(L) + m) + m * planes(mode) * lq_lut_groups(L) * 16;
+  return layout(L, m).tables + m * planes(mode) * lq_lut_groups(L) * 16;
 }
 
 namespace {
@@ -390,111 +509,112 @@ void tables_range(const float* u, int64_t groups, int mode, float maxabs, uint8_
 
 }  // namespace
 
-extern "C" void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s_out) {
-  const float maxabs = group_maxabs(u, 0, groups);
-  *s_out = maxabs / qmax_of(mode);
-  tables_range(u, groups, mode, maxabs, tables, 0, groups);
-}
-
-extern "C" int lq_lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch) {
-  if (!valid(L) || m < 0 || (m > 0 && (!x || !scratch)) || (mode != LQ_LUT_TWO_PLANE && mode != LQ_LUT_INT8))
-    return 1;
-  const Scratch s = views(L, scratch, m);
-  const int64_t G = lq_lut_groups(L), P = planes(mode);
-  for (int64_t t = 0; t < m; ++t) {
-    const float* u = lq_lift_token(L, x + t * L->in_features, s.lift);
-    lq_lut_tables(u, G, mode, s.tables + t * P * G * 16, s.scales + t);
-  }
-  return 0;
-}
-
 namespace {
 
-// Chunks per thread-split phase: a few per thread, so uneven chunks still balance.
-constexpr int64_t SPLIT_CHUNKS = 8;
-
-int64_t grain_of(int64_t n) { return std::max<int64_t>(1, (n + SPLIT_CHUNKS - 1) / SPLIT_CHUNKS); }
-
-struct SplitToken {  // what the phases of one token's split prepare share
-  const lq_layer* L;
-  float* lift;
-  const float* u;
-  int mode;
-  int64_t G, nb, unit;        // groups; blocks; blocks per lift chunk (a multiple of ALIGN; edges on group edges)
-  std::atomic<uint32_t> max_bits{0};  // largest group sum of |u| so far (a non-negative float's bits)
-  uint8_t* tables;
-};
-
-// Rows and blocks are dealt out in fours (ALIGN): the transform and the lift compute four rows
-// at a time where they can (matmul_rows' register blocks), and a compiler may contract their
-// multiply-adds into FMAs differently in the four-row and one-row code, so a split has the
-// serial prepare's bits only if every chunk starts where a serial four-row block starts.
-constexpr int64_t ALIGN = 4;
-
-void rows_phase(void* c, int64_t k0, int64_t k1) {
-  auto* s = static_cast<SplitToken*>(c);
-  lq_lift_transform_rows(s->L, s->lift, k0 * ALIGN, std::min(s->L->n1, k1 * ALIGN));
+bool valid_call(const lq_layer* L, const void* in, int64_t m, int mode, const void* scratch) {
+  return valid(L) && m >= 0 && (m == 0 || (in && scratch)) && (mode == LQ_LUT_TWO_PLANE || mode == LQ_LUT_INT8);
 }
 
-void lift_phase(void* c, int64_t k0, int64_t k1) {
-  auto* s = static_cast<SplitToken*>(c);
-  const int64_t nb = s->nb, b0 = k0 * s->unit, b1 = std::min(nb, k1 * s->unit);
-  lq_lift_blocks(s->L, s->lift, b0, b1);
-  // Groups whose 4 lifted values lie in these blocks; the last chunk also takes the zero tail.
-  const int64_t g0 = b0 * s->L->D / 4, g1 = b1 == nb ? s->G : b1 * s->L->D / 4;
-  const float m = group_maxabs(s->u, g0, g1);
-  uint32_t bits;
-  std::memcpy(&bits, &m, sizeof bits);
-  uint32_t seen = s->max_bits.load(std::memory_order_relaxed);  // non-negative floats order as their bits
-  while (bits > seen && !s->max_bits.compare_exchange_weak(seen, bits, std::memory_order_relaxed)) {
+// Scale and tables of segment k of token t from the token's lifted values in s.u.
+void segment_tables(const lq_layer* L, const Scratch& s, int64_t t, int64_t k, int mode) {
+  const int64_t S = segments_of(L), P = planes(mode), G = lq_lut_groups(L);
+  const Segment g = segment(L, k, S);
+  const float* u = s.u + 4 * g.g0;
+  const int64_t gk = g.g1 - g.g0;
+  const float maxabs = group_maxabs(u, 0, gk);
+  s.scales[t * S + k] = maxabs / qmax_of(mode);
+  tables_range(u, gk, mode, maxabs, s.tables + t * P * G * 16 + P * g.g0 * 16, 0, gk);
+}
+
+// Per token, before its segments: a = in_scale ⊙ x, the lifted tail past n_blocks * D zeroed.
+void token_begin(const lq_layer* L, const Scratch& s, const float* x) {
+  const int64_t n = L->in_features, width = 8 * lq_row_nbytes(L);
+  for (int64_t i = 0; i < n; ++i) s.a[i] = x[i] * L->in_scale[i];
+  for (int64_t w = n_blocks(L) * L->D; w < width; ++w) s.u[w] = 0.0f;
+}
+
+// Per call: mix2^T (the layer's, or transposed into scratch).
+const float* mix2t_of(const lq_layer* L, const Scratch& s) {
+  if (L->mix2t) return L->mix2t;
+  const int64_t n2 = L->n2;
+  for (int64_t i = 0; i < n2; ++i)
+    for (int64_t j = 0; j < n2; ++j) s.mix2t[j * n2 + i] = L->mix2[i * n2 + j];
+  return s.mix2t;
+}
+
+constexpr int MAX_LAYERS = 4;
+
+struct SegmentTask {  // the segments of one token, over the layers that share its input
+  int count;
+  const lq_layer* L[MAX_LAYERS];
+  Scratch s[MAX_LAYERS];
+  const float* mix2t[MAX_LAYERS];
+  int64_t first[MAX_LAYERS + 1];  // task index of each layer's first segment
+  int64_t t;
+  int mode;
+};
+
+void segment_task(void* c, int64_t k0, int64_t k1) {
+  auto* task = static_cast<SegmentTask*>(c);
+  for (int64_t i = k0; i < k1; ++i) {
+    int j = 0;
+    while (i >= task->first[j + 1]) ++j;
+    const lq_layer* L = task->L[j];
+    const Scratch& s = task->s[j];
+    const int64_t k = i - task->first[j];
+    const Segment g = segment(L, k, segments_of(L));
+    lq_lift_segment(L, task->mix2t[j], s.a, g.b0, g.b1, s.work + k * work_floats(L), s.u + g.b0 * L->D);
+    segment_tables(L, s, task->t, k, task->mode);
   }
 }
 
-void tables_phase(void* c, int64_t g0, int64_t g1) {
-  auto* s = static_cast<SplitToken*>(c);
-  float maxabs;
-  const uint32_t bits = s->max_bits.load(std::memory_order_relaxed);
-  std::memcpy(&maxabs, &bits, sizeof maxabs);
-  tables_range(s->u, s->G, s->mode, maxabs, s->tables, g0, g1);
-}
+void serial_run(void*, int64_t n, int64_t, lq_range_fn fn, void* ctx) { fn(ctx, 0, n); }
 
 }  // namespace
 
-extern "C" int lq_lut_prepare_split(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch,
-                                    lq_parallel_fn run, void* runner) {
-  if (!valid(L) || m < 0 || (m > 0 && (!x || !scratch)) || !run || (mode != LQ_LUT_TWO_PLANE && mode != LQ_LUT_INT8))
-    return 1;
-  const Scratch sc = views(L, scratch, m);
-  const int64_t G = lq_lut_groups(L), unit = std::lcm<int64_t>(std::lcm<int64_t>(L->D, 4) / L->D, ALIGN);
-  const int64_t nb = (L->in_features + L->d - 1) / L->d, chunks = (nb + unit - 1) / unit;
-  for (int64_t t = 0; t < m; ++t) {  // token by token through the one lift area, each step split
-    SplitToken s;
-    s.L = L;
-    s.lift = sc.lift;
-    s.mode = mode;
-    s.G = G;
-    s.nb = nb;
-    s.unit = unit;
-    s.tables = sc.tables + t * planes(mode) * G * 16;
-    s.u = lq_lift_begin(L, x + t * L->in_features, sc.lift);
-    const int64_t row_units = (L->n1 + ALIGN - 1) / ALIGN;
-    run(runner, row_units, grain_of(row_units), rows_phase, &s);
-    run(runner, chunks, grain_of(chunks), lift_phase, &s);
-    float maxabs;
-    const uint32_t bits = s.max_bits.load();
-    std::memcpy(&maxabs, &bits, sizeof maxabs);
-    sc.scales[t] = maxabs / qmax_of(mode);
-    run(runner, G, grain_of(G), tables_phase, &s);
+extern "C" int lq_lut_prepare_layers(int count, const lq_layer* const* Ls, const float* x, int64_t m, int mode,
+                                     void* const* scratches, lq_parallel_fn run, void* runner) {
+  if (count < 1 || count > MAX_LAYERS || !Ls || !scratches || !run) return 1;
+  for (int j = 0; j < count; ++j)
+    if (!valid_call(Ls[j], x, m, mode, scratches[j]) || Ls[j]->in_features != Ls[0]->in_features) return 1;
+  if (m == 0) return 0;
+  SegmentTask task;
+  task.count = count;
+  task.mode = mode;
+  task.first[0] = 0;
+  for (int j = 0; j < count; ++j) {
+    const lq_layer* L = Ls[j];
+    task.L[j] = L;
+    task.s[j] = views(L, scratches[j], m);
+    task.mix2t[j] = mix2t_of(L, task.s[j]);
+    task.first[j + 1] = task.first[j] + segments_of(L);
+  }
+  for (int64_t t = 0; t < m; ++t) {  // token by token through each layer's one lift area
+    for (int j = 0; j < count; ++j) token_begin(task.L[j], task.s[j], x + t * Ls[0]->in_features);
+    task.t = t;
+    run(runner, task.first[count], 1, segment_task, &task);
   }
   return 0;
 }
 
+extern "C" int lq_lut_prepare_split(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch,
+                                    lq_parallel_fn run, void* runner) {
+  return lq_lut_prepare_layers(1, &L, x, m, mode, &scratch, run, runner);
+}
+
+extern "C" int lq_lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch) {
+  return lq_lut_prepare_split(L, x, m, mode, scratch, serial_run, nullptr);
+}
+
 extern "C" int lq_lut_prepare_lifted(const lq_layer* L, const float* u, int64_t m, int mode, void* scratch) {
-  if (!valid(L) || m < 0 || (m > 0 && (!u || !scratch)) || (mode != LQ_LUT_TWO_PLANE && mode != LQ_LUT_INT8))
-    return 1;
+  if (!valid_call(L, u, m, mode, scratch)) return 1;
+  if (m == 0) return 0;
   const Scratch s = views(L, scratch, m);
-  const int64_t G = lq_lut_groups(L), P = planes(mode);
-  for (int64_t t = 0; t < m; ++t) lq_lut_tables(u + t * 4 * G, G, mode, s.tables + t * P * G * 16, s.scales + t);
+  const int64_t G = lq_lut_groups(L);
+  for (int64_t t = 0; t < m; ++t) {
+    std::memcpy(s.u, u + t * 4 * G, sizeof(float) * 4 * G);
+    for (int64_t k = 0; k < segments_of(L); ++k) segment_tables(L, s, t, k, mode);
+  }
   return 0;
 }
 

@@ -7,14 +7,19 @@
 // (mirror-symmetric, t[15 - i] = -t[i], so 8 are computed); a row's 4 signs of the group are a
 // 4-bit index into it, and S · u is one lookup per (row, group).
 //
-// Tables are integers with one scale s per token: q = round(t / s).
+// Tables are integers, scaled per token and segment: a segment is a run of whole lifted blocks
+// (`lq_lut_segments`, fixed by the layer's shape: about 12 blocks or more each, at most 8),
+// prepared on its own (its transform rows, lift and tables: one task) with its own scale
+// s = (largest group sum of |u| in the segment) / qmax, q = round(t / s).
 //   LQ_LUT_TWO_PLANE (default): |q| <= 8064 = 63 * 128, stored as two 7-bit planes
 //     q = 128 * hi + lo (hi in [-63, 63], lo in [-64, 63]); ~14-bit tables. Small planes let the
 //     lookups of two groups add in one byte before widening (fewer instructions per byte).
 //   LQ_LUT_INT8: |q| <= 127, one int8 plane (half the lookups, ~7-bit tables).
-// Each entry is off by at most s / 2, so |y_r - exact| <= |scale_r| * groups * s / 2 (tests
-// check this bound); lookups are summed exactly in integers (16-bit lanes widened to int32
-// before they can overflow), so every instruction-set path gives the same bits.
+// Each entry is off by at most s / 2 <= s_max / 2 (s_max: the scale of the token's whole lifted
+// vector), so |y_r - exact| <= |scale_r| * groups * s_max / 2 (tests check this bound); a row's
+// lookups are summed exactly in integers per segment (16-bit lanes widened to int32 before they
+// can overflow), then the segments' s * sum in float in segment order, so every instruction-set
+// path and every thread count gives the same bits.
 //
 // Sign layout (`liftedge.lutpack.interleave_signs` writes it at .pte-write time):
 //   uint8 [tiles = ceil(out / 32), groups = 2 * row_nbytes, 16]; byte i of (tile, group g)
@@ -43,21 +48,22 @@ enum { LQ_LUT_TILE_ROWS = 32 };
 const char* lq_lut_isa(void);
 int64_t lq_lut_groups(const lq_layer* L);  // 2 * row_nbytes (4 lifted positions each)
 int64_t lq_lut_tiles(const lq_layer* L);   // ceil(out / 32)
+int64_t lq_lut_segments(const lq_layer* L);  // table segments per token (see above)
 // Scratch bytes for m tokens (the caller allocates; no malloc inside).
 int64_t lq_lut_scratch_bytes(const lq_layer* L, int64_t m, int mode);
-// Tables of one lifted vector u [4 * groups]: [planes][groups][16] bytes, each plane value
-// v stored as v + 128, and the token's scale s.
-void lq_lut_tables(const float* u, int64_t groups, int mode, uint8_t* tables, float* s);
 // Phase 1: lift every token of x [m, n] once and build its tables into scratch.
 int lq_lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch);
-// Phase 1 with each token's steps (transform rows, lifted blocks, table groups) split over
-// threads by the caller's runner:
+// Phase 1 with each token's segments split over threads by the caller's runner:
 // run(runner, n, grain, fn, ctx) must call fn(ctx, b, e) over disjoint [b, e) covering [0, n)
 // (in any order, on any threads) and return when all are done. Same bytes as lq_lut_prepare.
 typedef void (*lq_range_fn)(void* ctx, int64_t begin, int64_t end);
 typedef void (*lq_parallel_fn)(void* runner, int64_t n, int64_t grain, lq_range_fn fn, void* ctx);
 int lq_lut_prepare_split(const lq_layer* L, const float* x, int64_t m, int mode, void* scratch, lq_parallel_fn run,
                          void* runner);
+// The same for `count` (1..4) layers of one input x (e.g. a gated MLP's gate and up): every
+// layer's segments of a token in one run, so one hand-off prepares them all.
+int lq_lut_prepare_layers(int count, const lq_layer* const* layers, const float* x, int64_t m, int mode,
+                          void* const* scratches, lq_parallel_fn run, void* runner);
 // Phase 1 from lifted vectors u [m, 4 * groups] given by the caller (tests, other front ends).
 int lq_lut_prepare_lifted(const lq_layer* L, const float* u, int64_t m, int mode, void* scratch);
 // Phase 2: y [m, out] for row tiles [t0, t1) (rows 32 t0 .. min(32 t1, out)); disjoint tile
