@@ -7,7 +7,7 @@ peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss` in the child):
 | variant    | linear layers                                   | embedding / head          |
 |------------|-------------------------------------------------|---------------------------|
 | custom_op  | liftedge::lq_linear (C++ kernel, packed signs), | fp16 embedding; head per --head |
-|            | norms and gated MLPs fused (`fusion.py`)        |                           |
+|            | norms, gated MLPs, residual adds fused (`fusion.py`) |                           |
 | custom_op_unfused | the same without `fusion.py` (what it saves) | same                  |
 | fallback   | stock-op lift-project (bit unpack in the graph) | same                      |
 | fp32       | XNNPACK fp32 on the pack's dequantized weights  | fp32                      |

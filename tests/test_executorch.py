@@ -209,6 +209,45 @@ def test_linear_add_runs_in_executorch_runtime(tmp_path):
         assert rel_err(got.numpy(), (layer + residual)[:, :n].numpy()) < LUT_RTOL, n
 
 
+class _Qkv(torch.nn.Module):
+    """Three layers after one folded norm (q, k, v of a block), as fusion.py leaves them."""
+
+    def __init__(self, qts, norm_weight):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(ops.LqLinear(qt.tensors, None) for qt in qts)
+        for layer in self.layers:
+            layer.fold_norm(norm_weight, 1e-5)
+
+    def forward(self, x):
+        return tuple(layer(x) for layer in self.layers)
+
+
+def test_rms_linear3_runs_in_executorch_runtime(tmp_path):
+    """The q/k/v graph pass and lq_rms_linear3's kernel: ragged row counts (33, 8, 70 rows:
+    tiles split unevenly between the three layers), prefill and decode shapes."""
+    from liftedge.targets.executorch import fusion
+
+    qts = [random_layer(o, 130, 24, 10, seed=30 + i) for i, o in enumerate((33, 8, 70))]
+    g = torch.Generator().manual_seed(4)
+    norm_w, x = torch.rand(130, generator=g) + 0.5, torch.randn(1, 3, 130, generator=g) * 2
+    tokens = torch.export.Dim("tokens", min=1, max=8)
+    prog = torch.export.export(_Qkv(qts, norm_w), (x,), dynamic_shapes=({1: tokens},), strict=True)
+    assert fusion.fuse_shared_input_layers(prog) == 1
+    data, counts = export.to_pte(prog)
+    assert counts["liftedge.lq_rms_linear3.default"] == 1 and "liftedge.lq_rms_linear.default" not in counts
+    path = tmp_path / "qkv.pte"
+    path.write_bytes(data)
+    with torch.no_grad():
+        xn = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w
+        refs = [LiftLinear(qt, None)(xn) for qt in qts]
+    method = runtime.load_method(path, needs_kernel=True)
+    for n in (3, 1):
+        outs = method.execute([x[:, :n]])
+        assert len(outs) == 3
+        for got, want in zip(outs, refs):
+            assert rel_err(got.numpy(), want[:, :n].numpy()) < LUT_RTOL, n  # one layer's table error
+
+
 def test_pte_needing_kernel_fails_clearly_without_it(op_program):
     path = op_program[0]
     code = ("import sys\nfrom pathlib import Path\nfrom liftedge.targets.executorch import runtime\n"
@@ -251,10 +290,11 @@ def test_build_llama_custom_op_verified(builds, mixed_pack):
     (runner,) = report["verification"]["runners"]
     assert runner["runner"].endswith("TextLLMRunner") and runner["accepted"] is True
     assert runner["tokens"] == runner_check.expected_tokens(report["verification"]["reference_tokens"], [0])
-    # lq_linear_add where the residual add follows (o_proj, down_proj); lq_rms_linear (q/k/v) and
-    # lq_glu (gate/up) where fusion.py folded the block's norms
-    assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear_add", "liftedge::lq_rms_linear",
+    # lq_linear_add where the residual add follows (o_proj, down_proj); lq_rms_linear3 (q/k/v)
+    # and lq_glu (gate/up) where fusion.py folded the block's norms
+    assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear_add", "liftedge::lq_rms_linear3",
                                                           "liftedge::lq_glu", "liftedge::fp16_linear"}
+    assert report["sites"]["model.layers.1.self_attn.k_proj"]["lowering"] == "liftedge::lq_rms_linear3"
     assert {v["lowering"] for k, v in report["sites"].items() if k.endswith(("gate_proj", "up_proj"))} >= {
         "liftedge::lq_glu"}
     assert report["sites"]["model.layers.0.self_attn.o_proj"]["lowering"] == "liftedge::lq_linear_add"
@@ -426,7 +466,7 @@ def test_smollm2_pack_runs_in_text_llm_runner(tmp_path, smollm2_lq_pack):
     # the lift-project layers (norms, gated MLP and residual adds fused) and the tied fp16 head
     # (a quantize pack keeps the head fp16)
     assert set(report["custom_operators"]) == {f"{ops.NAMESPACE}::{op}" for op in (
-        "lq_rms_linear", "lq_glu", "lq_linear_add", "fp16_linear")}
+        "lq_rms_linear3", "lq_glu", "lq_linear_add", "fp16_linear")}
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

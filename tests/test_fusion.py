@@ -86,8 +86,9 @@ def test_fuse_blocks_option_and_flag():
     assert args.fuse_blocks is False
 
 
-def test_residual_adds_fused_in_the_exported_graph(tmp_path):
-    """residual + o_proj / down_proj becomes one lq_linear_add; the program computes the same."""
+def test_graph_passes_fuse_residual_adds_and_qkv(tmp_path):
+    """residual + o_proj / down_proj becomes one lq_linear_add, q/k/v one lq_rms_linear3; the
+    program computes the same."""
     pack = make_tiny_pack("llama", tmp_path / "pack", mixed=True)  # odd blocks' down_proj: int4
     opts = export.ExportOptions(max_context=16, max_prefill=8)
     _, model, _ = export.prepare_model(pack, opts)
@@ -102,9 +103,12 @@ def test_residual_adds_fused_in_the_exported_graph(tmp_path):
     n_blocks = len(model.model.layers)
     # every o_proj and the LQ down_projs (the even blocks'); the int4 down_proj keeps its add
     assert calls(fused) == n_blocks + (n_blocks + 1) // 2
-    paths = fusion.residual_add_layers(fused)
-    assert any(p.endswith("layers.0.self_attn.o_proj") for p in paths)
-    assert any(p.endswith("layers.0.mlp.down_proj") for p in paths)
+    paths = fusion.graph_fused_layers(fused)
+    assert {p.split("layers.0.")[-1]: op for p, op in paths.items() if "layers.0." in p} == {
+        "self_attn.o_proj": "lq_linear_add", "mlp.down_proj": "lq_linear_add", "self_attn.q_proj": "lq_rms_linear3",
+        "self_attn.k_proj": "lq_rms_linear3", "self_attn.v_proj": "lq_rms_linear3"}
+    rms3 = torch.ops.liftedge.lq_rms_linear3.default
+    assert sum(n.target == rms3 for n in fused.graph_module.graph.nodes) == n_blocks  # q, k, v of every block
     ids, pos = torch.randint(0, 320, (1, 3), generator=torch.Generator().manual_seed(0)), torch.arange(3)
     with torch.no_grad():
         want = plain.module()(input_ids=ids, cache_position=pos)

@@ -242,14 +242,13 @@ def _name_fused_sites(model: nn.Module, sites: dict[str, dict[str, str]]) -> Non
                            "why": "lift-project layer with the RMSNorm before it folded in (norm weight in in_scale)"}
 
 
-def _name_residual_sites(paths: list[str], sites: dict[str, dict[str, str]]) -> None:
-    """Say in the per-site report which layers took the residual add after them (a module path
-    under the export wrapper ends with the site's name)."""
-    for path in paths:
+def _name_graph_fused_sites(paths: dict[str, str], sites: dict[str, dict[str, str]]) -> None:
+    """Say in the per-site report which layers the graph passes of `fusion` rewrote (a module
+    path under the export wrapper ends with the site's name)."""
+    for path, op in paths.items():
         site = next((s for s in sites if path == s or path.endswith("." + s)), None)
         if site is not None:
-            sites[site] = {"lowering": f"{ops.NAMESPACE}::lq_linear_add",
-                           "why": "lift-project layer with the decoder block's residual add after it in the same call"}
+            sites[site] = {"lowering": f"{ops.NAMESPACE}::{op}", "why": fusion.GRAPH_FUSED[op]}
 
 
 def _last_logits_wrapper(model: nn.Module, max_context: int) -> nn.Module:
@@ -297,6 +296,7 @@ def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.Export
                                       strict=True)
     if opts.custom_ops and opts.fuse_blocks:
         fusion.fuse_residual_adds(program)
+        fusion.fuse_shared_input_layers(program)
     return program
 
 
@@ -493,7 +493,7 @@ def lower_pack(pack: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
     loaded, model, sites = prepare_model(pack, opts)
     attn = attention_lowering(model, opts)
     program = export_program(model, opts)
-    _name_residual_sites(fusion.residual_add_layers(program), sites)
+    _name_graph_fused_sites(fusion.graph_fused_layers(program), sites)
     metadata = runner_metadata(loaded, opts, attn["lowering"] == "llm ops")
     del loaded, model
     counts = write_pte(program, out / PTE_NAME, constant_methods=metadata)

@@ -12,6 +12,8 @@ layers of a small model. With the layers already `ops.LqLinear` (`export.swap_si
 | MLP norm -> gate_proj, up_proj -> act(gate) * up    | one `liftedge::lq_glu` (norm folded in)  |
 | residual + o_proj(...), residual + down_proj(...)   | `liftedge::lq_linear_add` (graph pass,   |
 |                                                     | `fuse_residual_adds`)                    |
+| the three `lq_rms_linear` of one input (q, k, v)    | one `liftedge::lq_rms_linear3` (graph    |
+|                                                     | pass, `fuse_shared_input_layers`)        |
 
 A norm is folded only when every layer it feeds is a custom-op `LqLinear` and the module
 computes exactly `x / sqrt(mean(x^2) + eps) * w` (w its weight, or 1 + weight as in Gemma 3),
@@ -148,7 +150,7 @@ def fuse_residual_adds(program: torch.export.ExportedProgram) -> int:
             continue
         with graph.inserting_before(node):
             new = graph.call_function(torch.ops.liftedge.lq_linear_add.default, (*lq.args, residual))
-        new.meta = {**lq.meta, "val": node.meta["val"]}  # the layer's module path, the sum's value
+        new.meta = {**lq.meta, "val": node.meta["val"], _LAYERS_KEY: [_module_path(lq)]}
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         graph.erase_node(lq)
@@ -159,9 +161,60 @@ def fuse_residual_adds(program: torch.export.ExportedProgram) -> int:
     return fused
 
 
-def residual_add_layers(program: torch.export.ExportedProgram) -> list[str]:
-    """Module paths (as the exported graph records them, under the export wrapper) of the
-    layers `fuse_residual_adds` gave a residual add."""
-    add = torch.ops.liftedge.lq_linear_add.default
-    return [list(n.meta["nn_module_stack"].values())[-1][0] for n in program.graph_module.graph.nodes
-            if n.target == add and n.meta.get("nn_module_stack")]
+GRAPH_FUSED = {  # op of a graph pass -> what the per-site report says of its layers
+    "lq_linear_add": "lift-project layer with the decoder block's residual add after it in the same call",
+    "lq_rms_linear3": "q, k and v projections of the folded RMSNorm's output in one call (one norm, one "
+                      "prepare hand-off, one pass over their rows)",
+}
+_LAYERS_KEY = "liftedge_layers"  # node meta: module paths of the layers a fused node computes
+
+
+def _module_path(node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def graph_fused_layers(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """Module path (as the exported graph records it, under the export wrapper) -> the graph
+    pass's op (a `GRAPH_FUSED` key), for every layer the passes above rewrote."""
+    found = {}
+    for node in program.graph_module.graph.nodes:
+        for op in GRAPH_FUSED:
+            if node.target == getattr(torch.ops.liftedge, op).default:
+                found.update({p: op for p in node.meta.get(_LAYERS_KEY, []) if p})
+    return found
+
+
+def fuse_shared_input_layers(program: torch.export.ExportedProgram) -> int:
+    """Rewrite each three `lq_rms_linear` calls on the same input with the same eps (a block's
+    q, k and v projections after the folded norm) to one `lq_rms_linear3` call; returns how
+    many triples. Any other count (two, four) is left as it is."""
+    import operator
+
+    graph, rms = program.graph_module.graph, torch.ops.liftedge.lq_rms_linear.default
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    groups: dict[tuple, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == rms and not node.kwargs:
+            groups.setdefault((node.args[0], node.args[-1]), []).append(node)
+    fused = 0
+    for (x, eps), nodes in groups.items():
+        if len(nodes) != 3:
+            continue
+        first = min(nodes, key=order.__getitem__)
+        with graph.inserting_before(first):
+            new = graph.call_function(torch.ops.liftedge.lq_rms_linear3.default,
+                                      (x, *(a for n in nodes for a in n.args[1:-1]), eps))
+            new.meta = {**first.meta, "val": tuple(n.meta["val"] for n in nodes),
+                        _LAYERS_KEY: [_module_path(n) for n in nodes]}
+            for i, node in enumerate(nodes):
+                item = graph.call_function(operator.getitem, (new, i))
+                item.meta = dict(node.meta)
+                node.replace_all_uses_with(item)
+        for node in nodes:
+            graph.erase_node(node)
+        fused += 1
+    if fused:
+        graph.lint()
+        program.graph_module.recompile()
+    return fused

@@ -12,6 +12,9 @@
     lq_glu(Tensor x, <gate's seven fields>, <up's seven>, float eps, int act) -> Tensor  (+ .out)
         act(gate(x')) * up(x') of a gated MLP (act 0 SiLU, 1 GELU tanh), x' = RMSNorm(x) when
         eps >= 0 else x: one call, both layers' prepares at once, one pass over their rows
+    lq_rms_linear3(Tensor x, <three layers' seven fields>, float eps) -> (Tensor, Tensor, Tensor)
+        (+ .out): the three lq_rms_linear of one input (q, k, v): one norm, one prepare hand-off
+        and one pass over the three layers' rows (`fusion.fuse_shared_input_layers`)
     lq_linear_add(Tensor x, <the seven fields>, Tensor residual) -> Tensor  (+ .out)
         residual + lq_linear(x): a decoder block's residual add taken into the layer before it
         (`fusion.fuse_residual_adds`, a pass over the exported graph)
@@ -199,6 +202,29 @@ def _lq_linear_add(x, *args):
 
 _lib.define(f"lq_linear_add(Tensor x, {_FIELD_ARGS}, Tensor residual) -> Tensor")
 _lib.define(f"lq_linear_add.out(Tensor x, {_FIELD_ARGS}, Tensor residual, *, Tensor(a!) out) -> Tensor(a!)")
+_ARGS3 = ", ".join(f"Tensor {p}_{f}" for p in "abc" for f in FIELDS)
+_lib.define(f"lq_rms_linear3(Tensor x, {_ARGS3}, float eps) -> (Tensor, Tensor, Tensor)")
+_lib.define(f"lq_rms_linear3.out(Tensor x, {_ARGS3}, float eps, *, Tensor(a!) out0, Tensor(b!) out1, "
+            "Tensor(c!) out2) -> (Tensor(a!), Tensor(b!), Tensor(c!))")
+
+
+def _lq_rms_linear3(x, *args):
+    n, eps = len(FIELDS), args[-1]
+    xn = rms_normalize(x, eps)
+    return tuple(lq_linear_math(xn, *args[i * n:(i + 1) * n]) for i in range(3))
+
+
+def _lq_rms_linear3_out(x, *args, out0, out1, out2):
+    for out, y in zip((out0, out1, out2), _lq_rms_linear3(x, *args)):
+        out.resize_(y.shape)
+        out.copy_(y)
+    return out0, out1, out2
+
+
+torch.library.impl(_lib, "lq_rms_linear3", "CompositeExplicitAutograd")(_lq_rms_linear3)
+torch.library.impl(_lib, "lq_rms_linear3.out", "CompositeExplicitAutograd")(_lq_rms_linear3_out)
+torch.library.register_fake(f"{NAMESPACE}::lq_rms_linear3")(
+    lambda x, *args: tuple(x.new_empty((*x.shape[:-1], args[i * len(FIELDS) + 1].shape[0])) for i in range(3)))
 _register_fused("lq_rms_linear", _lq_rms_linear)
 _register_fused("lq_glu", _lq_glu)
 _register_fused("lq_linear_add", _lq_linear_add)

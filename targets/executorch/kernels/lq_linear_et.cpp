@@ -6,6 +6,8 @@
 //                 into in_scale by the export), then the layer
 //   lq_glu.out(x, <gate's seven>, <up's seven>, float eps, int act, *, out): act(gate) * up of a
 //                 gated MLP, with the RMSNorm before it when eps >= 0
+//   lq_rms_linear3.out(x, <three layers' seven fields>, float eps, *, out0, out1, out2): the
+//                 three lq_rms_linear of one input (q, k, v) in one call
 //   lq_linear_add.out(x, <the seven fields>, Tensor residual, *, out): residual + the layer (a
 //                 decoder block's residual add after o_proj / down_proj)
 // x float32 [..., n]; float factors fp16 (as packed) or fp32. signs uint8 [tiles, groups, 16]
@@ -28,6 +30,7 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -314,6 +317,60 @@ Tensor& lq_rms_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   return linear_out(ctx, "liftedge::lq_rms_linear", x, fields, eps, out);
 }
 
+// lq_rms_linear3: three layers of RMSNorm(x) (each norm weight folded into its in_scale): one
+// norm, every layer's table segments in one hand-off, then one pass over the row tiles of all
+// three (q's, then k's, then v's): two hand-offs for the three layers instead of six.
+std::tuple<Tensor&, Tensor&, Tensor&> lq_rms_linear3_out(
+    KernelRuntimeContext& ctx, const Tensor& x, const Tensor& a_signs, const Tensor& a_scale,
+    const Tensor& a_in_scale, const Tensor& a_mix1, const Tensor& a_mix2, const Tensor& a_block_scale,
+    const Tensor& a_codebook, const Tensor& b_signs, const Tensor& b_scale, const Tensor& b_in_scale,
+    const Tensor& b_mix1, const Tensor& b_mix2, const Tensor& b_block_scale, const Tensor& b_codebook,
+    const Tensor& c_signs, const Tensor& c_scale, const Tensor& c_in_scale, const Tensor& c_mix1, const Tensor& c_mix2,
+    const Tensor& c_block_scale, const Tensor& c_codebook, double eps, Tensor& out0, Tensor& out1, Tensor& out2) {
+  constexpr const char* name = "liftedge::lq_rms_linear3";
+  const Tensor* f[3][7] = {{&a_signs, &a_scale, &a_in_scale, &a_mix1, &a_mix2, &a_block_scale, &a_codebook},
+                           {&b_signs, &b_scale, &b_in_scale, &b_mix1, &b_mix2, &b_block_scale, &b_codebook},
+                           {&c_signs, &c_scale, &c_in_scale, &c_mix1, &c_mix2, &c_block_scale, &c_codebook}};
+  Tensor* outs[3] = {&out0, &out1, &out2};
+  const std::tuple<Tensor&, Tensor&, Tensor&> ret{out0, out1, out2};
+  lq_layer L[3];
+  bool lut[3];
+  for (int i = 0; i < 3; ++i)
+    if (!make_layer(ctx, name, f[i], L[i], lut[i])) return ret;
+  // Again if a later layer's factors cleared the cache (layer_factors' bound) under an earlier one.
+  for (int i = 0; i < 2; ++i)
+    if (!make_layer(ctx, name, f[i], L[i], lut[i])) return ret;
+  ET_KERNEL_CHECK_MSG(ctx, lut[0] && lut[1] && lut[2] && eps >= 0, InvalidArgument, ret,
+                      "%s: signs must be in the table-lookup layout and eps >= 0", name);
+  for (int i = 0; i < 3; ++i) {
+    ET_KERNEL_CHECK_MSG(ctx, L[i].in_features == L[0].in_features, InvalidArgument, ret,
+                        "%s: the three layers must have the same input width", name);
+    if (!prepare_linear_out(ctx, name, x, L[i].in_features, L[i].out_features, *outs[i])) return ret;
+  }
+  const int64_t m = x.numel() / L[0].in_features;
+  thread_local std::vector<float> normed;
+  thread_local std::vector<uint8_t> scratch[3];
+  const float* xp = rms_normalize(x.const_data_ptr<float>(), m, L[0].in_features, eps, normed);
+  const lq_layer* layers[3] = {&L[0], &L[1], &L[2]};
+  void* sp[3];
+  for (int i = 0; i < 3; ++i) {
+    scratch[i].resize(lq_lut_scratch_bytes(&L[i], m, LQ_LUT_TWO_PLANE));
+    sp[i] = scratch[i].data();
+  }
+  const int rc = lq_lut_prepare_layers(3, layers, xp, m, LQ_LUT_TWO_PLANE, sp, et_parallel, nullptr);
+  ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, ret, "%s: kernel rejected its arguments", name);
+  const int64_t t1 = lq_lut_tiles(&L[0]), t2 = t1 + lq_lut_tiles(&L[1]), t3 = t2 + lq_lut_tiles(&L[2]);
+  const int64_t first[4] = {0, t1, t2, t3};
+  float* y[3] = {out0.mutable_data_ptr<float>(), out1.mutable_data_ptr<float>(), out2.mutable_data_ptr<float>()};
+  executorch::extension::parallel_for(0, t3, LUT_GRAIN, [&](int64_t b, int64_t e) {
+    for (int i = 0; i < 3; ++i) {  // the part of [b, e) in layer i's tiles
+      const int64_t lo = std::max(b, first[i]), hi = std::min(e, first[i + 1]);
+      if (lo < hi) lq_lut_rows(&L[i], sp[i], m, LQ_LUT_TWO_PLANE, y[i], lo - first[i], hi - first[i]);
+    }
+  });
+  return ret;
+}
+
 // lq_linear_add: residual + the lift-project layer of x.
 Tensor& lq_linear_add_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& signs, const Tensor& scale,
                           const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
@@ -392,3 +449,26 @@ EXECUTORCH_LIBRARY(liftedge, "lq_linear.out", liftedge::lq_linear_out);
 EXECUTORCH_LIBRARY(liftedge, "lq_rms_linear.out", liftedge::lq_rms_linear_out);
 EXECUTORCH_LIBRARY(liftedge, "lq_glu.out", liftedge::lq_glu_out);
 EXECUTORCH_LIBRARY(liftedge, "lq_linear_add.out", liftedge::lq_linear_add_out);
+
+namespace {
+
+// lq_rms_linear3.out has three outputs, which EXECUTORCH_LIBRARY's boxing does not take: its
+// arguments are read off the stack here, in schema order (x, 21 fields, eps, out0, out1, out2).
+void lq_rms_linear3_boxed(executorch::runtime::KernelRuntimeContext& ctx,
+                          executorch::runtime::Span<executorch::runtime::EValue*> stack) {
+  constexpr size_t ARGS = 26;
+  if (stack.size() < ARGS) {
+    ET_LOG(Error, "liftedge::lq_rms_linear3: %zu arguments, expected %zu", stack.size(), ARGS);
+    ctx.fail(executorch::runtime::Error::InvalidArgument);
+    return;
+  }
+  const auto t = [&](size_t i) -> executorch::aten::Tensor& { return stack[i]->toTensor(); };
+  liftedge::lq_rms_linear3_out(ctx, t(0), t(1), t(2), t(3), t(4), t(5), t(6), t(7), t(8), t(9), t(10), t(11), t(12),
+                               t(13), t(14), t(15), t(16), t(17), t(18), t(19), t(20), t(21), stack[22]->toDouble(),
+                               t(23), t(24), t(25));
+}
+
+const auto lq_rms_linear3_registered = executorch::runtime::register_kernel(
+    executorch::runtime::Kernel("liftedge::lq_rms_linear3.out", lq_rms_linear3_boxed));
+
+}  // namespace
