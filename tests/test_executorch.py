@@ -292,8 +292,10 @@ def test_build_llama_custom_op_verified(builds, mixed_pack):
     assert runner["tokens"] == runner_check.expected_tokens(report["verification"]["reference_tokens"], [0])
     # lq_linear_add where the residual add follows (o_proj, down_proj); lq_rms_linear3 (q/k/v)
     # and lq_glu (gate/up) where fusion.py folded the block's norms
+    # and rope where RoPE's transposes, slices and rotation were (q and k of every block)
     assert set(runner["kernel_library"]["operators"]) == {"liftedge::lq_linear_add", "liftedge::lq_rms_linear3",
-                                                          "liftedge::lq_glu", "liftedge::fp16_linear"}
+                                                          "liftedge::lq_glu", "liftedge::fp16_linear", "liftedge::rope"}
+    assert report["operators"]["liftedge.rope.default"] == 2 * 2  # q and k of the 2 blocks
     assert report["sites"]["model.layers.1.self_attn.k_proj"]["lowering"] == "liftedge::lq_rms_linear3"
     assert {v["lowering"] for k, v in report["sites"].items() if k.endswith(("gate_proj", "up_proj"))} >= {
         "liftedge::lq_glu"}
@@ -466,7 +468,7 @@ def test_smollm2_pack_runs_in_text_llm_runner(tmp_path, smollm2_lq_pack):
     # the lift-project layers (norms, gated MLP and residual adds fused) and the tied fp16 head
     # (a quantize pack keeps the head fp16)
     assert set(report["custom_operators"]) == {f"{ops.NAMESPACE}::{op}" for op in (
-        "lq_rms_linear3", "lq_glu", "lq_linear_add", "fp16_linear")}
+        "lq_rms_linear3", "lq_glu", "lq_linear_add", "fp16_linear", "rope")}
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

@@ -86,9 +86,9 @@ def test_fuse_blocks_option_and_flag():
     assert args.fuse_blocks is False
 
 
-def test_graph_passes_fuse_residual_adds_and_qkv(tmp_path):
-    """residual + o_proj / down_proj becomes one lq_linear_add, q/k/v one lq_rms_linear3; the
-    program computes the same."""
+def test_graph_passes_fuse_residual_adds_qkv_and_rope(tmp_path):
+    """residual + o_proj / down_proj becomes one lq_linear_add, q/k/v one lq_rms_linear3, RoPE
+    one rope per q and k; the program computes the same."""
     pack = make_tiny_pack("llama", tmp_path / "pack", mixed=True)  # odd blocks' down_proj: int4
     opts = export.ExportOptions(max_context=16, max_prefill=8)
     _, model, _ = export.prepare_model(pack, opts)
@@ -109,6 +109,10 @@ def test_graph_passes_fuse_residual_adds_and_qkv(tmp_path):
         "self_attn.k_proj": "lq_rms_linear3", "self_attn.v_proj": "lq_rms_linear3"}
     rms3 = torch.ops.liftedge.lq_rms_linear3.default
     assert sum(n.target == rms3 for n in fused.graph_module.graph.nodes) == n_blocks  # q, k, v of every block
+    # RoPE of q and k in [B, S, H, D], and no transpose left between the projections and attention
+    targets = [n.target for n in fused.graph_module.graph.nodes]
+    assert targets.count(torch.ops.liftedge.rope.default) == 2 * n_blocks
+    assert torch.ops.aten.transpose.int not in targets and torch.ops.aten.neg.default not in targets
     ids, pos = torch.randint(0, 320, (1, 3), generator=torch.Generator().manual_seed(0)), torch.arange(3)
     with torch.no_grad():
         want = plain.module()(input_ids=ids, cache_position=pos)

@@ -297,6 +297,7 @@ def export_program(model: nn.Module, opts: ExportOptions) -> torch.export.Export
     if opts.custom_ops and opts.fuse_blocks:
         fusion.fuse_residual_adds(program)
         fusion.fuse_shared_input_layers(program)
+        fusion.fuse_rope(program)
     return program
 
 

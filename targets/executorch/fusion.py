@@ -14,6 +14,8 @@ layers of a small model. With the layers already `ops.LqLinear` (`export.swap_si
 |                                                     | `fuse_residual_adds`)                    |
 | the three `lq_rms_linear` of one input (q, k, v)    | one `liftedge::lq_rms_linear3` (graph    |
 |                                                     | pass, `fuse_shared_input_layers`)        |
+| transpose -> RoPE (rotate-half) -> transpose of q,  | `liftedge::rope` on the [B, S, H, D]     |
+| k; transpose -> transpose of v                      | projection (graph pass, `fuse_rope`)     |
 
 A norm is folded only when every layer it feeds is a custom-op `LqLinear` and the module
 computes exactly `x / sqrt(mean(x^2) + eps) * w` (w its weight, or 1 + weight as in Gemma 3),
@@ -217,4 +219,74 @@ def fuse_shared_input_layers(program: torch.export.ExportedProgram) -> int:
     if fused:
         graph.lint()
         program.graph_module.recompile()
+    return fused
+
+
+def _is(node, target, *args) -> bool:
+    """node is a call of `target` whose leading arguments equal `args` (None: any)."""
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
+            and not node.kwargs and len(node.args) >= len(args)
+            and all(a is None or node.args[i] == a for i, a in enumerate(args)))
+
+
+def _rotate_half_of(cat, x, dim) -> bool:
+    """cat is torch.cat((-x[..., h:], x[..., :h]), -1) of the [B, H, S, D] x (dim: its last)."""
+    aten = torch.ops.aten
+    if not _is(cat, aten.cat.default) or len(cat.args) != 2 or cat.args[1] not in (-1, dim):
+        return False
+    parts = cat.args[0]
+    if len(parts) != 2 or not _is(parts[0], aten.neg.default):
+        return False
+    hi, lo = parts[0].args[0], parts[1]
+    if not (_is(hi, aten.slice.Tensor, x) and _is(lo, aten.slice.Tensor, x)) or len(hi.args) < 4 or len(lo.args) < 4:
+        return False
+    half = lo.args[3]
+    return (hi.args[1] in (-1, dim) and lo.args[1] in (-1, dim) and lo.args[2] == 0 and hi.args[2] == half
+            and isinstance(half, int) and 2 * half == x.meta["val"].shape[-1])
+
+
+def _mul_by(node, x):
+    """The other factor when node is mul(x, f) or mul(f, x), else None."""
+    if not _is(node, torch.ops.aten.mul.Tensor) or len(node.args) != 2 or x not in node.args:
+        return None
+    return node.args[1] if node.args[0] is x else node.args[0]
+
+
+def fuse_rope(program: torch.export.ExportedProgram) -> int:
+    """RoPE in the [B, S, H, D] layout, no transposes: rewrite transpose(rope(transpose(v, 1, 2)),
+    1, 2), rope(x) = x * cos + rotate_half(x) * sin with cos, sin unsqueezed at dim 1 (transformers'
+    `apply_rotary_pos_emb` on q and k), to `liftedge::rope(v, cos, sin)`, and a transpose of a
+    transpose (v on its way to the cache) to its input. Returns how many RoPEs were rewritten.
+    Other forms (partial rotary, interleaved pairs) do not match and stay as they are."""
+    aten, graph = torch.ops.aten, program.graph_module.graph
+    fused = 0
+    for add in list(graph.nodes):
+        if not _is(add, aten.add.Tensor) or len(add.args) != 2 or len(add.users) != 1:
+            continue
+        (out,) = add.users
+        if not (_is(out, aten.transpose.int, add, 1, 2) or _is(out, aten.transpose.int, add, 2, 1)):
+            continue
+        for first, second in (add.args, add.args[::-1]):
+            x = first.args[0] if _is(first, aten.mul.Tensor) else None
+            if not _is(x, aten.transpose.int, None, 1, 2) or len(x.users) != 3:
+                continue
+            cos, sin = _mul_by(first, x), None
+            for cat in (a for a in getattr(second, "args", ()) if _is(a, aten.cat.default)):
+                if _rotate_half_of(cat, x, 3):
+                    sin = _mul_by(second, cat)
+            if cos is None or sin is None or not all(_is(t, aten.unsqueeze.default, None, 1) for t in (cos, sin)):
+                continue
+            with graph.inserting_before(out):
+                new = graph.call_function(torch.ops.liftedge.rope.default, (x.args[0], cos.args[0], sin.args[0]))
+            new.meta = dict(out.meta)
+            out.replace_all_uses_with(new)
+            fused += 1
+            break
+    for node in list(graph.nodes):  # transpose(transpose(v, 1, 2), 1, 2) -> v
+        inner = node.args[0] if _is(node, aten.transpose.int, None, 1, 2) else None
+        if _is(inner, aten.transpose.int, None, 1, 2):
+            node.replace_all_uses_with(inner.args[0])
+    graph.eliminate_dead_code()
+    graph.lint()
+    program.graph_module.recompile()
     return fused

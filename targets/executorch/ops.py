@@ -15,6 +15,9 @@
     lq_rms_linear3(Tensor x, <three layers' seven fields>, float eps) -> (Tensor, Tensor, Tensor)
         (+ .out): the three lq_rms_linear of one input (q, k, v): one norm, one prepare hand-off
         and one pass over the three layers' rows (`fusion.fuse_shared_input_layers`)
+    rope(Tensor x, Tensor cos, Tensor sin) -> Tensor  (+ .out): rotary position embedding
+        (rotate-half form) of x [B, S, H, D] with cos, sin [B, S, D], in the [B, S, H, D]
+        layout ExecuTorch's attention ops read (`fusion.fuse_rope`: no transposes around it)
     lq_linear_add(Tensor x, <the seven fields>, Tensor residual) -> Tensor  (+ .out)
         residual + lq_linear(x): a decoder block's residual add taken into the layer before it
         (`fusion.fuse_residual_adds`, a pass over the exported graph)
@@ -225,6 +228,27 @@ torch.library.impl(_lib, "lq_rms_linear3", "CompositeExplicitAutograd")(_lq_rms_
 torch.library.impl(_lib, "lq_rms_linear3.out", "CompositeExplicitAutograd")(_lq_rms_linear3_out)
 torch.library.register_fake(f"{NAMESPACE}::lq_rms_linear3")(
     lambda x, *args: tuple(x.new_empty((*x.shape[:-1], args[i * len(FIELDS) + 1].shape[0])) for i in range(3)))
+def rope_math(x, cos, sin):
+    """x * cos + rotate_half(x) * sin over the last dimension (transformers' form), cos and sin
+    [B, S, D] broadcast over the heads of x [B, S, H, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+
+
+_lib.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
+_lib.define("rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out) -> Tensor(a!)")
+torch.library.impl(_lib, "rope", "CompositeExplicitAutograd")(rope_math)
+
+
+@torch.library.impl(_lib, "rope.out", "CompositeExplicitAutograd")
+def _rope_out(x, cos, sin, *, out):
+    out.resize_(x.shape)
+    out.copy_(rope_math(x, cos, sin))
+    return out
+
+
+torch.library.register_fake(f"{NAMESPACE}::rope")(lambda x, cos, sin: x.new_empty(x.shape))
 _register_fused("lq_rms_linear", _lq_rms_linear)
 _register_fused("lq_glu", _lq_glu)
 _register_fused("lq_linear_add", _lq_linear_add)

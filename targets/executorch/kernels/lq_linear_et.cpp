@@ -8,6 +8,8 @@
 //                 gated MLP, with the RMSNorm before it when eps >= 0
 //   lq_rms_linear3.out(x, <three layers' seven fields>, float eps, *, out0, out1, out2): the
 //                 three lq_rms_linear of one input (q, k, v) in one call
+//   rope.out(x, cos, sin, *, out): rotary position embedding (rotate-half form) of x [B, S, H, D],
+//                 cos and sin [B or 1, S, D], in the layout ExecuTorch's attention ops read
 //   lq_linear_add.out(x, <the seven fields>, Tensor residual, *, out): residual + the layer (a
 //                 decoder block's residual add after o_proj / down_proj)
 // x float32 [..., n]; float factors fp16 (as packed) or fp32. signs uint8 [tiles, groups, 16]
@@ -371,6 +373,40 @@ std::tuple<Tensor&, Tensor&, Tensor&> lq_rms_linear3_out(
   return ret;
 }
 
+// rope: out = x * cos + rotate_half(x) * sin per head, rotate_half(x) = (-x[h:], x[:h]) of
+// each head's D values (h = D / 2), as transformers' apply_rotary_pos_emb; one call for all
+// heads of q (or k) where the graph had two transposes, slices, a negation, a concatenation
+// and four elementwise operators (two XNNPACK delegate calls and four copies per block).
+Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
+  constexpr const char* name = "liftedge::rope";
+  ET_KERNEL_CHECK_MSG(ctx, x.dim() == 4 && cos.dim() == 3 && sin.dim() == 3 && x.scalar_type() == ScalarType::Float &&
+                      cos.scalar_type() == ScalarType::Float && sin.scalar_type() == ScalarType::Float &&
+                      out.scalar_type() == ScalarType::Float, InvalidArgument, out,
+                      "%s: x must be float32 [B, S, H, D], cos and sin float32 [B, S, D]", name);
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3), h = D / 2;
+  const int64_t cb = cos.size(0);
+  ET_KERNEL_CHECK_MSG(ctx, D % 2 == 0 && (cb == B || cb == 1) && cos.size(1) == S && cos.size(2) == D &&
+                      sin.size(0) == cb && sin.size(1) == S && sin.size(2) == D, InvalidArgument, out,
+                      "%s: cos and sin must be [B or 1, S, D] for x [B, S, H, D] with D even", name);
+  ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == executorch::runtime::Error::Ok,
+                      InvalidArgument, out, "%s: cannot resize out", name);
+  const float* xp = x.const_data_ptr<float>();
+  const float* cp = cos.const_data_ptr<float>();
+  const float* sp = sin.const_data_ptr<float>();
+  float* y = out.mutable_data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < S; ++t) {
+      const float* c = cp + ((cb == 1 ? 0 : b) * S + t) * D;
+      const float* s = sp + ((cb == 1 ? 0 : b) * S + t) * D;
+      for (int64_t k = 0; k < H; ++k) {
+        const int64_t o = ((b * S + t) * H + k) * D;
+        for (int64_t i = 0; i < h; ++i) y[o + i] = xp[o + i] * c[i] + (-xp[o + h + i]) * s[i];
+        for (int64_t i = h; i < D; ++i) y[o + i] = xp[o + i] * c[i] + xp[o + i - h] * s[i];
+      }
+    }
+  return out;
+}
+
 // lq_linear_add: residual + the lift-project layer of x.
 Tensor& lq_linear_add_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& signs, const Tensor& scale,
                           const Tensor& in_scale, const Tensor& mix1, const Tensor& mix2,
@@ -449,6 +485,7 @@ EXECUTORCH_LIBRARY(liftedge, "lq_linear.out", liftedge::lq_linear_out);
 EXECUTORCH_LIBRARY(liftedge, "lq_rms_linear.out", liftedge::lq_rms_linear_out);
 EXECUTORCH_LIBRARY(liftedge, "lq_glu.out", liftedge::lq_glu_out);
 EXECUTORCH_LIBRARY(liftedge, "lq_linear_add.out", liftedge::lq_linear_add_out);
+EXECUTORCH_LIBRARY(liftedge, "rope.out", liftedge::rope_out);
 
 namespace {
 
