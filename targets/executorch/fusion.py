@@ -130,6 +130,14 @@ def fuse_blocks(model: nn.Module, family: str | None) -> dict[str, int]:
     return counts
 
 
+def _recompiled(program: torch.export.ExportedProgram, fused: int, force: bool = False) -> int:
+    """After a pass: check the graph and regenerate the module's code when it changed; `fused`."""
+    if fused or force:
+        program.graph_module.graph.lint()
+        program.graph_module.recompile()
+    return fused
+
+
 def _shape_key(node) -> tuple | None:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return (str(val.dtype), tuple(str(s) for s in val.shape)) if isinstance(val, torch.Tensor) else None
@@ -157,10 +165,7 @@ def fuse_residual_adds(program: torch.export.ExportedProgram) -> int:
         graph.erase_node(node)
         graph.erase_node(lq)
         fused += 1
-    if fused:
-        graph.lint()
-        program.graph_module.recompile()
-    return fused
+    return _recompiled(program, fused)
 
 
 GRAPH_FUSED = {  # op of a graph pass -> what the per-site report says of its layers
@@ -216,10 +221,7 @@ def fuse_shared_input_layers(program: torch.export.ExportedProgram) -> int:
         for node in nodes:
             graph.erase_node(node)
         fused += 1
-    if fused:
-        graph.lint()
-        program.graph_module.recompile()
-    return fused
+    return _recompiled(program, fused)
 
 
 def _is(node, target, *args) -> bool:
@@ -287,6 +289,4 @@ def fuse_rope(program: torch.export.ExportedProgram) -> int:
         if _is(inner, aten.transpose.int, None, 1, 2):
             node.replace_all_uses_with(inner.args[0])
     graph.eliminate_dead_code()
-    graph.lint()
-    program.graph_module.recompile()
-    return fused
+    return _recompiled(program, fused, force=True)

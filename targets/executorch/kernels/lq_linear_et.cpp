@@ -144,6 +144,20 @@ int lut_prepare(const lq_layer* L, const float* x, int64_t m, int mode, void* sc
   return lq_lut_prepare_split(L, x, m, mode, scratch, et_parallel, nullptr);
 }
 
+// The two-plane prepare of `count` layers of one input x (a fused op's layers), each into its
+// thread-local scratch (resized here): every layer's segments in one hand-off.
+template <int N>
+int prepare_layers(const lq_layer (&L)[N], const float* x, int64_t m, std::vector<uint8_t> (&scratch)[N]) {
+  const lq_layer* layers[N];
+  void* sp[N];
+  for (int i = 0; i < N; ++i) {
+    scratch[i].resize(lq_lut_scratch_bytes(&L[i], m, LQ_LUT_TWO_PLANE));
+    layers[i] = &L[i];
+    sp[i] = scratch[i].data();
+  }
+  return lq_lut_prepare_layers(N, layers, x, m, LQ_LUT_TWO_PLANE, sp, et_parallel, nullptr);
+}
+
 // Row tiles per parallel chunk: 4 tiles = 128 rows, several KB of signs each.
 constexpr int64_t LUT_GRAIN = 4;
 constexpr int64_t MASK_GRAIN = 64;
@@ -353,13 +367,9 @@ std::tuple<Tensor&, Tensor&, Tensor&> lq_rms_linear3_out(
   thread_local std::vector<float> normed;
   thread_local std::vector<uint8_t> scratch[3];
   const float* xp = rms_normalize(x.const_data_ptr<float>(), m, L[0].in_features, eps, normed);
-  const lq_layer* layers[3] = {&L[0], &L[1], &L[2]};
-  void* sp[3];
-  for (int i = 0; i < 3; ++i) {
-    scratch[i].resize(lq_lut_scratch_bytes(&L[i], m, LQ_LUT_TWO_PLANE));
-    sp[i] = scratch[i].data();
-  }
-  const int rc = lq_lut_prepare_layers(3, layers, xp, m, LQ_LUT_TWO_PLANE, sp, et_parallel, nullptr);
+  const int rc = prepare_layers(L, xp, m, scratch);
+  // Pointers, not the thread_local vectors: the row tasks below run on other threads.
+  const uint8_t* sp[3] = {scratch[0].data(), scratch[1].data(), scratch[2].data()};
   ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, ret, "%s: kernel rejected its arguments", name);
   const int64_t t1 = lq_lut_tiles(&L[0]), t2 = t1 + lq_lut_tiles(&L[1]), t3 = t2 + lq_lut_tiles(&L[2]);
   const int64_t first[4] = {0, t1, t2, t3};
@@ -442,11 +452,8 @@ Tensor& lq_glu_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& g_s
   thread_local std::vector<float> gate;
   const float* xp = x.const_data_ptr<float>();
   if (eps >= 0) xp = rms_normalize(xp, m, L[0].in_features, eps, normed);
-  for (int i = 0; i < 2; ++i) scratch[i].resize(lq_lut_scratch_bytes(&L[i], m, LQ_LUT_TWO_PLANE));
+  const int rc = prepare_layers(L, xp, m, scratch);
   uint8_t* sp[2] = {scratch[0].data(), scratch[1].data()};
-  const lq_layer* layers[2] = {&L[0], &L[1]};
-  void* const scratches[2] = {sp[0], sp[1]};
-  const int rc = lq_lut_prepare_layers(2, layers, xp, m, LQ_LUT_TWO_PLANE, scratches, et_parallel, nullptr);
   ET_KERNEL_CHECK_MSG(ctx, rc == 0, InvalidArgument, out, "%s: kernel rejected its arguments", name);
   gate.resize(m * rows);
   float* y = out.mutable_data_ptr<float>();

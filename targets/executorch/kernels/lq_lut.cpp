@@ -274,7 +274,8 @@ struct Scratch {  // views into the caller's scratch bytes (lq_lut_scratch_bytes
   float* mix2t;   // [n2, n2] (the layer's own when it has one)
   float* a;       // [n]: in_scale ⊙ x of the token being prepared
   float* u;       // [4 G]: its lifted vector (zero past n_blocks * D)
-  float* work;    // [S][work_floats]
+  float* work;    // [S][work_stride]
+  int64_t work_stride;  // work_floats(L), derived once per call
   float* scales;  // [m][S]
   uint8_t* tables;  // [m][S segments: [planes][groups of the segment][16]], biased bytes
 };
@@ -299,7 +300,8 @@ Layout layout(const lq_layer* L, int64_t m) {
 Scratch views(const lq_layer* L, void* scratch, int64_t m) {
   const Layout o = layout(L, m);
   float* f = static_cast<float*>(scratch);
-  return {f + o.mix2t, f + o.a, f + o.u, f + o.work, f + o.scales, static_cast<uint8_t*>(scratch) + o.tables};
+  return {f + o.mix2t, f + o.a, f + o.u, f + o.work, (o.scales - o.work) / segments_of(L), f + o.scales,
+          static_cast<uint8_t*>(scratch) + o.tables};
 }
 
 template <int P>
@@ -563,7 +565,7 @@ void segment_task(void* c, int64_t k0, int64_t k1) {
     const Scratch& s = task->s[j];
     const int64_t k = i - task->first[j];
     const Segment g = segment(L, k, segments_of(L));
-    lq_lift_segment(L, task->mix2t[j], s.a, g.b0, g.b1, s.work + k * work_floats(L), s.u + g.b0 * L->D);
+    lq_lift_segment(L, task->mix2t[j], s.a, g.b0, g.b1, s.work + k * s.work_stride, s.u + g.b0 * L->D);
     segment_tables(L, s, task->t, k, task->mode);
   }
 }
